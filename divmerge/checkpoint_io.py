@@ -1,0 +1,61 @@
+"""Checkpoint IO: atomic writes and one clear error for a missing or corrupt checkpoint."""
+
+import os
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from divmerge.errors import DivMergeError
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` that never leaves a half-written file and explains unreadable ones."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        """Write to a temporary sibling, then rename over the target."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+    def load_checkpoint(
+        self, path: Any, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        """Load a checkpoint, turning IO/unpickling failures into a DivMergeError."""
+        if not Path(path).is_file():
+            raise DivMergeError(f"Checkpoint {str(path)!r} does not exist: check --ckpt_path.")
+        try:
+            if map_location is None:
+                return super().load_checkpoint(path, weights_only=weights_only)
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        except Exception as err:
+            raise DivMergeError(
+                f"Checkpoint {str(path)!r} is corrupt or not a checkpoint ({type(err).__name__}): pass an "
+                "intact .ckpt written by divmerge, or start a fresh run without --ckpt_path."
+            ) from err
+
+
+def check_checkpoint(path: Any) -> dict[str, Any]:
+    """Read a checkpoint's divmerge metadata, with one clear error when it is unusable.
+
+    Args:
+        path: The checkpoint file.
+
+    Returns:
+        The ``divmerge`` entry (fingerprint, tasks, granularity, tensor names).
+
+    """
+    checkpoint = SafeCheckpointIO().load_checkpoint(path, weights_only=False)
+    meta = checkpoint.get("divmerge") if isinstance(checkpoint, dict) else None
+    if meta is None:
+        raise DivMergeError(
+            f"Checkpoint {str(path)!r} was not written by divmerge: pass a divmerge checkpoint."
+        )
+    return meta

@@ -1,0 +1,375 @@
+"""Tasks and the DataModule of unlabelled (training) and labelled (evaluation) inputs.
+
+Each task's rows are shuffled once with a seed and cut, in order, into disjoint test / val /
+unlabelled parts. Labels are only read for val and test: merging never sees a label.
+"""
+
+import hashlib
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import pandas as pd
+import torch
+from lightning.pytorch.utilities import CombinedLoader
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
+
+from divmerge.errors import DivMergeError
+from divmerge.experts import ZOO_PREFIX, resolve_source
+
+Split = Literal["unlabelled", "val", "test"]
+SPLITS: tuple[str, ...] = ("unlabelled", "val", "test")
+_READERS = {
+    ".csv": pd.read_csv,
+    ".tsv": lambda p: pd.read_csv(p, sep="\t"),
+    ".json": pd.read_json,
+    ".jsonl": lambda p: pd.read_json(p, lines=True),
+    ".parquet": pd.read_parquet,
+}
+
+
+@dataclass
+class TaskSpec:
+    """One task: where its inputs come from and how many to use.
+
+    Args:
+        name: Task name; must match an expert name in ``model.experts``.
+        source: ``zoo:<task>`` (offline demo task), a local .csv/.tsv/.json/.jsonl/.parquet file, or a
+            Hugging Face hub dataset id.
+        text_column: Column holding the input text.
+        label_column: Column holding the label (only read for val/test); None for unlabelled-only data.
+        label_names: Class names in the expert's class order; needed when labels are strings.
+        hub_split: Split to read when ``source`` is a hub dataset.
+        num_unlabelled: Unlabelled inputs used to learn the merge.
+        num_val: Labelled inputs for validation.
+        num_test: Labelled inputs for testing.
+
+    """
+
+    name: str
+    source: str
+    text_column: str = "text"
+    label_column: str | None = "label"
+    label_names: list[str] | None = None
+    hub_split: str = "train"
+    num_unlabelled: int = 256
+    num_val: int = 200
+    num_test: int = 500
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Texts with optional class-id labels."""
+
+    texts: list[str]
+    labels: list[int] | None
+    label_names: tuple[str, ...] | None
+
+
+def _read_table(spec: TaskSpec) -> pd.DataFrame:
+    path = Path(spec.source).expanduser()
+    if path.suffix.lower() in _READERS or path.exists():
+        if not path.is_file():
+            raise DivMergeError(
+                f"Task {spec.name!r}: data file {spec.source!r} does not exist; fix its path."
+            )
+        reader = _READERS.get(path.suffix.lower())
+        if reader is None:
+            raise DivMergeError(
+                f"Task {spec.name!r}: cannot read {path.suffix!r} files; use one of {sorted(_READERS)}."
+            )
+        try:
+            return reader(path)
+        except (ValueError, OSError, pd.errors.ParserError) as err:
+            raise DivMergeError(f"Task {spec.name!r}: could not parse {spec.source!r} ({err}).") from err
+    import datasets
+
+    try:
+        return datasets.load_dataset(spec.source, split=spec.hub_split).to_pandas()
+    except Exception as err:  # datasets raises many types for a missing/offline dataset
+        raise DivMergeError(
+            f"Task {spec.name!r}: {spec.source!r} is neither a local data file nor a hub dataset available "
+            f"here ({type(err).__name__}); give a local file path or enable network access."
+        ) from err
+
+
+def _labels(spec: TaskSpec, column: pd.Series) -> tuple[list[int], tuple[str, ...] | None]:
+    names = tuple(spec.label_names) if spec.label_names else None
+    if pd.api.types.is_integer_dtype(column):
+        return column.astype(int).tolist(), names
+    if names is None:
+        raise DivMergeError(
+            f"Task {spec.name!r}: labels in {spec.label_column!r} are not integers; set label_names to the "
+            "class names in the expert's class order."
+        )
+    index = {n: i for i, n in enumerate(names)}
+    unknown = sorted({str(v) for v in column if str(v) not in index})
+    if unknown:
+        raise DivMergeError(f"Task {spec.name!r}: labels {unknown[:5]} are not in label_names {list(names)}.")
+    return [index[str(v)] for v in column], names
+
+
+def load_rows(spec: TaskSpec) -> Rows:
+    """Read a task's rows (the held-out pool for a demo task).
+
+    Args:
+        spec: The task.
+
+    Returns:
+        Texts, labels (None without a label column) and class names.
+
+    """
+    if spec.source.startswith(ZOO_PREFIX):
+        from divmerge import zoo
+
+        _, pool = zoo.demo_split(spec.source[len(ZOO_PREFIX) :])
+        return Rows(list(pool.texts), list(pool.labels), tuple(pool.label_names))
+    table = _read_table(spec)
+    if spec.text_column not in table.columns:
+        raise DivMergeError(
+            f"Task {spec.name!r}: text column {spec.text_column!r} is not in {spec.source!r} "
+            f"(columns: {list(table.columns)}); set text_column."
+        )
+    table = table[table[spec.text_column].notna()]
+    if table.empty:
+        raise DivMergeError(
+            f"Task {spec.name!r} has no examples in {spec.source!r}; point it to data with rows."
+        )
+    texts = table[spec.text_column].astype(str).tolist()
+    needs_labels = spec.num_val + spec.num_test > 0
+    if spec.label_column is None or spec.label_column not in table.columns:
+        if needs_labels:
+            raise DivMergeError(
+                f"Task {spec.name!r}: label column {spec.label_column!r} is not in {spec.source!r} "
+                f"(columns: {list(table.columns)}); set label_column, or num_val: 0 and num_test: 0 to "
+                "merge without evaluating."
+            )
+        return Rows(texts, None, tuple(spec.label_names) if spec.label_names else None)
+    labels, names = _labels(spec, table[spec.label_column])
+    return Rows(texts, labels, names)
+
+
+def split_rows(spec: TaskSpec, rows: Rows, seed: int) -> dict[str, Rows]:
+    """Cut rows into disjoint test / val / unlabelled parts after one seeded shuffle.
+
+    Args:
+        spec: The task (its ``num_*`` sizes).
+        rows: All rows of the task.
+        seed: Shuffle seed.
+
+    Returns:
+        Split name -> rows.
+
+    """
+    n = len(rows.texts)
+    if n == 0:
+        raise DivMergeError(
+            f"Task {spec.name!r} has no examples in {spec.source!r}; point it to data with rows."
+        )
+    if spec.num_unlabelled < 1:
+        raise DivMergeError(f"Task {spec.name!r}: num_unlabelled must be at least 1.")
+    wanted = spec.num_test + spec.num_val + spec.num_unlabelled
+    if wanted > n:
+        raise DivMergeError(
+            f"Task {spec.name!r} has {n} examples but test+val+unlabelled = {wanted}; lower num_test, "
+            "num_val or num_unlabelled."
+        )
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    bounds = {"test": (0, spec.num_test)}
+    bounds["val"] = (spec.num_test, spec.num_test + spec.num_val)
+    bounds["unlabelled"] = (bounds["val"][1], wanted)
+    parts = {}
+    for split, (lo, hi) in bounds.items():
+        idx = order[lo:hi]
+        labels = None if rows.labels is None or split == "unlabelled" else [rows.labels[i] for i in idx]
+        parts[split] = Rows([rows.texts[i] for i in idx], labels, rows.label_names)
+    return parts
+
+
+class TaskDataset(Dataset):
+    """Tokenised inputs of one task split; items carry their index (to find the cached teacher output).
+
+    Args:
+        encodings: Token ids per example.
+        labels: Class ids, or None.
+
+    """
+
+    def __init__(self, encodings: list[list[int]], labels: list[int] | None) -> None:
+        self.encodings = encodings
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.encodings)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item: dict[str, Any] = {"input_ids": self.encodings[i], "idx": i}
+        if self.labels is not None:
+            item["labels"] = self.labels[i]
+        return item
+
+    def digest(self) -> str:
+        """Hash of the token ids (and labels), to key caches on the exact data."""
+        h = hashlib.sha256()
+        for ids in self.encodings:
+            h.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes() + b"|")
+        return h.hexdigest()[:16]
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A shuffle that depends only on (seed, epoch), so a resumed run sees the same order.
+
+    Args:
+        size: Dataset length.
+        seed: Base seed.
+
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning at the start of each epoch."""
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class MergeDataModule(L.LightningDataModule):
+    """Unlabelled inputs of every task for merging; labelled inputs for evaluation.
+
+    Each training batch holds ``batch_size_per_task`` inputs of every task (DivMerge samples 4 x T per
+    step from the union of the tasks); shorter tasks cycle.
+
+    Args:
+        tasks: The tasks, one per expert.
+        tokenizer: Tokenizer source; linked to ``model.base`` by train.py.
+        max_length: Tokens per input (longer inputs are truncated).
+        batch_size_per_task: Unlabelled inputs of each task per training step.
+        eval_batch_size: Batch size for validation/test and for building the teacher cache.
+        seed: Seed of the split shuffle and of the per-epoch training order.
+        num_workers: DataLoader worker processes.
+
+    """
+
+    def __init__(
+        self,
+        tasks: list[TaskSpec],
+        tokenizer: str = "zoo:minilm",
+        max_length: int = 64,
+        batch_size_per_task: int = 4,
+        eval_batch_size: int = 64,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if not tasks:
+            raise DivMergeError("No tasks given: list them under data.tasks.")
+        names = [t.name for t in tasks]
+        if len(set(names)) != len(names):
+            raise DivMergeError(f"Task names must be unique, got {names}.")
+        self.tasks = list(tasks)
+        self.tokenizer_source = tokenizer
+        self.max_length = max_length
+        self.batch_size_per_task = batch_size_per_task
+        self.eval_batch_size = eval_batch_size
+        self.seed = seed
+        self.num_workers = num_workers
+        self._datasets: dict[tuple[str, str], TaskDataset] = {}
+        self._rows: dict[str, dict[str, Rows]] = {}
+
+    @property
+    def task_names(self) -> list[str]:
+        """Task names in config order."""
+        return [t.name for t in self.tasks]
+
+    @cached_property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The base model's tokenizer."""
+        source = resolve_source(self.tokenizer_source)
+        try:
+            return AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError) as err:
+            raise DivMergeError(
+                f"Could not load a tokenizer from {self.tokenizer_source!r} ({err})."
+            ) from err
+
+    def rows(self, task: str) -> dict[str, Rows]:
+        """The task's split rows (loaded and split once)."""
+        if task not in self._rows:
+            spec = self.tasks[self.task_names.index(task)]
+            self._rows[task] = split_rows(spec, load_rows(spec), self.seed)
+        return self._rows[task]
+
+    def label_names(self, task: str) -> tuple[str, ...] | None:
+        """Class names of a task, if known."""
+        return self.rows(task)["test"].label_names
+
+    def dataset(self, task: str, split: Split) -> TaskDataset:
+        """Tokenised dataset of one task split (built once)."""
+        key = (task, split)
+        if key not in self._datasets:
+            part = self.rows(task)[split]
+            enc = self.tokenizer(part.texts, truncation=True, max_length=self.max_length)["input_ids"]
+            self._datasets[key] = TaskDataset(enc, part.labels)
+        return self._datasets[key]
+
+    def prepare_data(self) -> None:
+        """Read every task once on rank 0 so bad data fails before any training starts."""
+        for task in self.task_names:
+            self.rows(task)
+
+    def setup(self, stage: str) -> None:
+        """Tokenise the splits this stage needs."""
+        splits = {"fit": ("unlabelled", "val"), "validate": ("val",), "test": ("test",)}.get(stage, SPLITS)
+        for task in self.task_names:
+            for split in splits:
+                self.dataset(task, split)
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, Tensor]:
+        """Pad a list of items into a batch."""
+        return DataCollatorWithPadding(self.tokenizer, return_tensors="pt")(items)
+
+    def _eval_loader(self, task: str, split: Split) -> DataLoader:
+        return DataLoader(
+            self.dataset(task, split),
+            batch_size=self.eval_batch_size,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+        )
+
+    def train_dataloader(self) -> CombinedLoader:
+        """Per step: ``batch_size_per_task`` unlabelled inputs of every task, as {task: batch}."""
+        loaders = {}
+        for i, task in enumerate(self.task_names):
+            ds = self.dataset(task, "unlabelled")
+            loaders[task] = DataLoader(
+                ds,
+                batch_size=self.batch_size_per_task,
+                sampler=EpochShuffleSampler(len(ds), self.seed + i),
+                collate_fn=self.collate,
+                num_workers=self.num_workers,
+                drop_last=False,
+            )
+        return CombinedLoader(loaders, mode="max_size_cycle")
+
+    def eval_tasks(self, split: Split) -> list[str]:
+        """Tasks with labelled examples in ``split``; position i is evaluation dataloader_idx i."""
+        return [t for t in self.task_names if len(self.dataset(t, split))]
+
+    def val_dataloader(self) -> list[DataLoader]:
+        """One labelled loader per task of ``eval_tasks("val")``."""
+        return [self._eval_loader(t, "val") for t in self.eval_tasks("val")]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        """One labelled loader per task of ``eval_tasks("test")``."""
+        return [self._eval_loader(t, "test") for t in self.eval_tasks("test")]

@@ -1,0 +1,102 @@
+"""Evaluation reports: per-task accuracy of expert, reference merge and learned merge, and ANP.
+
+ANP (average normalised performance) = mean over tasks of merged accuracy / expert accuracy, as in
+DivMerge (arXiv 2509.02108) and "What Matters for Model Merging at Scale?" (arXiv 2410.03617).
+"""
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """Accuracies of one task on one split."""
+
+    task: str
+    examples: int
+    expert: float
+    merged: float
+    reference: float | None = None
+
+    @property
+    def normalised(self) -> float:
+        """Merged accuracy divided by the expert's."""
+        return self.merged / self.expert if self.expert > 0 else math.nan
+
+
+def anp(results: list[TaskResult], reference: bool = False) -> float:
+    """Average normalised performance over tasks.
+
+    Args:
+        results: Per-task results.
+        reference: Score the reference merge instead of the learned one.
+
+    Returns:
+        Mean of (merged or reference) / expert accuracy; NaN without results.
+
+    """
+    ratios = []
+    for r in results:
+        value = r.reference if reference else r.merged
+        if value is None or r.expert <= 0:
+            return math.nan
+        ratios.append(value / r.expert)
+    return sum(ratios) / len(ratios) if ratios else math.nan
+
+
+def format_table(results: list[TaskResult], reference_name: str = "task arithmetic") -> str:
+    """A markdown table: one row per task, then the ANP row.
+
+    Args:
+        results: Per-task results.
+        reference_name: Column title of the reference merge.
+
+    Returns:
+        The table as text.
+
+    """
+    has_ref = all(r.reference is not None for r in results) and results
+    head = ["task", "n", "expert"] + ([reference_name] if has_ref else []) + ["merged", "merged/expert"]
+    rows = []
+    for r in results:
+        ref = [f"{r.reference:.4f}"] if has_ref else []
+        rows.append(
+            [r.task, str(r.examples), f"{r.expert:.4f}", *ref, f"{r.merged:.4f}", f"{r.normalised:.4f}"]
+        )
+    anp_row = ["ANP", "", "1.0000"] + ([f"{anp(results, True):.4f}"] if has_ref else [])
+    rows.append([*anp_row, f"{anp(results):.4f}", ""])
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(head), sep, *(line(r) for r in rows)])
+
+
+def write_report(results: list[TaskResult], directory: str | Path, split: str) -> Path:
+    """Write ``report_<split>.md`` and ``report_<split>.json`` into ``directory``.
+
+    Args:
+        results: Per-task results.
+        directory: Output directory (created if needed).
+        split: Split name used in the file names.
+
+    Returns:
+        The markdown file's path.
+
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "split": split,
+        "anp": anp(results),
+        "reference_anp": anp(results, reference=True),
+        "tasks": [asdict(r) | {"normalised": r.normalised} for r in results],
+    }
+    (directory / f"report_{split}.json").write_text(json.dumps(payload, indent=2))
+    md = directory / f"report_{split}.md"
+    md.write_text(format_table(results) + "\n")
+    return md

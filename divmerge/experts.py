@@ -1,0 +1,234 @@
+"""Load a base model and its fine-tuned experts; validate them; compute task vectors once.
+
+An expert is a Hugging Face sequence-classification model fine-tuned from the base. Its backbone
+(``model.base_model``, e.g. ``bert.*``) is merged; everything else (the classification head) stays the
+expert's own. Task vectors tau_t = theta_t - theta_0 are stacked per tensor, shape (T, *shape), so a
+merge is one weighted sum per tensor.
+
+The expert modules themselves are kept on the ``meta`` device (no memory): they only provide the
+forward code for ``torch.func.functional_call``.
+"""
+
+import hashlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoModel, AutoModelForSequenceClassification, PreTrainedModel
+
+from divmerge.errors import DivMergeError
+
+_LOCAL_PREFIXES = ("/", "./", "../", "~")
+ZOO_PREFIX = "zoo:"
+
+
+def resolve_source(source: str, build: bool = False) -> str:
+    """Turn a config source into something ``from_pretrained`` loads.
+
+    Args:
+        source: A local directory, a hub id, ``zoo:minilm`` (the packaged demo base) or ``zoo:<task>``
+            (the demo expert for that task).
+        build: For ``zoo:<task>``, fine-tune the demo expert if it is not cached yet.
+
+    Returns:
+        A local path or hub id.
+
+    """
+    if source.startswith(ZOO_PREFIX):
+        from divmerge import zoo
+
+        name = source[len(ZOO_PREFIX) :]
+        if name == "minilm":
+            return str(zoo.base_model_path())
+        zoo.load_demo_task(name)  # unknown names fail here with the list of valid ones
+        path = zoo.build_expert(name) if build else zoo.expert_dir(name)
+        if not Path(path).is_dir():
+            raise DivMergeError(
+                f"Demo expert {source!r} is not built yet: run `python train.py fit` once (its "
+                "prepare_data step builds it) or call divmerge.zoo.build_expert."
+            )
+        return str(path)
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise DivMergeError(
+                f"{source!r} is not a Hugging Face model directory (no config.json): point to the folder "
+                "written by save_pretrained."
+            )
+        return str(path)
+    if source.startswith(_LOCAL_PREFIXES) or os.sep in source.strip(os.sep).replace("/", "", 1):
+        raise DivMergeError(f"Model directory {source!r} does not exist: fix the path in the config.")
+    return source  # a hub id
+
+
+def _load(loader: type, source: str, what: str) -> PreTrainedModel:
+    """Load a model with clear errors instead of transformers' tracebacks."""
+    try:
+        return loader.from_pretrained(resolve_source(source), dtype=torch.float32)
+    except DivMergeError:
+        raise
+    except (OSError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DivMergeError(
+            f"Could not load {what} from {source!r} ({first}): give a local model directory, or a hub id "
+            "with network access (unset HF_HUB_OFFLINE)."
+        ) from err
+
+
+def tensor_digest(tensor: Tensor, samples: int = 1024) -> str:
+    """A cheap content hash: shape, dtype, an evenly strided sample of values and their float64 sum."""
+    flat = tensor.detach().reshape(-1)
+    step = max(1, flat.numel() // samples)
+    sample = flat[::step][:samples].to(torch.float64).cpu()
+    h = hashlib.sha256(f"{tuple(tensor.shape)}|{tensor.dtype}|{flat.double().sum().item():.10e}".encode())
+    h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class ExpertSet:
+    """A base model and T experts, reduced to what merging needs.
+
+    Attributes:
+        task_names: Expert (task) names, in order; index t everywhere below.
+        names: Backbone tensor names that are merged (relative to the backbone).
+        base: theta_0 per merged tensor.
+        task_vectors: tau per merged tensor, stacked over tasks: (T, *shape).
+        buffers: The base backbone's buffers (position ids, ...), shared by every task.
+        heads: Per task, the expert's own (unmerged) tensors, by full name.
+        skeletons: Per task, the expert's module on the meta device (forward code only).
+        prefix: The backbone's attribute name inside an expert (``bert`` for BERT).
+        num_labels: Per task, the size of the expert's output.
+        fingerprint: Hash of names, shapes and sampled content of base and experts.
+        task_digests: Per task, the same hash for base + that expert alone (keys its teacher cache).
+        sources: Where base and experts were loaded from.
+
+    """
+
+    task_names: list[str]
+    names: list[str]
+    base: dict[str, Tensor]
+    task_vectors: dict[str, Tensor]
+    buffers: dict[str, Tensor]
+    heads: list[dict[str, Tensor]]
+    skeletons: list[nn.Module]
+    prefix: str
+    num_labels: list[int]
+    fingerprint: str
+    task_digests: list[str] = field(default_factory=list)
+    sources: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def num_tasks(self) -> int:
+        """Number of experts T."""
+        return len(self.task_names)
+
+
+def _split_expert(
+    task: str, model: PreTrainedModel, base: Mapping[str, Tensor]
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Split an expert's parameters into (backbone, head) and check the backbone matches the base."""
+    prefix = model.base_model_prefix
+    backbone, head = {}, {}
+    for name, param in model.named_parameters():
+        if name.startswith(prefix + "."):
+            short = name[len(prefix) + 1 :]
+            if short not in base:
+                raise DivMergeError(
+                    f"Expert {task!r} has tensor {name!r} that the base model lacks: the expert was not "
+                    "fine-tuned from this base; use the base it was trained from."
+                )
+            if tuple(param.shape) != tuple(base[short].shape):
+                raise DivMergeError(
+                    f"Expert {task!r} tensor {name!r} has shape {tuple(param.shape)} but the base has "
+                    f"{tuple(base[short].shape)}: experts must share the base's architecture "
+                    "(same config, vocabulary and sizes)."
+                )
+            backbone[short] = param.detach()
+        else:
+            head[name] = param.detach()
+    return backbone, head
+
+
+def load_experts(base: str, experts: Mapping[str, str]) -> ExpertSet:
+    """Load the base and every expert, validate them and compute stacked task vectors.
+
+    Experts are loaded one at a time, so peak memory is base + task vectors + one expert.
+
+    Args:
+        base: Source of the pretrained base model (see ``resolve_source``).
+        experts: Task name -> expert source, in task order.
+
+    Returns:
+        The expert set.
+
+    """
+    if not experts:
+        raise DivMergeError("No experts given: list them under model.experts as `task_name: path`.")
+    base_model = _load(AutoModel, base, "the base model")
+    theta0 = {n: p.detach() for n, p in base_model.named_parameters()}
+    base_buffers = {n: b.detach() for n, b in base_model.named_buffers()}
+    base_type = base_model.config.model_type
+    digest = hashlib.sha256()
+    task_names = list(experts)
+    names: list[str] | None = None
+    stacked: dict[str, Tensor] = {}
+    heads, skeletons, num_labels, prefix = [], [], [], ""
+    expert_digests = []
+    for t, task in enumerate(task_names):
+        model = _load(AutoModelForSequenceClassification, experts[task], f"expert {task!r}")
+        if model.config.model_type != base_type:
+            raise DivMergeError(
+                f"Expert {task!r} is a {model.config.model_type!r} model but the base is {base_type!r}: "
+                "every expert must be fine-tuned from the configured base."
+            )
+        backbone, head = _split_expert(task, model, theta0)
+        if names is None:
+            names = [n for n in theta0 if n in backbone and theta0[n].is_floating_point()]
+            prefix = model.base_model_prefix
+            stacked = {n: theta0[n].new_empty((len(task_names), *theta0[n].shape)) for n in names}
+        else:
+            differing = sorted(set(names) ^ {n for n, v in backbone.items() if v.is_floating_point()})
+            if differing:
+                raise DivMergeError(
+                    f"Expert {task!r} and expert {task_names[0]!r} differ in backbone tensor "
+                    f"{prefix}.{differing[0]}: experts must share one architecture."
+                )
+        for n in names:
+            torch.sub(backbone[n], theta0[n], out=stacked[n][t])  # tau_t: (*shape)
+        heads.append({k: v.clone() for k, v in head.items()})
+        num_labels.append(int(model.config.num_labels))
+        one = hashlib.sha256(f"{model.config.model_type}|".encode())
+        for n in names:
+            one.update(f"{n}:{tensor_digest(backbone[n])}|".encode())
+        for n, v in head.items():
+            one.update(f"{n}:{tensor_digest(v)}|".encode())
+        expert_digests.append(one.hexdigest())
+        digest.update(f"{task}|{one.hexdigest()}|".encode())
+        model.requires_grad_(False).to("meta").eval()
+        skeletons.append(model)
+    assert names is not None
+    base_digest = hashlib.sha256()
+    for n in names:
+        base_digest.update(f"{n}:{tensor_digest(theta0[n])}|".encode())
+    digest.update(base_digest.digest())
+    task_digests = [
+        hashlib.sha256(f"{base_digest.hexdigest()}|{d}".encode()).hexdigest()[:16] for d in expert_digests
+    ]
+    return ExpertSet(
+        task_names=task_names,
+        names=names,
+        base={n: theta0[n] for n in names},
+        task_vectors=stacked,
+        buffers=base_buffers,
+        heads=heads,
+        skeletons=skeletons,
+        prefix=prefix,
+        num_labels=num_labels,
+        fingerprint=digest.hexdigest()[:16],
+        task_digests=task_digests,
+        sources={"base": base, **dict(experts)},
+    )

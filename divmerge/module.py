@@ -1,0 +1,301 @@
+"""The LightningModule: learn merge coefficients by minimising the summed divergence to the experts.
+
+training_step = sum over tasks t of mean_{x in batch_t} D(expert_t(.|x) || merged(.|x))
+(DivMerge, arXiv 2509.02108), with expert outputs read from the teacher cache.
+"""
+
+import logging
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from divmerge.coefficients import GRANULARITIES, Granularity
+from divmerge.data import MergeDataModule
+from divmerge.errors import DivMergeError
+from divmerge.evaluation import TaskResult, anp, format_table, write_report
+from divmerge.experts import load_experts, resolve_source
+from divmerge.functional import MergedModel
+from divmerge.objectives import get_objective
+from divmerge.teachers import cache_path, compute_logprobs, get_or_compute, load_cached
+
+log = logging.getLogger(__name__)
+_STAGE_SPLITS = {"fit": ("unlabelled", "val"), "validate": ("val",), "test": ("test",)}
+
+
+def default_cache_dir() -> str:
+    """$DIVMERGE_CACHE, else ~/.cache/divmerge."""
+    from divmerge.zoo import default_cache_dir as zoo_default
+
+    return str(zoo_default())
+
+
+class DivMergeModule(L.LightningModule):
+    """Learned model merging: the merge coefficients are the only trainable tensors.
+
+    Args:
+        experts: Task name -> expert source (local HF directory, hub id, or ``zoo:<task>`` for a demo
+            expert). Task names must match ``data.tasks``.
+        base: Source of the pretrained base model the experts were fine-tuned from.
+        granularity: ``task`` (one coefficient per task), ``layer`` (one per task per parameter tensor)
+            or ``block`` (one per task per transformer block).
+        objective: ``js`` (Jensen-Shannon, DivMerge), ``kl`` (KL(expert || merged)) or ``entropy``
+            (AdaMerging).
+        init: Initial coefficient value; None means 1/T.
+        clamp: Optional (low, high) bounds for the coefficients; None leaves them unconstrained.
+        lr: Adam learning rate for the coefficients.
+        reference_lambda: Lambda of the task-arithmetic reference merge reported by validate/test.
+        cache_dir: Where teacher outputs (and demo experts) are cached; None means $DIVMERGE_CACHE or
+            ~/.cache/divmerge.
+
+    """
+
+    def __init__(
+        self,
+        experts: dict[str, str],
+        base: str = "zoo:minilm",
+        granularity: Granularity = "layer",
+        objective: str = "js",
+        init: float | None = None,
+        clamp: tuple[float, float] | None = None,
+        lr: float = 1e-2,
+        reference_lambda: float = 0.3,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if not experts:
+            raise DivMergeError("No experts given: list them under model.experts as `task_name: path`.")
+        if granularity not in GRANULARITIES:
+            raise DivMergeError(f"Unknown granularity {granularity!r}: use one of {list(GRANULARITIES)}.")
+        self.objective = get_objective(objective)
+        self.save_hyperparameters()
+        self.cache_dir = cache_dir or default_cache_dir()
+        self.merged: MergedModel | None = None
+        self.fingerprint: str | None = None
+        self.task_digests: list[str] = []
+        self.metrics = nn.ModuleDict()
+        self._teachers: dict[tuple[str, str], Tensor] = {}
+        self._eval_params: dict[str, Tensor] | None = None
+        self._reference_params: dict[str, Tensor] | None = None
+        self.last_results: list[TaskResult] = []
+
+    # ---------------------------------------------------------------- building
+    @property
+    def task_names(self) -> list[str]:
+        """Task (expert) names in order."""
+        return list(self.hparams.experts)
+
+    def prepare_data(self) -> None:
+        """Rank 0: fetch or build (demo) experts so every rank can load them in setup."""
+        for source in [self.hparams.base, *self.hparams.experts.values()]:
+            resolve_source(source, build=True)
+
+    def build(self) -> MergedModel:
+        """Load base and experts and create the coefficients (once)."""
+        if self.merged is None:
+            experts = load_experts(self.hparams.base, self.hparams.experts)
+            self.merged = MergedModel(
+                experts, self.hparams.granularity, self.hparams.init, self.hparams.clamp
+            )
+            self.fingerprint = experts.fingerprint
+            self.task_digests = experts.task_digests
+            self.num_labels = dict(zip(experts.task_names, experts.num_labels, strict=True))
+            for task, n in self.num_labels.items():
+                self.metrics[task] = nn.ModuleDict(
+                    {k: MulticlassAccuracy(num_classes=n) for k in ("merged", "expert", "reference")}
+                )
+        return self.merged
+
+    def _datamodule(self) -> MergeDataModule:
+        dm = getattr(self.trainer, "datamodule", None)
+        if not isinstance(dm, MergeDataModule):
+            raise DivMergeError("DivMergeModule needs a MergeDataModule: pass data= / --data to the trainer.")
+        if sorted(dm.task_names) != sorted(self.task_names):
+            raise DivMergeError(
+                f"Data tasks {dm.task_names} and experts {self.task_names} differ: give every task an "
+                "expert under model.experts with the same name."
+            )
+        return dm
+
+    def setup(self, stage: str) -> None:
+        """Load experts, check the data against them, and fill the teacher cache for this stage."""
+        merged = self.build()
+        dm = self._datamodule()
+        for task in self.task_names:
+            names = dm.label_names(task)
+            if names is not None and len(names) != self.num_labels[task]:
+                raise DivMergeError(
+                    f"Task {task!r} has {len(names)} classes {list(names)} but its expert outputs "
+                    f"{self.num_labels[task]}: check label_names or the expert."
+                )
+        splits = _STAGE_SPLITS.get(stage, ("unlabelled", "val", "test"))
+        wanted = [(task, split) for task in self.task_names for split in splits]
+        paths = {}
+        for task, split in wanted:
+            ds = dm.dataset(task, split)
+            self._check_labels(task, split, ds.labels)
+            t = self.task_names.index(task)
+            paths[task, split] = cache_path(self.cache_dir, task, split, self.task_digests[t], ds.digest())
+        if self.trainer.is_global_zero:
+            merged.to(self.trainer.strategy.root_device)
+            for (task, split), path in paths.items():
+                if len(dm.dataset(task, split)):
+                    _, built = get_or_compute(
+                        path, lambda task=task, split=split: self._teacher(dm, task, split)
+                    )
+                    if built:
+                        rank_zero_info(f"teacher cache: built {task}/{split} -> {path}")
+        self.trainer.strategy.barrier("divmerge_teacher_cache")
+        for key, path in paths.items():
+            if len(dm.dataset(*key)):
+                cached = load_cached(path)
+                if cached is None:
+                    raise DivMergeError(
+                        f"Teacher cache {path} is missing on this rank: use a shared cache_dir."
+                    )
+                self._teachers[key] = cached
+
+    def _check_labels(self, task: str, split: str, labels: list[int] | None) -> None:
+        if labels and not 0 <= min(labels) <= max(labels) < self.num_labels[task]:
+            raise DivMergeError(
+                f"Task {task!r} {split} labels span {min(labels)}..{max(labels)} but its expert has "
+                f"{self.num_labels[task]} classes: labels must be class ids 0..{self.num_labels[task] - 1}."
+            )
+
+    @torch.no_grad()
+    def _teacher(self, dm: MergeDataModule, task: str, split: str) -> Tensor:
+        """Expert outputs on one task split: the merged model with one-hot coefficients."""
+        merged = self.build()
+        t = self.task_names.index(task)
+        device = self.trainer.strategy.root_device
+        params = merged.merged_params(merged.one_hot_table(t).to(device))
+
+        def forward(batch: dict[str, Tensor]) -> Tensor:
+            inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
+            return merged.task_logits(t, params, **inputs)
+
+        ds = dm.dataset(task, split)
+        return compute_logprobs(forward, dm._eval_loader(task, split), len(ds))
+
+    # ---------------------------------------------------------------- training
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """Adam over the coefficients alone."""
+        return torch.optim.Adam(self.build().coefficients.parameters(), lr=self.hparams.lr)
+
+    def training_step(self, batch: dict[str, dict[str, Tensor]], batch_idx: int) -> Tensor:
+        """Sum over tasks of the mean divergence between expert (cached) and merged outputs."""
+        merged = self.build()
+        params = merged.merged_params()
+        losses = []
+        for task, b in batch.items():
+            t = self.task_names.index(task)
+            logits = merged.task_logits(
+                t, params, input_ids=b["input_ids"], attention_mask=b["attention_mask"]
+            )
+            teacher = self._teachers[task, "unlabelled"][b["idx"].cpu()].to(logits.device)  # (B, C)
+            div = self.objective(teacher, logits).mean()
+            self.log(f"train/{self.hparams.objective}/{task}", div, batch_size=logits.shape[0])
+            losses.append(div)
+        loss = torch.stack(losses).sum()
+        self.log("train/loss", loss, prog_bar=True, batch_size=sum(len(b["idx"]) for b in batch.values()))
+        return loss
+
+    # ---------------------------------------------------------------- evaluation
+    def _eval_start(self) -> None:
+        merged = self.build()
+        with torch.no_grad():
+            self._eval_params = merged.merged_params()
+            self._reference_params = None
+            if self.trainer.state.fn != TrainerFn.FITTING:
+                table = merged.constant_table(self.hparams.reference_lambda)
+                self._reference_params = merged.merged_params(table)
+
+    def _eval_step(self, batch: dict[str, Tensor], dataloader_idx: int, split: str) -> None:
+        merged = self.build()
+        task = self._datamodule().eval_tasks(split)[dataloader_idx]
+        t = self.task_names.index(task)
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        labels = batch["labels"]
+        metrics = self.metrics[task]
+        metrics["merged"].update(merged.task_logits(t, self._eval_params, **inputs).argmax(-1), labels)
+        expert = self._teachers[task, split][batch["idx"].cpu()].argmax(-1).to(labels.device)
+        metrics["expert"].update(expert, labels)
+        if self._reference_params is not None:
+            metrics["reference"].update(
+                merged.task_logits(t, self._reference_params, **inputs).argmax(-1), labels
+            )
+
+    def _eval_end(self, split: str) -> None:
+        prefix = "val" if split == "val" else "test"
+        results = []
+        for task in self._datamodule().eval_tasks(split):
+            m = self.metrics[task]
+            ref = float(m["reference"].compute()) if self._reference_params is not None else None
+            n = len(self._datamodule().dataset(task, split))
+            results.append(
+                TaskResult(task, n, float(m["expert"].compute()), float(m["merged"].compute()), ref)
+            )
+            self.log(f"{prefix}/acc/{task}", results[-1].merged)
+            self.log(f"{prefix}/expert_acc/{task}", results[-1].expert)
+            for metric in m.values():
+                metric.reset()
+        self._eval_params = self._reference_params = None
+        if not results:
+            return
+        self.log(f"{prefix}/anp", anp(results), prog_bar=True)
+        self.last_results = results
+        if self.trainer.state.fn != TrainerFn.FITTING and self.trainer.is_global_zero:
+            method = f"{self.hparams.granularity}-wise {self.hparams.objective} merge"
+            title = f"Per-task accuracy on {split} ({method})"
+            print(f"\n{title}:\n{format_table(results)}\n", flush=True)
+            if self.trainer.log_dir:
+                write_report(results, self.trainer.log_dir, split)
+
+    def on_validation_epoch_start(self) -> None:  # noqa: D102
+        self._eval_start()
+
+    def on_test_epoch_start(self) -> None:  # noqa: D102
+        self._eval_start()
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Update per-task accuracy of the merged model, the expert and (outside fit) the reference."""
+        self._eval_step(batch, dataloader_idx, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Update per-task accuracy of the merged model, the expert and the reference."""
+        self._eval_step(batch, dataloader_idx, "test")
+
+    def on_validation_epoch_end(self) -> None:  # noqa: D102
+        self._eval_end("val")
+
+    def on_test_epoch_end(self) -> None:  # noqa: D102
+        self._eval_end("test")
+
+    # ---------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the expert-set fingerprint beside the coefficients."""
+        merged = self.build()
+        checkpoint["divmerge"] = {
+            "fingerprint": self.fingerprint,
+            "tasks": self.task_names,
+            "granularity": self.hparams.granularity,
+            "tensor_names": merged.names,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint made with a different expert set."""
+        meta = checkpoint.get("divmerge")
+        if meta is None:
+            raise DivMergeError("This checkpoint was not written by divmerge: pass a divmerge checkpoint.")
+        self.build()
+        if meta["fingerprint"] != self.fingerprint:
+            raise DivMergeError(
+                f"The checkpoint was made with another expert set (tasks {meta['tasks']}, fingerprint "
+                f"{meta['fingerprint']}) than the configured one (tasks {self.task_names}, fingerprint "
+                f"{self.fingerprint}): resume with the experts it was made with, or start a fresh run "
+                "without --ckpt_path."
+            )

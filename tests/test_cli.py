@@ -1,0 +1,220 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+import train
+from divmerge.module import DivMergeModule
+from tests.tiny import make_expert
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_config(tmp_path: Path, tiny: dict, experts: dict | None = None, epochs: int = 2, **data_kw) -> str:
+    run = tmp_path / "run"
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {
+            "max_epochs": epochs,
+            "accelerator": "cpu",
+            "devices": 1,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "log_every_n_steps": 1,
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": str(run), "name": "t"},
+            },
+            "callbacks": [
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"dirpath": str(run / "ckpt"), "save_last": True},
+                }
+            ],
+        },
+        "model": {
+            "base": tiny["base"],
+            "experts": experts or tiny["experts"],
+            "cache_dir": str(tmp_path / "cache"),
+            "lr": 0.05,
+        },
+        "data": {
+            "tasks": [
+                {"name": n, "source": p, "num_unlabelled": 12, "num_val": 8, "num_test": 8, **data_kw}
+                for n, p in tiny["data"].items()
+            ],
+            "batch_size_per_task": 4,
+            "eval_batch_size": 8,
+            "max_length": 16,
+        },
+    }
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def coefficients(ckpt: Path) -> torch.Tensor:
+    return torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"][
+        "merged.coefficients.weight"
+    ]
+
+
+def expect_error(capsys, args: list[str], match: str) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "divmerge: error:" in err and match in err, err
+    return err
+
+
+def test_fit_learns_reports_and_checkpoints_small(tmp_path, tiny, capsys):
+    cli = train.main(["fit", "--config", write_config(tmp_path, tiny, epochs=4)])
+    out = capsys.readouterr()
+    assert "| ANP" in out.out + out.err and "task arithmetic" in out.out + out.err
+    metrics = pd.read_csv(next((tmp_path / "run").rglob("metrics.csv")))
+    loss = metrics["train/loss"].dropna().to_numpy()
+    assert loss[-3:].mean() < loss[:3].mean()  # the divergence goes down
+    report = next((tmp_path / "run").rglob("report_test.json"))
+    assert report.with_suffix(".md").is_file()
+    ckpt = tmp_path / "run" / "ckpt" / "last.ckpt"
+    assert ckpt.stat().st_size < 64_000
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert list(state["state_dict"]) == ["merged.coefficients.weight"]
+    assert state["divmerge"]["fingerprint"] == cli.model.fingerprint
+    assert [n for n, p in cli.model.named_parameters() if p.requires_grad] == ["merged.coefficients.weight"]
+
+
+def test_resume_reaches_the_same_coefficients(tmp_path, tiny):
+    straight = tmp_path / "straight"
+    split = tmp_path / "split"
+    straight.mkdir()
+    split.mkdir()
+    train.main(["fit", "--config", write_config(straight, tiny, epochs=4)])
+    config = write_config(split, tiny, epochs=2)
+    train.main(["fit", "--config", config])
+    halfway = coefficients(split / "run" / "ckpt" / "last.ckpt")
+    train.main(["fit", "--config", config, "--trainer.max_epochs", "4", "--ckpt_path", "last"])
+    want = coefficients(straight / "run" / "ckpt" / "last.ckpt")
+    got = coefficients(split / "run" / "ckpt" / "last.ckpt")
+    assert not torch.equal(halfway, want)
+    torch.testing.assert_close(got, want, atol=1e-7, rtol=0)
+    state = torch.load(split / "run" / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert (
+        state["global_step"]
+        == torch.load(straight / "run" / "ckpt" / "last.ckpt", weights_only=False)["global_step"]
+    )
+
+
+def test_teacher_cache_is_reused_and_never_recomputed_in_training(tmp_path, tiny, monkeypatch):
+    config = write_config(tmp_path, tiny, epochs=1)
+    train.main(["fit", "--config", config])
+    cached = sorted(p.name for p in (tmp_path / "cache" / "teachers").iterdir())
+    assert len(cached) == 6  # 2 tasks x (unlabelled, val, test)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("an expert forward ran although the cache was warm")
+
+    monkeypatch.setattr(DivMergeModule, "_teacher", boom)
+    train.main(["fit", "--config", config])
+    assert sorted(p.name for p in (tmp_path / "cache" / "teachers").iterdir()) == cached
+    monkeypatch.undo()
+    # other data -> a new cache entry instead of stale outputs
+    train.main(["fit", "--config", write_config(tmp_path, tiny, epochs=1, num_unlabelled=16)])
+    assert len(list((tmp_path / "cache" / "teachers").iterdir())) == 8
+
+
+def test_resume_against_other_experts_fails_clearly(tmp_path, tiny, capsys):
+    config = write_config(tmp_path, tiny, epochs=1)
+    train.main(["fit", "--config", config])
+    ckpt = str(tmp_path / "run" / "ckpt" / "last.ckpt")
+    other = dict(tiny["experts"], beta=str(make_expert(tiny["base"], tmp_path / "beta2", 3, seed=42)))
+    other_cfg = tmp_path / "o"
+    other_cfg.mkdir()
+    expect_error(
+        capsys,
+        ["fit", "--config", write_config(other_cfg, tiny, experts=other), "--ckpt_path", ckpt],
+        "another expert set",
+    )
+
+
+def test_corrupt_and_missing_checkpoints(tmp_path, tiny, capsys):
+    config = write_config(tmp_path, tiny, epochs=1)
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"\x80\x04 not a checkpoint")
+    expect_error(capsys, ["fit", "--config", config, "--ckpt_path", str(bad)], "corrupt")
+    expect_error(
+        capsys, ["validate", "--config", config, "--ckpt_path", str(tmp_path / "none.ckpt")], "does not exist"
+    )
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}}, foreign)
+    expect_error(capsys, ["test", "--config", config, "--ckpt_path", str(foreign)], "not written by divmerge")
+
+
+def test_tasks_must_match_experts(tmp_path, tiny, capsys):
+    experts = {"alpha": tiny["experts"]["alpha"], "gamma": tiny["experts"]["beta"]}
+    expect_error(capsys, ["fit", "--config", write_config(tmp_path, tiny, experts=experts)], "differ")
+
+
+def test_class_count_must_match_the_expert(tmp_path, tiny, capsys):
+    experts = {
+        "alpha": tiny["experts"]["beta"],
+        "beta": tiny["experts"]["alpha"],
+    }  # 3-class head on 2-class data
+    expect_error(
+        capsys, ["validate", "--config", write_config(tmp_path, tiny, experts=experts)], "labels span"
+    )
+
+
+def test_unknown_objective_and_granularity(tmp_path, tiny, capsys):
+    config = write_config(tmp_path, tiny)
+    expect_error(capsys, ["fit", "--config", config, "--model.objective", "hellinger"], "Unknown objective")
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["experts"] and len(printed["data"]["tasks"]) == len(printed["model"]["experts"])
+    assert {t["name"] for t in printed["data"]["tasks"]} == set(printed["model"]["experts"])
+
+
+def test_default_config_is_the_demo():
+    assert train.with_default_config(["fit"]) == ["fit", "--config", str(train.DEMO_CONFIG)]
+    assert train.with_default_config(["fit", "--config", "x.yaml"]) == ["fit", "--config", "x.yaml"]
+    assert train.with_default_config(["--help"]) == ["--help"]
+
+
+def test_help_documents_arguments(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["fit", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--model.granularity" in out and "one coefficient per task" in out and "--trainer.precision" in out
+
+
+def test_bad_input_exits_with_one_line_and_no_traceback(tmp_path, tiny):
+    experts = {"alpha": str(tmp_path / "missing"), "beta": tiny["experts"]["beta"]}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "fit",
+            "--config",
+            write_config(tmp_path, tiny, experts=experts),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "divmerge: error: Model directory" in proc.stderr and "does not exist" in proc.stderr
+    assert not (tmp_path / "run").exists()  # nothing written

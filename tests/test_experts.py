@@ -1,0 +1,129 @@
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from divmerge.errors import DivMergeError
+from divmerge.experts import load_experts, resolve_source
+from divmerge.functional import MergedModel
+from tests.tiny import make_base, make_expert, tiny_config
+
+
+@pytest.fixture(scope="module")
+def expert_set(tiny):
+    return load_experts(tiny["base"], tiny["experts"])
+
+
+def test_task_vectors_stacked_and_exact(tiny, expert_set):
+    base = BertForSequenceClassification.from_pretrained(tiny["experts"]["alpha"]).bert
+    name = "encoder.layer.0.attention.self.query.weight"
+    tau = expert_set.task_vectors[name]
+    assert tau.shape == (2, *expert_set.base[name].shape)
+    torch.testing.assert_close(expert_set.base[name] + tau[0], dict(base.named_parameters())[name])
+    assert expert_set.num_labels == [2, 3]
+    assert all(not t.requires_grad for t in expert_set.task_vectors.values())
+
+
+def test_fingerprint_stable_and_sensitive(tiny, expert_set, tmp_path):
+    assert load_experts(tiny["base"], tiny["experts"]).fingerprint == expert_set.fingerprint
+    other = dict(tiny["experts"], beta=str(make_expert(tiny["base"], tmp_path / "b2", 3, seed=99)))
+    changed = load_experts(tiny["base"], other)
+    assert changed.fingerprint != expert_set.fingerprint
+    assert changed.task_digests[0] == expert_set.task_digests[0]  # alpha's teacher cache stays valid
+    assert changed.task_digests[1] != expert_set.task_digests[1]
+
+
+def test_one_hot_coefficients_reproduce_each_expert(tiny, expert_set):
+    merged = MergedModel(expert_set)
+    ids = torch.randint(1000, 2000, (4, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    for t, name in enumerate(["alpha", "beta"]):
+        expert = BertForSequenceClassification.from_pretrained(tiny["experts"][name]).eval()
+        want = expert(input_ids=ids, attention_mask=mask).logits
+        got = merged.task_logits(
+            t, merged.merged_params(merged.one_hot_table(t)), input_ids=ids, attention_mask=mask
+        )
+        assert (got - want).abs().max() < 1e-5
+
+
+def test_merge_formula_and_gradient(expert_set):
+    merged = MergedModel(expert_set, granularity="layer")
+    with torch.no_grad():
+        merged.coefficients.weight.uniform_(-1, 2, generator=torch.Generator().manual_seed(0))
+    params = merged.merged_params()
+    name = "encoder.layer.1.output.dense.weight"
+    col = merged.coefficients.group_of[name]
+    c = merged.coefficients.weight[:, col]
+    want = (
+        expert_set.base[name]
+        + c[0] * expert_set.task_vectors[name][0]
+        + c[1] * expert_set.task_vectors[name][1]
+    )
+    torch.testing.assert_close(params[f"bert.{name}"], want)
+    ids = torch.randint(1000, 2000, (2, 5))
+    merged.task_logits(1, params, input_ids=ids, attention_mask=torch.ones_like(ids)).sum().backward()
+    grad = merged.coefficients.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+
+
+def test_coefficients_are_the_only_trainable_tensors(expert_set):
+    merged = MergedModel(expert_set)
+    assert [n for n, p in merged.named_parameters() if p.requires_grad] == ["coefficients.weight"]
+    assert list(merged.state_dict()) == ["coefficients.weight"]
+    assert not any(p.requires_grad for s in merged._skeletons for p in s.parameters())
+    frozen = [merged.base, merged.task_vectors, merged.buffers_, *merged.heads]
+    assert not any(t.requires_grad for store in frozen for _, t in store.items())
+
+
+def test_frozen_tensors_follow_dtype_moves(expert_set):
+    merged = MergedModel(expert_set).double()
+    assert next(iter(merged.task_vectors.items()))[1].dtype == torch.float64
+
+
+def test_missing_expert_directory(tiny, tmp_path):
+    with pytest.raises(DivMergeError, match="does not exist"):
+        load_experts(tiny["base"], {"alpha": str(tmp_path / "nope")})
+
+
+def test_directory_without_model(tiny, tmp_path):
+    with pytest.raises(DivMergeError, match=r"config\.json"):
+        load_experts(tiny["base"], {"alpha": str(tmp_path)})
+
+
+def test_no_experts(tiny):
+    with pytest.raises(DivMergeError, match="No experts"):
+        load_experts(tiny["base"], {})
+
+
+def test_mismatched_architecture_names_expert_and_tensor(tiny, tmp_path):
+    cfg = tiny_config()
+    cfg.intermediate_size = 48
+    other_base = make_base(tmp_path / "other", config=cfg)
+    wrong = make_expert(other_base, tmp_path / "wrong", 2, seed=5)
+    with pytest.raises(DivMergeError, match=r"Expert 'gamma' tensor 'bert\.encoder\.layer\.0\.intermediate"):
+        load_experts(tiny["base"], {"alpha": tiny["experts"]["alpha"], "gamma": str(wrong)})
+
+
+def test_vocabulary_mismatch_is_named(tiny, tmp_path):
+    cfg = BertConfig(**{**tiny_config().to_dict(), "vocab_size": 30000})
+    wrong = make_expert(make_base(tmp_path / "v", config=cfg), tmp_path / "vx", 2, seed=6)
+    with pytest.raises(DivMergeError, match="word_embeddings"):
+        load_experts(tiny["base"], {"delta": str(wrong)})
+
+
+def test_extra_layers_are_named(tiny, tmp_path):
+    cfg = tiny_config()
+    cfg.num_hidden_layers = 3
+    wrong = make_expert(make_base(tmp_path / "deep", config=cfg), tmp_path / "deepx", 2, seed=7)
+    with pytest.raises(DivMergeError, match=r"encoder\.layer\.2.*not fine-tuned from this base"):
+        load_experts(tiny["base"], {"deep": str(wrong)})
+
+
+def test_unknown_demo_task():
+    with pytest.raises(DivMergeError, match="rt"):
+        resolve_source("zoo:nope")
+
+
+def test_unavailable_hub_id_is_explained(tiny):
+    with pytest.raises(DivMergeError, match="hub id"):
+        load_experts(tiny["base"], {"alpha": "someone/not-a-model"})

@@ -1,0 +1,89 @@
+"""Tiny random models and data for fast tests: a 2-layer BERT base, perturbed experts, small CSVs."""
+
+import random
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import torch
+from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+from divmerge.zoo import base_model_path
+
+WORDS = [
+    "good",
+    "bad",
+    "great",
+    "awful",
+    "movie",
+    "film",
+    "plot",
+    "actor",
+    "news",
+    "sport",
+    "money",
+    "vote",
+    "phone",
+    "free",
+    "win",
+    "call",
+    "what",
+    "who",
+    "where",
+]
+
+
+def tiny_config() -> BertConfig:
+    return BertConfig(
+        vocab_size=30522,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+    )
+
+
+def copy_tokenizer(dest: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        src = base_model_path() / name
+        if src.exists():
+            shutil.copy(src, dest / name)
+
+
+def make_base(path: Path, seed: int = 0, config: BertConfig | None = None) -> Path:
+    torch.manual_seed(seed)
+    model = BertModel(config or tiny_config())
+    model.save_pretrained(path)
+    copy_tokenizer(path)
+    return path
+
+
+def make_expert(base: Path, path: Path, num_labels: int, seed: int, scale: float = 0.05) -> Path:
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification.from_pretrained(base, num_labels=num_labels)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    model.save_pretrained(path)
+    copy_tokenizer(path)
+    return path
+
+
+def make_csv(path: Path, rows: int, num_labels: int, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(rows)]
+    labels = [rng.randrange(num_labels) for _ in range(rows)]
+    pd.DataFrame({"text": texts, "label": labels}).to_csv(path, index=False)
+    return path
+
+
+def make_setup(root: Path, tasks: dict[str, int] | None = None, rows: int = 60) -> dict:
+    """Base, experts and data files for `tasks` (name -> number of classes)."""
+    tasks = tasks or {"alpha": 2, "beta": 3}
+    base = make_base(root / "base")
+    experts, data = {}, {}
+    for i, (name, k) in enumerate(tasks.items()):
+        experts[name] = str(make_expert(base, root / f"expert_{name}", k, seed=i + 1))
+        data[name] = str(make_csv(root / f"{name}.csv", rows, k, seed=i))
+    return {"base": str(base), "experts": experts, "data": data, "cache": str(root / "cache")}

@@ -1,0 +1,86 @@
+"""divmerge command line: ``python train.py {fit,validate,test} [--config CONFIG] [--flags]``.
+
+Without ``--config`` the built-in offline demo (configs/demo4.yaml) runs: it builds four MiniLM experts
+on first use, learns layer-wise JS merge coefficients and prints the per-task accuracy table.
+"""
+
+import sys
+from pathlib import Path
+
+import transformers
+from lightning.pytorch import Trainer
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from divmerge.checkpoint_io import SafeCheckpointIO, check_checkpoint
+from divmerge.data import MergeDataModule
+from divmerge.errors import DivMergeError
+from divmerge.module import DivMergeModule
+
+DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo4.yaml"
+RUN_SUBCOMMANDS = ("fit", "validate", "test")
+SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
+
+
+class DivMergeCLI(LightningCLI):
+    """LightningCLI with the tokenizer tied to the base model and a test pass after fit."""
+
+    def add_arguments_to_parser(self, parser) -> None:  # noqa: D102
+        parser.link_arguments("model.base", "data.tokenizer")
+
+    def _parse_ckpt_path(self) -> None:
+        """Check an explicit --ckpt_path before anything runs or is written.
+
+        LightningCLI would replace the configured model arguments with the checkpoint's; divmerge keeps
+        the configured experts authoritative so that a checkpoint from another expert set is refused
+        (by its fingerprint) instead of silently switching experts.
+        """
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and str(ckpt_path) not in SPECIAL_CKPT_PATHS:
+            check_checkpoint(ckpt_path)
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        """Build the Trainer, with atomic checkpoint writes unless a custom CheckpointIO was configured."""
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = SafeCheckpointIO()
+        return trainer
+
+    def after_fit(self) -> None:
+        """Report the learned merge on the test split (per-task table + ANP)."""
+        if not self.trainer.interrupted:
+            self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+
+
+def with_default_config(argv: list[str]) -> list[str]:
+    """Add the demo config to a run subcommand given without ``--config``."""
+    if (
+        argv
+        and argv[0] in RUN_SUBCOMMANDS
+        and not any(a in ("-c", "--config") or a.startswith("--config=") for a in argv)
+    ):
+        print(f"divmerge: no --config given, running the built-in demo ({DEMO_CONFIG.name})", file=sys.stderr)
+        return [argv[0], "--config", str(DEMO_CONFIG), *argv[1:]]
+    return argv
+
+
+def main(argv: list[str] | None = None) -> DivMergeCLI:
+    """Run the CLI; bad input ends with one line on stderr and exit code 2."""
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    args = with_default_config(list(sys.argv[1:] if argv is None else argv))
+    try:
+        return DivMergeCLI(
+            DivMergeModule,
+            MergeDataModule,
+            args=args,
+            save_config_kwargs={"overwrite": True},
+        )
+    except DivMergeError as err:
+        print(f"divmerge: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
