@@ -40,6 +40,26 @@ class DivMergeCLI(LightningCLI):
         if ckpt_path and str(ckpt_path) not in SPECIAL_CKPT_PATHS:
             check_checkpoint(ckpt_path)
 
+    def _check_before_run(self) -> None:
+        """Fail on mismatched tasks or a checkpoint of another expert set before any output is written."""
+        self.model.check_data(self.datamodule)
+        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+        if ckpt_path == "last":
+            dirs = [cb.dirpath for cb in self.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+            found = [Path(d) / "last.ckpt" for d in dirs if (Path(d) / "last.ckpt").is_file()]
+            ckpt_path = found[0] if found else None
+        if ckpt_path and str(ckpt_path) not in SPECIAL_CKPT_PATHS:
+            self.model.check_checkpoint_meta(check_checkpoint(ckpt_path))
+
+    def before_fit(self) -> None:  # noqa: D102
+        self._check_before_run()
+
+    def before_validate(self) -> None:  # noqa: D102
+        self._check_before_run()
+
+    def before_test(self) -> None:  # noqa: D102
+        self._check_before_run()
+
     def instantiate_trainer(self, **kwargs) -> Trainer:
         """Build the Trainer, with atomic checkpoint writes unless a custom CheckpointIO was configured."""
         trainer = super().instantiate_trainer(**kwargs)
@@ -76,6 +96,9 @@ def main(argv: list[str] | None = None) -> DivMergeCLI:
             MergeDataModule,
             args=args,
             save_config_kwargs={"overwrite": True},
+            # The coefficients exist only after setup(): the module builds its own optimizer (model.lr,
+            # model.lr_schedule) instead of LightningCLI's --optimizer, which would see no parameters.
+            auto_configure_optimizers=False,
         )
     except DivMergeError as err:
         print(f"divmerge: error: {err}", file=sys.stderr)

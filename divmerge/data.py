@@ -339,7 +339,8 @@ class MergeDataModule(L.LightningDataModule):
         """Pad a list of items into a batch."""
         return DataCollatorWithPadding(self.tokenizer, return_tensors="pt")(items)
 
-    def _eval_loader(self, task: str, split: Split) -> DataLoader:
+    def eval_loader(self, task: str, split: Split) -> DataLoader:
+        """Labelled (or, for teachers, unlabelled) loader of one task split, in dataset order."""
         return DataLoader(
             self.dataset(task, split),
             batch_size=self.eval_batch_size,
@@ -368,8 +369,8 @@ class MergeDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> list[DataLoader]:
         """One labelled loader per task of ``eval_tasks("val")``."""
-        return [self._eval_loader(t, "val") for t in self.eval_tasks("val")]
+        return [self.eval_loader(t, "val") for t in self.eval_tasks("val")]
 
     def test_dataloader(self) -> list[DataLoader]:
         """One labelled loader per task of ``eval_tasks("test")``."""
-        return [self._eval_loader(t, "test") for t in self.eval_tasks("test")]
+        return [self.eval_loader(t, "test") for t in self.eval_tasks("test")]

@@ -6,8 +6,10 @@ gradients from the same pass.
 """
 
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -106,21 +108,83 @@ class MergedModel(nn.Module):
                 merged[f"{self.prefix}.{name}"] = self.base[name] + delta.to(self.base[name].dtype)
         return merged
 
+    def forward_tasks(
+        self, params: Mapping[str, Tensor], batches: Mapping[int, Mapping[str, Tensor]]
+    ) -> dict[int, Tensor]:
+        """Logits of the merged model for several tasks' batches in ONE backbone pass.
+
+        The batches are right-padded to a common length and concatenated; the merged backbone runs once
+        on the union (so a step costs one forward+backward however many tasks there are), then each
+        task's own head runs on its slice: the expert's forward is called with its backbone submodule
+        answering from the precomputed outputs, so any Hugging Face head works unchanged.
+
+        Args:
+            params: Output of ``merged_params``.
+            batches: Task index -> inputs (``input_ids`` and ``attention_mask``, each (B_t, L_t)).
+
+        Returns:
+            Task index -> logits (B_t, C_t).
+
+        """
+        tasks = list(batches)
+        length = max(b["input_ids"].shape[1] for b in batches.values())
+        pad_id = self._skeletons[tasks[0]].config.pad_token_id or 0
+        ids = torch.cat(
+            [
+                F.pad(batches[t]["input_ids"], (0, length - batches[t]["input_ids"].shape[1]), value=pad_id)
+                for t in tasks
+            ]
+        )
+        mask = torch.cat(
+            [
+                F.pad(batches[t]["attention_mask"], (0, length - batches[t]["attention_mask"].shape[1]))
+                for t in tasks
+            ]
+        )  # (sum B_t, L)
+        backbone = self._skeletons[tasks[0]].get_submodule(self.prefix)
+        cut = len(self.prefix) + 1
+        tensors = {n[cut:]: v for n, v in params.items()} | {n[cut:]: v for n, v in self.buffers_.items()}
+        hidden = functional_call(
+            backbone, tensors, args=(), kwargs={"input_ids": ids, "attention_mask": mask}, strict=True
+        )
+        logits, start = {}, 0
+        for t in tasks:
+            stop = start + batches[t]["input_ids"].shape[0]
+            part = type(hidden)(**{k: v[start:stop] for k, v in hidden.items()})  # this task's rows
+            logits[t] = self._head_logits(t, part, ids[start:stop], mask[start:stop])
+            start = stop
+        return logits
+
+    def _head_logits(self, task: int, backbone_out: Any, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Run expert ``task``'s forward with its backbone replaced by precomputed outputs."""
+        skeleton = self._skeletons[task]
+        backbone = skeleton.get_submodule(self.prefix)
+        backbone.forward = lambda *args, **kwargs: backbone_out
+        try:
+            out = functional_call(
+                skeleton,
+                dict(self.heads[task].items()),
+                args=(),
+                kwargs={"input_ids": input_ids, "attention_mask": attention_mask},
+                strict=False,
+            )
+        finally:
+            del backbone.forward
+        return out.logits
+
     def task_logits(self, task: int, params: Mapping[str, Tensor], **inputs: Tensor) -> Tensor:
         """Logits of the merged backbone with task ``task``'s own head.
 
         Args:
             task: Task index t.
             params: Output of ``merged_params``.
-            **inputs: Model inputs (``input_ids``, ``attention_mask``, ...), each (B, L).
+            **inputs: ``input_ids`` and ``attention_mask``, each (B, L).
 
         Returns:
             Logits, shape (B, C_t).
 
         """
-        tensors = {**params, **dict(self.buffers_.items()), **dict(self.heads[task].items())}
-        out = functional_call(self._skeletons[task], tensors, args=(), kwargs=inputs, strict=True)
-        return out.logits
+        return self.forward_tasks(params, {task: inputs})[task]
 
     def one_hot_table(self, task: int) -> Tensor:
         """Coefficients that select expert ``task`` alone (1 for it, 0 for the others)."""

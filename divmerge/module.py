@@ -5,7 +5,7 @@ training_step = sum over tasks t of mean_{x in batch_t} D(expert_t(.|x) || merge
 """
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -48,6 +48,8 @@ class DivMergeModule(L.LightningModule):
         init: Initial coefficient value; None means 1/T.
         clamp: Optional (low, high) bounds for the coefficients; None leaves them unconstrained.
         lr: Adam learning rate for the coefficients.
+        lr_schedule: ``cosine`` decays the learning rate to 0 over the run's total steps (max_epochs /
+            max_steps); ``constant`` keeps it.
         reference_lambda: Lambda of the task-arithmetic reference merge reported by validate/test.
         cache_dir: Where teacher outputs (and demo experts) are cached; None means $DIVMERGE_CACHE or
             ~/.cache/divmerge.
@@ -63,6 +65,7 @@ class DivMergeModule(L.LightningModule):
         init: float | None = None,
         clamp: tuple[float, float] | None = None,
         lr: float = 1e-2,
+        lr_schedule: Literal["constant", "cosine"] = "cosine",
         reference_lambda: float = 0.3,
         cache_dir: str | None = None,
     ) -> None:
@@ -106,12 +109,15 @@ class DivMergeModule(L.LightningModule):
             self.num_labels = dict(zip(experts.task_names, experts.num_labels, strict=True))
             for task, n in self.num_labels.items():
                 self.metrics[task] = nn.ModuleDict(
-                    {k: MulticlassAccuracy(num_classes=n) for k in ("merged", "expert", "reference")}
+                    {
+                        k: MulticlassAccuracy(num_classes=n, average="micro")
+                        for k in ("merged", "expert", "reference")
+                    }
                 )
         return self.merged
 
-    def _datamodule(self) -> MergeDataModule:
-        dm = getattr(self.trainer, "datamodule", None)
+    def check_data(self, dm: object) -> MergeDataModule:
+        """Check that ``dm`` is a MergeDataModule with exactly one task per expert."""
         if not isinstance(dm, MergeDataModule):
             raise DivMergeError("DivMergeModule needs a MergeDataModule: pass data= / --data to the trainer.")
         if sorted(dm.task_names) != sorted(self.task_names):
@@ -120,6 +126,20 @@ class DivMergeModule(L.LightningModule):
                 "expert under model.experts with the same name."
             )
         return dm
+
+    def check_checkpoint_meta(self, meta: dict[str, Any]) -> None:
+        """Refuse checkpoint metadata (``checkpoint["divmerge"]``) made with a different expert set."""
+        self.build()
+        if meta["fingerprint"] != self.fingerprint:
+            raise DivMergeError(
+                f"The checkpoint was made with another expert set (tasks {meta['tasks']}, fingerprint "
+                f"{meta['fingerprint']}) than the configured one (tasks {self.task_names}, fingerprint "
+                f"{self.fingerprint}): resume with the experts it was made with, or start a fresh run "
+                "without --ckpt_path."
+            )
+
+    def _datamodule(self) -> MergeDataModule:
+        return self.check_data(getattr(self.trainer, "datamodule", None))
 
     def setup(self, stage: str) -> None:
         """Load experts, check the data against them, and fill the teacher cache for this stage."""
@@ -179,26 +199,32 @@ class DivMergeModule(L.LightningModule):
             return merged.task_logits(t, params, **inputs)
 
         ds = dm.dataset(task, split)
-        return compute_logprobs(forward, dm._eval_loader(task, split), len(ds))
+        return compute_logprobs(forward, dm.eval_loader(task, split), len(ds))
 
     # ---------------------------------------------------------------- training
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        """Adam over the coefficients alone."""
-        return torch.optim.Adam(self.build().coefficients.parameters(), lr=self.hparams.lr)
+    def configure_optimizers(self) -> Any:
+        """Adam over the coefficients alone, with the configured learning-rate schedule."""
+        optimizer = torch.optim.Adam(self.build().coefficients.parameters(), lr=self.hparams.lr)
+        if self.hparams.lr_schedule == "constant":
+            return optimizer
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def training_step(self, batch: dict[str, dict[str, Tensor]], batch_idx: int) -> Tensor:
         """Sum over tasks of the mean divergence between expert (cached) and merged outputs."""
         merged = self.build()
-        params = merged.merged_params()
+        index = {task: self.task_names.index(task) for task in batch}
+        inputs = {
+            index[task]: {k: b[k] for k in ("input_ids", "attention_mask")} for task, b in batch.items()
+        }
+        logits = merged.forward_tasks(merged.merged_params(), inputs)  # one backbone pass for all tasks
         losses = []
         for task, b in batch.items():
-            t = self.task_names.index(task)
-            logits = merged.task_logits(
-                t, params, input_ids=b["input_ids"], attention_mask=b["attention_mask"]
-            )
-            teacher = self._teachers[task, "unlabelled"][b["idx"].cpu()].to(logits.device)  # (B, C)
-            div = self.objective(teacher, logits).mean()
-            self.log(f"train/{self.hparams.objective}/{task}", div, batch_size=logits.shape[0])
+            student = logits[index[task]]  # (B_t, C_t)
+            teacher = self._teachers[task, "unlabelled"][b["idx"].cpu()].to(student.device)  # (B_t, C_t)
+            div = self.objective(teacher, student).mean()
+            self.log(f"train/{self.hparams.objective}/{task}", div, batch_size=student.shape[0])
             losses.append(div)
         loss = torch.stack(losses).sum()
         self.log("train/loss", loss, prog_bar=True, batch_size=sum(len(b["idx"]) for b in batch.values()))
@@ -291,11 +317,4 @@ class DivMergeModule(L.LightningModule):
         meta = checkpoint.get("divmerge")
         if meta is None:
             raise DivMergeError("This checkpoint was not written by divmerge: pass a divmerge checkpoint.")
-        self.build()
-        if meta["fingerprint"] != self.fingerprint:
-            raise DivMergeError(
-                f"The checkpoint was made with another expert set (tasks {meta['tasks']}, fingerprint "
-                f"{meta['fingerprint']}) than the configured one (tasks {self.task_names}, fingerprint "
-                f"{self.fingerprint}): resume with the experts it was made with, or start a fresh run "
-                "without --ckpt_path."
-            )
+        self.check_checkpoint_meta(meta)

@@ -620,6 +620,9 @@ def build_expert(
     try:
         with _quiet(not progress):
             _train_expert(name, recipe, tmp, progress)
+        # mkdtemp (and safetensors) create owner-only entries; the cache is meant to be shared.
+        for entry in (tmp, *tmp.iterdir()):
+            entry.chmod(0o755 if entry.is_dir() else 0o644)
         try:
             os.replace(tmp, final)
         except OSError:

@@ -89,16 +89,19 @@ def test_fit_learns_reports_and_checkpoints_small(tmp_path, tiny, capsys):
     assert [n for n, p in cli.model.named_parameters() if p.requires_grad] == ["merged.coefficients.weight"]
 
 
-def test_resume_reaches_the_same_coefficients(tmp_path, tiny):
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_resume_reaches_the_same_coefficients(tmp_path, tiny, schedule):
     straight = tmp_path / "straight"
     split = tmp_path / "split"
     straight.mkdir()
     split.mkdir()
-    train.main(["fit", "--config", write_config(straight, tiny, epochs=4)])
-    config = write_config(split, tiny, epochs=2)
-    train.main(["fit", "--config", config])
+    train.main(["fit", "--config", write_config(straight, tiny, epochs=4), "--model.lr_schedule", schedule])
+    config = write_config(split, tiny, epochs=4)
+    stop = '{"class_path": "tests.tiny.StopAfterEpochs", "init_args": {"epochs": 2}}'
+    train.main(["fit", "--config", config, "--model.lr_schedule", schedule, "--trainer.callbacks+", stop])
     halfway = coefficients(split / "run" / "ckpt" / "last.ckpt")
-    train.main(["fit", "--config", config, "--trainer.max_epochs", "4", "--ckpt_path", "last"])
+    assert torch.load(split / "run" / "ckpt" / "last.ckpt", weights_only=False)["epoch"] == 1
+    train.main(["fit", "--config", config, "--model.lr_schedule", schedule, "--ckpt_path", "last"])
     want = coefficients(straight / "run" / "ckpt" / "last.ckpt")
     got = coefficients(split / "run" / "ckpt" / "last.ckpt")
     assert not torch.equal(halfway, want)
@@ -140,6 +143,7 @@ def test_resume_against_other_experts_fails_clearly(tmp_path, tiny, capsys):
         ["fit", "--config", write_config(other_cfg, tiny, experts=other), "--ckpt_path", ckpt],
         "another expert set",
     )
+    assert not (other_cfg / "run").exists()  # refused before anything was written
 
 
 def test_corrupt_and_missing_checkpoints(tmp_path, tiny, capsys):
@@ -158,6 +162,7 @@ def test_corrupt_and_missing_checkpoints(tmp_path, tiny, capsys):
 def test_tasks_must_match_experts(tmp_path, tiny, capsys):
     experts = {"alpha": tiny["experts"]["alpha"], "gamma": tiny["experts"]["beta"]}
     expect_error(capsys, ["fit", "--config", write_config(tmp_path, tiny, experts=experts)], "differ")
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def test_class_count_must_match_the_expert(tmp_path, tiny, capsys):

@@ -127,3 +127,22 @@ def test_unknown_demo_task():
 def test_unavailable_hub_id_is_explained(tiny):
     with pytest.raises(DivMergeError, match="hub id"):
         load_experts(tiny["base"], {"alpha": "someone/not-a-model"})
+
+
+def test_one_backbone_pass_for_all_tasks_equals_separate_passes(expert_set):
+    merged = MergedModel(expert_set)
+    g = torch.Generator().manual_seed(1)
+    short = {
+        "input_ids": torch.randint(1000, 2000, (3, 5), generator=g),
+        "attention_mask": torch.ones(3, 5, dtype=torch.long),
+    }
+    long = {
+        "input_ids": torch.randint(1000, 2000, (2, 9), generator=g),
+        "attention_mask": torch.ones(2, 9, dtype=torch.long),
+    }
+    long["attention_mask"][1, 7:] = 0
+    params = merged.merged_params()
+    together = merged.forward_tasks(params, {0: short, 1: long})
+    torch.testing.assert_close(together[0], merged.task_logits(0, params, **short), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(together[1], merged.task_logits(1, params, **long), atol=1e-5, rtol=1e-5)
+    assert together[0].shape == (3, 2) and together[1].shape == (2, 3)

@@ -175,6 +175,8 @@ def test_build_expert_produces_loadable_dir(tiny_expert):
     assert meta["pool_eval_rows"] == 16
     # Nothing but the expert is left in the zoo folder (no temporary dirs).
     assert [p.name for p in path.parent.iterdir()] == [path.name]
+    assert path.stat().st_mode & 0o777 == 0o755
+    assert (path / "model.safetensors").stat().st_mode & 0o777 == 0o644
 
 
 def test_second_build_does_not_retrain(tiny_expert, monkeypatch):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from lightning.pytorch import Callback
 from transformers import BertConfig, BertForSequenceClassification, BertModel
 
 from divmerge.zoo import base_model_path
@@ -87,3 +88,14 @@ def make_setup(root: Path, tasks: dict[str, int] | None = None, rows: int = 60) 
         experts[name] = str(make_expert(base, root / f"expert_{name}", k, seed=i + 1))
         data[name] = str(make_csv(root / f"{name}.csv", rows, k, seed=i))
     return {"base": str(base), "experts": experts, "data": data, "cache": str(root / "cache")}
+
+
+class StopAfterEpochs(Callback):
+    """Simulates an interrupted run: stop training after `epochs` epochs (checkpoints are written)."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch + 1 >= self.epochs:
+            trainer.should_stop = True
