@@ -30,7 +30,7 @@ EXPECTED = {
     "tweet_sent": (("negative", "neutral", "positive"), (16186, 15018, 6954)),
 }
 TOTALS = {"rt": 8530, "imdb": 25000, "bbc": 2225, "sms_spam": 4837, "trec": 5381, "tweet_sent": 38158}
-TINY = ExpertRecipe(num_train=32, epochs=1, max_length=16, batch_size=16)
+TINY = ExpertRecipe(num_train=16, epochs=1, max_length=8, batch_size=8)
 
 
 def test_demo_tasks_listed():
@@ -162,11 +162,11 @@ def test_build_expert_produces_loadable_dir(tiny_expert):
     meta = json.loads((path / EXPERT_META_FILE).read_text())
     assert meta["task"] == "trec"
     assert meta["recipe"] == {
-        "num_train": 32,
+        "num_train": 16,
         "epochs": 1,
-        "max_length": 16,
+        "max_length": 8,
         "lr": 2e-4,
-        "batch_size": 16,
+        "batch_size": 8,
         "seed": 0,
     }
     assert meta["label_names"] == list(names)
