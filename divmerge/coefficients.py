@@ -89,6 +89,16 @@ class MergeCoefficients(nn.Module):
             return self.weight
         return self.weight.clamp(*self.clamp)
 
+    def group_labels(self) -> list[str]:
+        """One label per group (column): the tensor name, the block, or ``all`` for task-wise."""
+        if self.granularity == "task":
+            return ["all"]
+        labels: dict[int, str] = {}
+        for name, group in self.group_of.items():
+            match = _BLOCK.search(name) if self.granularity == "block" else None
+            labels.setdefault(group, f"block {match.group(1)}" if match else name)
+        return [labels[g] for g in sorted(labels)]
+
     def column(self, table: Tensor, name: str) -> Tensor:
         """Coefficients of one tensor across tasks, shape (T,)."""
         return table[:, self.group_of[name]]

@@ -4,11 +4,14 @@ training_step = sum over tasks t of mean_{x in batch_t} D(expert_t(.|x) || merge
 (DivMerge, arXiv 2509.02108), with expert outputs read from the teacher cache.
 """
 
+import json
 import logging
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
@@ -21,6 +24,7 @@ from divmerge.evaluation import TaskResult, anp, format_table, write_report
 from divmerge.experts import load_experts, resolve_source
 from divmerge.functional import MergedModel
 from divmerge.objectives import get_objective
+from divmerge.plots import plot_coefficients, plot_divergence
 from divmerge.teachers import cache_path, compute_logprobs, get_or_compute, load_cached
 
 log = logging.getLogger(__name__)
@@ -300,6 +304,26 @@ class DivMergeModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:  # noqa: D102
         self._eval_end("test")
+
+    def on_fit_end(self) -> None:
+        """Write the coefficient heatmap, coefficients.json and the divergence curve to the log dir."""
+        log_dir = self.trainer.log_dir
+        if not self.trainer.is_global_zero or not log_dir:
+            return
+        merged = self.build()
+        out = Path(log_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        table = merged.coefficients().detach().cpu()  # (T, G)
+        groups = merged.coefficients.group_labels()
+        (out / "coefficients.json").write_text(
+            json.dumps({"tasks": self.task_names, "groups": groups, "coefficients": table.tolist()}, indent=1)
+        )
+        plot_coefficients(table, self.task_names, groups, out / "coefficients.png")
+        if isinstance(self.logger, CSVLogger):
+            self.logger.save()
+            metrics = Path(self.logger.log_dir) / "metrics.csv"
+            if metrics.is_file():
+                plot_divergence(metrics, out / "divergence.png")
 
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

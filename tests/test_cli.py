@@ -81,6 +81,8 @@ def test_fit_learns_reports_and_checkpoints_small(tmp_path, tiny, capsys):
     assert loss[-3:].mean() < loss[:3].mean()  # the divergence goes down
     report = next((tmp_path / "run").rglob("report_test.json"))
     assert report.with_suffix(".md").is_file()
+    for figure in ("coefficients.png", "divergence.png", "coefficients.json"):
+        assert (report.parent / figure).stat().st_size > 1000, figure
     ckpt = tmp_path / "run" / "ckpt" / "last.ckpt"
     assert ckpt.stat().st_size < 64_000
     state = torch.load(ckpt, map_location="cpu", weights_only=False)

@@ -29,6 +29,13 @@ def test_shape_and_default_init(granularity, columns):
     assert [n for n, p in c.named_parameters()] == ["weight"]
 
 
+def test_group_labels():
+    assert MergeCoefficients(2, NAMES, "task").group_labels() == ["all"]
+    assert MergeCoefficients(2, NAMES, "layer").group_labels() == NAMES
+    labels = MergeCoefficients(2, NAMES, "block").group_labels()
+    assert labels == [NAMES[0], "block 0", "block 1", NAMES[4]]
+
+
 def test_init_and_clamp():
     c = MergeCoefficients(2, NAMES, "layer", init=2.0, clamp=(0.0, 1.0))
     assert torch.all(c.weight == 2.0) and torch.all(c() == 1.0)
