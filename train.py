@@ -1,4 +1,4 @@
-"""divmerge command line: ``python train.py {fit,validate,test} [--config CONFIG] [--flags]``.
+"""divmerge command line: ``python train.py {fit,validate,test,export} [--config CONFIG] [--flags]``.
 
 Without ``--config`` the built-in offline demo (configs/demo4.yaml) runs: it builds four MiniLM experts
 on first use, learns layer-wise JS merge coefficients and prints the per-task accuracy table.
@@ -15,7 +15,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from divmerge.checkpoint_io import SafeCheckpointIO, check_checkpoint
 from divmerge.data import MergeDataModule
 from divmerge.errors import DivMergeError
-from divmerge.module import DivMergeModule
+from divmerge.export_cli import parse_export_args, run_export
+from divmerge.module import DivMergeModule, check_trainable
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo4.yaml"
 RUN_SUBCOMMANDS = ("fit", "validate", "test")
@@ -52,6 +53,7 @@ class DivMergeCLI(LightningCLI):
             self.model.check_checkpoint_meta(check_checkpoint(ckpt_path))
 
     def before_fit(self) -> None:  # noqa: D102
+        check_trainable(self.model.hparams.method)
         self._check_before_run()
 
     def before_validate(self) -> None:  # noqa: D102
@@ -85,21 +87,30 @@ def with_default_config(argv: list[str]) -> list[str]:
     return argv
 
 
-def main(argv: list[str] | None = None) -> DivMergeCLI:
+def make_cli(args: list[str], run: bool = True) -> DivMergeCLI:
+    """Instantiate the LightningCLI (and run its subcommand when ``run``)."""
+    return DivMergeCLI(
+        DivMergeModule,
+        MergeDataModule,
+        args=args,
+        run=run,
+        save_config_kwargs={"overwrite": True},
+        # The coefficients exist only after setup(): the module builds its own optimizer (model.lr,
+        # model.lr_schedule) instead of LightningCLI's --optimizer, which would see no parameters.
+        auto_configure_optimizers=False,
+    )
+
+
+def main(argv: list[str] | None = None) -> DivMergeCLI | Path:
     """Run the CLI; bad input ends with one line on stderr and exit code 2."""
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    args = with_default_config(list(sys.argv[1:] if argv is None else argv))
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        return DivMergeCLI(
-            DivMergeModule,
-            MergeDataModule,
-            args=args,
-            save_config_kwargs={"overwrite": True},
-            # The coefficients exist only after setup(): the module builds its own optimizer (model.lr,
-            # model.lr_schedule) instead of LightningCLI's --optimizer, which would see no parameters.
-            auto_configure_optimizers=False,
-        )
+        if args and args[0] == "export":
+            options, overrides = parse_export_args(args[1:], DEMO_CONFIG)
+            return run_export(options, lambda cli_args: make_cli(cli_args, run=False).model, overrides)
+        return make_cli(with_default_config(args))
     except DivMergeError as err:
         print(f"divmerge: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

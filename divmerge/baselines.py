@@ -39,7 +39,7 @@ DARE_THEN: tuple[str, ...] = ("task_arithmetic", "ties")
 TA_LAMBDA = 0.3  # Ilharco et al. 2023 pick lambda on validation data; 0.3 is their usual optimum.
 TIES_LAMBDA = 1.0  # Yadav et al. 2023: lambda = 1 is the recommended setting with the disjoint mean.
 TIES_DENSITY = 0.2  # Yadav et al. 2023: keep the top-20% magnitudes of each task vector.
-DARE_P = 0.5  # See `dare`: mid-grid of Yu et al.'s drop-rate search; small models tolerate less.
+DARE_P = 0.5  # See `dare`: a middle drop rate; Yu et al.'s p = 0.9 is for large LLMs.
 
 
 @dataclass(frozen=True)
@@ -322,8 +322,9 @@ def dare(
     Args:
         base: theta_0 per tensor, (*shape).
         task_vectors: tau per tensor, stacked over experts, (T, *shape).
-        p: Drop probability in [0, 1) (default 0.5: the middle of the paper's 0.1-0.9 search grid; its
-            0.9 headline is for 7B+ LLMs and the paper finds smaller models tolerate less dropping).
+        p: Drop probability in [0, 1) (default 0.5, a middle value of the 0.1-0.9 range the paper
+            explores: its headline p = 0.9 is for large LLMs, and it reports that smaller models tolerate
+            less dropping, so tune p on validation data for small encoders).
         seed: Base seed of the per-tensor generators.
         then: ``"task_arithmetic"`` or ``"ties"``: how the dropped task vectors are combined.
         lambda_: Scaling; None means the combiner's default (0.3 for task arithmetic, 1.0 for TIES).

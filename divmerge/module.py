@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from divmerge.baselines import STATIC_METHODS, static_merge
 from divmerge.coefficients import GRANULARITIES, Granularity
 from divmerge.data import MergeDataModule
 from divmerge.errors import DivMergeError
@@ -29,6 +30,36 @@ from divmerge.teachers import cache_path, compute_logprobs, get_or_compute, load
 
 log = logging.getLogger(__name__)
 _STAGE_SPLITS = {"fit": ("unlabelled", "val"), "validate": ("val",), "test": ("test",)}
+
+
+LEARNED = "divmerge"
+
+
+def check_method(name: str, options: dict[str, Any], learned_ok: bool = True) -> None:
+    """Fail early on an unknown merge method or options it does not take."""
+    valid = ([LEARNED] if learned_ok else []) + sorted(STATIC_METHODS)
+    if name not in valid:
+        raise DivMergeError(f"Unknown merge method {name!r}: use one of {valid}.")
+    if name == LEARNED:
+        if options:
+            raise DivMergeError(
+                f"method_options {sorted(options)} only apply to static methods: remove them."
+            )
+        return
+    unknown = sorted(set(options) - set(STATIC_METHODS[name].options))
+    if unknown:
+        raise DivMergeError(
+            f"Merge method {name!r} takes no option {unknown}: use {list(STATIC_METHODS[name].options)}."
+        )
+
+
+def check_trainable(method: str) -> None:
+    """Refuse ``fit`` for a static merge, which has nothing to learn."""
+    if method != LEARNED:
+        raise DivMergeError(
+            f"Method {method!r} is a static merge with nothing to train: run `python train.py test "
+            f"--model.method {method}` (or validate) instead of fit."
+        )
 
 
 def default_cache_dir() -> str:
@@ -54,7 +85,12 @@ class DivMergeModule(L.LightningModule):
         lr: Adam learning rate for the coefficients.
         lr_schedule: ``cosine`` decays the learning rate to 0 over the run's total steps (max_epochs /
             max_steps); ``constant`` keeps it.
-        reference_lambda: Lambda of the task-arithmetic reference merge reported by validate/test.
+        method: ``divmerge`` learns the coefficients (with ``objective`` and ``granularity``); the name
+            of a static merge (``average``, ``task_arithmetic``, ``ties``, ``dare``) merges without
+            training and is evaluated by ``validate`` / ``test`` on the same code.
+        method_options: Options of a static ``method`` (e.g. ``{lambda_: 1.0, density: 0.2}`` for ties).
+        reference: Static merge reported beside the learned one by validate/test ("reference" column).
+        reference_options: Options of the reference merge (e.g. ``{lambda_: 0.3}``).
         cache_dir: Where teacher outputs (and demo experts) are cached; None means $DIVMERGE_CACHE or
             ~/.cache/divmerge.
 
@@ -70,7 +106,10 @@ class DivMergeModule(L.LightningModule):
         clamp: tuple[float, float] | None = None,
         lr: float = 1e-2,
         lr_schedule: Literal["constant", "cosine"] = "cosine",
-        reference_lambda: float = 0.3,
+        method: str = "divmerge",
+        method_options: dict[str, float | int | str] | None = None,
+        reference: str = "task_arithmetic",
+        reference_options: dict[str, float | int | str] | None = None,
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
@@ -79,6 +118,8 @@ class DivMergeModule(L.LightningModule):
         if granularity not in GRANULARITIES:
             raise DivMergeError(f"Unknown granularity {granularity!r}: use one of {list(GRANULARITIES)}.")
         self.objective = get_objective(objective)
+        check_method(method, method_options or {})
+        check_method(reference, reference_options or {}, learned_ok=False)
         self.save_hyperparameters()
         self.cache_dir = cache_dir or default_cache_dir()
         self.merged: MergedModel | None = None
@@ -235,14 +276,33 @@ class DivMergeModule(L.LightningModule):
         return loss
 
     # ---------------------------------------------------------------- evaluation
-    def _eval_start(self) -> None:
+    @property
+    def is_static(self) -> bool:
+        """Whether ``method`` is a static merge (no training)."""
+        return self.hparams.method != LEARNED
+
+    def static_params(self, method: str, options: dict[str, Any] | None) -> dict[str, Tensor]:
+        """Merged backbone tensors of a static merge, named like ``MergedModel.merged_params``."""
         merged = self.build()
+        out = static_merge(
+            method, dict(merged.base.items()), dict(merged.task_vectors.items()), **(options or {})
+        )
+        return {f"{merged.prefix}.{name}": tensor for name, tensor in out.items()}
+
+    def eval_params(self) -> dict[str, Tensor]:
+        """The merged tensors this module evaluates: learned coefficients or the static merge."""
+        if self.is_static:
+            return self.static_params(self.hparams.method, self.hparams.method_options)
         with torch.no_grad():
-            self._eval_params = merged.merged_params()
-            self._reference_params = None
-            if self.trainer.state.fn != TrainerFn.FITTING:
-                table = merged.constant_table(self.hparams.reference_lambda)
-                self._reference_params = merged.merged_params(table)
+            return {k: v.detach() for k, v in self.build().merged_params().items()}
+
+    def _eval_start(self) -> None:
+        self._eval_params = self.eval_params()
+        self._reference_params = None
+        if self.trainer.state.fn != TrainerFn.FITTING:
+            self._reference_params = self.static_params(
+                self.hparams.reference, self.hparams.reference_options
+            )
 
     def _eval_step(self, batch: dict[str, Tensor], dataloader_idx: int, split: str) -> None:
         merged = self.build()
@@ -279,9 +339,9 @@ class DivMergeModule(L.LightningModule):
         self.log(f"{prefix}/anp", anp(results), prog_bar=True)
         self.last_results = results
         if self.trainer.state.fn != TrainerFn.FITTING and self.trainer.is_global_zero:
-            method = f"{self.hparams.granularity}-wise {self.hparams.objective} merge"
-            title = f"Per-task accuracy on {split} ({method})"
-            print(f"\n{title}:\n{format_table(results)}\n", flush=True)
+            title = f"Per-task accuracy on {split} ({self.describe()})"
+            table = format_table(results, reference_name=self.hparams.reference.replace("_", " "))
+            print(f"\n{title}:\n{table}\n", flush=True)
             if self.trainer.log_dir:
                 write_report(results, self.trainer.log_dir, split)
 
@@ -304,6 +364,16 @@ class DivMergeModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:  # noqa: D102
         self._eval_end("test")
+
+    def describe(self) -> str:
+        """The merge method in words, e.g. ``layer-wise js merge`` or ``static ties merge``."""
+        if self.is_static:
+            return f"static {self.hparams.method} merge"
+        return f"{self.hparams.granularity}-wise {self.hparams.objective} merge"
+
+    def on_fit_start(self) -> None:
+        """Refuse to train a static merge."""
+        check_trainable(self.hparams.method)
 
     def on_fit_end(self) -> None:
         """Write the coefficient heatmap, coefficients.json and the divergence curve to the log dir."""

@@ -225,3 +225,85 @@ def test_bad_input_exits_with_one_line_and_no_traceback(tmp_path, tiny):
     assert "Traceback" not in proc.stderr
     assert "divmerge: error: Model directory" in proc.stderr and "does not exist" in proc.stderr
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_static_method_is_evaluated_without_training(tmp_path, tiny, capsys):
+    config = write_config(tmp_path, tiny)
+    train.main(
+        ["test", "--config", config, "--model.method", "ties", "--model.method_options", "{density: 0.5}"]
+    )
+    out = capsys.readouterr().out
+    assert "static ties merge" in out and "| ANP" in out
+    assert not (tmp_path / "run" / "ckpt").exists()  # nothing was trained
+    expect_error(capsys, ["fit", "--config", config, "--model.method", "ties"], "nothing to train")
+
+
+def test_unknown_method_and_options(tmp_path, tiny, capsys):
+    config = write_config(tmp_path, tiny)
+    err = expect_error(
+        capsys, ["test", "--config", config, "--model.method", "slerp"], "Unknown merge method"
+    )
+    assert "ties" in err and "dare" in err
+    expect_error(
+        capsys,
+        ["test", "--config", config, "--model.method", "ties", "--model.method_options", "{p: 0.3}"],
+        "no option",
+    )
+    expect_error(
+        capsys,
+        ["test", "--config", config, "--model.method", "ties", "--model.method_options", "{density: 1.5}"],
+        "density",
+    )
+
+
+def test_export_learned_merge_matches_the_merged_model(tmp_path, tiny, capsys):
+    from transformers import AutoModel
+
+    from divmerge.export import load_task_model
+
+    config = write_config(tmp_path, tiny, epochs=1)
+    cli = train.main(["fit", "--config", config])
+    ckpt = str(tmp_path / "run" / "ckpt" / "last.ckpt")
+    out = tmp_path / "export"
+    train.main(["export", "--config", config, "--ckpt_path", ckpt, "--out_dir", str(out)])
+    assert AutoModel.from_pretrained(out) is not None
+    card = (out / "README.md").read_text()
+    assert "alpha" in card and "beta" in card and "js" in card
+    merged = cli.model.build()
+    params = cli.model.eval_params()
+    ids = torch.randint(1000, 2000, (3, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    for t, task in enumerate(merged.task_names):
+        want = merged.task_logits(t, params, input_ids=ids, attention_mask=mask)
+        got = load_task_model(out, task)(input_ids=ids, attention_mask=mask).logits
+        assert (got - want).abs().max() < 1e-5
+    # an existing export is not overwritten without --overwrite, and stays intact
+    before = sorted(p.name for p in out.iterdir())
+    expect_error(
+        capsys, ["export", "--config", config, "--ckpt_path", ckpt, "--out_dir", str(out)], "--overwrite"
+    )
+    assert sorted(p.name for p in out.iterdir()) == before
+    train.main(["export", "--config", config, "--ckpt_path", ckpt, "--out_dir", str(out), "--overwrite"])
+
+
+def test_export_static_merge_and_missing_inputs(tmp_path, tiny, capsys):
+    config = write_config(tmp_path, tiny)
+    out = tmp_path / "ties"
+    train.main(["export", "--config", config, "--model.method", "ties", "--out_dir", str(out)])
+    assert (out / "model.safetensors").is_file() and (out / "heads" / "beta").is_dir()
+    expect_error(capsys, ["export", "--config", config, "--out_dir", str(tmp_path / "x")], "--ckpt_path")
+    missing = {"alpha": str(tmp_path / "gone"), "beta": tiny["experts"]["beta"]}
+    expect_error(
+        capsys,
+        [
+            "export",
+            "--config",
+            write_config(tmp_path, tiny, experts=missing),
+            "--model.method",
+            "ties",
+            "--out_dir",
+            str(tmp_path / "y"),
+        ],
+        "does not exist",
+    )
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -1,0 +1,73 @@
+"""``python train.py export``: write a merged model (learned or static) as a Hugging Face directory."""
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from divmerge.checkpoint_io import SafeCheckpointIO, check_checkpoint
+from divmerge.errors import DivMergeError
+from divmerge.experts import resolve_source
+from divmerge.export import check_target, coefficient_stats, export_merged
+from divmerge.module import DivMergeModule
+
+
+def parse_export_args(argv: list[str], default_config: Path) -> tuple[argparse.Namespace, list[str]]:
+    """Split ``export`` arguments into its own options and overrides for the model config.
+
+    Args:
+        argv: Arguments after ``export``.
+        default_config: Config used when ``--config`` is absent.
+
+    Returns:
+        (export options, remaining ``--model.*`` / ``--data.*`` overrides).
+    """
+    parser = argparse.ArgumentParser(
+        prog="train.py export",
+        description="Write the merged model as a Hugging Face directory (backbone safetensors + config + "
+        "tokenizer, every task's head under heads/, a model card). Other --model.* flags override the "
+        "config.",
+    )
+    parser.add_argument("--config", default=str(default_config), help="The run's config (default: the demo).")
+    parser.add_argument(
+        "--ckpt_path", help="Coefficient checkpoint of a learned merge (not needed for static methods)."
+    )
+    parser.add_argument("--out_dir", required=True, help="Output directory.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty --out_dir.")
+    return parser.parse_known_args(argv)
+
+
+def run_export(
+    options: argparse.Namespace, build_module: Callable[[list[str]], DivMergeModule], overrides: list[str]
+) -> Path:
+    """Load experts and coefficients, merge, and export.
+
+    Args:
+        options: From ``parse_export_args``.
+        build_module: Instantiates the configured module from CLI arguments (without running anything).
+        overrides: Extra config arguments.
+
+    Returns:
+        The export directory.
+    """
+    module = build_module(["--config", options.config, *overrides])
+    base_source = resolve_source(module.hparams.base)
+    summary: dict[str, Any] = {"method": module.describe(), "experts": dict(module.hparams.experts)}
+    check_target(Path(options.out_dir), options.overwrite, base_source, summary)  # before any heavy work
+    merged = module.build()
+    if not module.is_static:
+        if not options.ckpt_path:
+            raise DivMergeError(
+                "A learned merge needs its coefficients: pass --ckpt_path (e.g. .../last.ckpt)."
+            )
+        module.check_checkpoint_meta(check_checkpoint(options.ckpt_path))
+        state = SafeCheckpointIO().load_checkpoint(options.ckpt_path, weights_only=False)["state_dict"]
+        module.load_state_dict(state)
+        summary["coefficients"] = coefficient_stats(merged.coefficients().detach(), merged.task_names)
+        summary.update(objective=module.hparams.objective, granularity=module.hparams.granularity)
+    else:
+        summary["method_options"] = dict(module.hparams.method_options or {})
+    params = module.eval_params()
+    out = export_merged(merged, params, base_source, options.out_dir, summary, overwrite=options.overwrite)
+    print(f"divmerge: exported {module.describe()} of {merged.task_names} to {out}")
+    return out
