@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from lightning.pytorch.utilities import CombinedLoader
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from divmerge.errors import DivMergeError
@@ -220,30 +220,6 @@ class TaskDataset(Dataset):
         return h.hexdigest()[:16]
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """A shuffle that depends only on (seed, epoch), so a resumed run sees the same order.
-
-    Args:
-        size: Dataset length.
-        seed: Base seed.
-
-    """
-
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed, self.epoch = size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Called by Lightning at the start of each epoch."""
-        self.epoch = epoch
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=g).tolist())
-
-    def __len__(self) -> int:
-        return self.size
-
-
 class MergeDataModule(L.LightningDataModule):
     """Unlabelled inputs of every task for merging; labelled inputs for evaluation.
 
@@ -254,7 +230,8 @@ class MergeDataModule(L.LightningDataModule):
         tasks: The tasks, one per expert.
         tokenizer: Tokenizer source; linked to ``model.base`` by train.py.
         max_length: Tokens per input (longer inputs are truncated).
-        batch_size_per_task: Unlabelled inputs of each task per training step.
+        batch_size_per_task: Unlabelled inputs of each task per training step and device (the global
+            batch per task is this times the number of devices).
         eval_batch_size: Batch size for validation/test and for building the teacher cache.
         seed: Seed of the split shuffle and of the per-epoch training order.
         num_workers: DataLoader worker processes.
@@ -350,13 +327,19 @@ class MergeDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> CombinedLoader:
         """Per step: ``batch_size_per_task`` unlabelled inputs of every task, as {task: batch}."""
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         loaders = {}
         for i, task in enumerate(self.task_names):
             ds = self.dataset(task, "unlabelled")
+            # The order depends only on (seed, epoch), so a resumed run replays it; under DDP rank r takes
+            # every world-th index, so the ranks' batches together equal the one-process batch of
+            # batch_size_per_task x world inputs. Lightning keeps a DistributedSampler and calls set_epoch.
+            sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=self.seed + i)
             loaders[task] = DataLoader(
                 ds,
                 batch_size=self.batch_size_per_task,
-                sampler=EpochShuffleSampler(len(ds), self.seed + i),
+                sampler=sampler,
                 collate_fn=self.collate,
                 num_workers=self.num_workers,
                 drop_last=False,

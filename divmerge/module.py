@@ -329,21 +329,22 @@ class DivMergeModule(L.LightningModule):
             results.append(
                 TaskResult(task, n, float(m["expert"].compute()), float(m["merged"].compute()), ref)
             )
-            self.log(f"{prefix}/acc/{task}", results[-1].merged)
-            self.log(f"{prefix}/expert_acc/{task}", results[-1].expert)
+            self.log(f"{prefix}/acc/{task}", results[-1].merged, sync_dist=True)
+            self.log(f"{prefix}/expert_acc/{task}", results[-1].expert, sync_dist=True)
             for metric in m.values():
                 metric.reset()
         self._eval_params = self._reference_params = None
         if not results:
             return
-        self.log(f"{prefix}/anp", anp(results), prog_bar=True)
+        self.log(f"{prefix}/anp", anp(results), prog_bar=True, sync_dist=True)
         self.last_results = results
+        log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
         if self.trainer.state.fn != TrainerFn.FITTING and self.trainer.is_global_zero:
             title = f"Per-task accuracy on {split} ({self.describe()})"
             table = format_table(results, reference_name=self.hparams.reference.replace("_", " "))
             print(f"\n{title}:\n{table}\n", flush=True)
-            if self.trainer.log_dir:
-                write_report(results, self.trainer.log_dir, split)
+            if log_dir:
+                write_report(results, log_dir, split)
 
     def on_validation_epoch_start(self) -> None:  # noqa: D102
         self._eval_start()

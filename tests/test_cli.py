@@ -307,3 +307,15 @@ def test_export_static_merge_and_missing_inputs(tmp_path, tiny, capsys):
         "does not exist",
     )
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_bf16_mixed_precision_trains_fp32_coefficients(tmp_path, tiny):
+    cli = train.main(
+        ["fit", "--config", write_config(tmp_path, tiny, epochs=2), "--trainer.precision", "bf16-mixed"]
+    )
+    weights = coefficients(tmp_path / "run" / "ckpt" / "last.ckpt")
+    assert weights.dtype == torch.float32 and torch.isfinite(weights).all()
+    assert not torch.allclose(weights, torch.full_like(weights, 0.5))
+    metrics = pd.read_csv(next((tmp_path / "run").rglob("metrics.csv")))
+    assert metrics["train/loss"].dropna().map(lambda v: v == v and abs(v) < 10).all()
+    assert cli.trainer.precision == "bf16-mixed"

@@ -1,7 +1,7 @@
 import pandas as pd
 import pytest
 
-from divmerge.data import EpochShuffleSampler, MergeDataModule, TaskSpec, load_rows, split_rows
+from divmerge.data import MergeDataModule, TaskSpec, load_rows, split_rows
 from divmerge.errors import DivMergeError
 
 
@@ -81,15 +81,6 @@ def test_too_few_rows(tiny):
 def test_unknown_demo_task():
     with pytest.raises(DivMergeError, match="sms_spam"):
         load_rows(TaskSpec("x", "zoo:no_such_task"))
-
-
-def test_epoch_sampler_depends_only_on_seed_and_epoch():
-    a, b = EpochShuffleSampler(50, seed=3), EpochShuffleSampler(50, seed=3)
-    first = list(a)
-    a.set_epoch(1)
-    b.set_epoch(1)
-    assert list(a) == list(b) != first
-    assert sorted(first) == list(range(50))
 
 
 def test_datamodule_batches_every_task(tiny):
