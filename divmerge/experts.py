@@ -11,7 +11,7 @@ forward code for ``torch.func.functional_call``.
 
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,6 +125,37 @@ class ExpertSet:
     def num_tasks(self) -> int:
         """Number of experts T."""
         return len(self.task_names)
+
+    def subset(self, tasks: Sequence[str]) -> "ExpertSet":
+        """The same base with only ``tasks``' experts (task vectors sliced, in the given order).
+
+        Args:
+            tasks: Task names, a subset of ``task_names``.
+
+        Returns:
+            A new ExpertSet; the fingerprint covers the subset.
+        """
+        unknown = [t for t in tasks if t not in self.task_names]
+        if unknown or not tasks:
+            raise DivMergeError(
+                f"Tasks {unknown or list(tasks)} are not a non-empty subset of {self.task_names}."
+            )
+        idx = [self.task_names.index(t) for t in tasks]
+        digest = hashlib.sha256("|".join(self.task_digests[i] for i in idx).encode()).hexdigest()[:16]
+        return ExpertSet(
+            task_names=list(tasks),
+            names=list(self.names),
+            base=self.base,
+            task_vectors={n: tau[idx] for n, tau in self.task_vectors.items()},  # (k, *shape)
+            buffers=self.buffers,
+            heads=[self.heads[i] for i in idx],
+            skeletons=[self.skeletons[i] for i in idx],
+            prefix=self.prefix,
+            num_labels=[self.num_labels[i] for i in idx],
+            fingerprint=digest,
+            task_digests=[self.task_digests[i] for i in idx],
+            sources={"base": self.sources.get("base", ""), **{t: self.sources.get(t, "") for t in tasks}},
+        )
 
 
 def _split_expert(

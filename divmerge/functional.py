@@ -65,7 +65,8 @@ class MergedModel(nn.Module):
         granularity: Coefficient granularity: ``task``, ``layer`` or ``block``.
         init: Initial coefficient value; None means 1/T.
         clamp: Optional (low, high) bounds on the coefficients.
-
+        task_vector_dtype: Storage dtype of the task vectors (bf16/fp16 halve their memory); the merge
+            itself is computed in float32 with float32 coefficients.
     """
 
     def __init__(
@@ -74,6 +75,7 @@ class MergedModel(nn.Module):
         granularity: Granularity = "layer",
         init: float | None = None,
         clamp: tuple[float, float] | None = None,
+        task_vector_dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
         self.task_names = list(experts.task_names)
@@ -81,7 +83,9 @@ class MergedModel(nn.Module):
         self.prefix = experts.prefix
         self.coefficients = MergeCoefficients(len(self.task_names), self.names, granularity, init, clamp)
         self.base = FrozenTensors(experts.base)
-        self.task_vectors = FrozenTensors(experts.task_vectors)
+        self.task_vectors = FrozenTensors(
+            {n: t.to(task_vector_dtype) for n, t in experts.task_vectors.items()}
+        )
         self.buffers_ = FrozenTensors({f"{self.prefix}.{n}": b for n, b in experts.buffers.items()})
         self.heads = nn.ModuleList(FrozenTensors(h) for h in experts.heads)
         # Plain list, not a ModuleList: the meta skeletons must not appear in parameters()/state_dict().

@@ -91,6 +91,8 @@ class DivMergeModule(L.LightningModule):
         method_options: Options of a static ``method`` (e.g. ``{lambda_: 1.0, density: 0.2}`` for ties).
         reference: Static merge reported beside the learned one by validate/test ("reference" column).
         reference_options: Options of the reference merge (e.g. ``{lambda_: 0.3}``).
+        task_vector_dtype: Storage dtype of the task vectors: ``float32``, or ``bfloat16`` / ``float16`` to
+            halve their memory (coefficients and the merge arithmetic stay float32).
         cache_dir: Where teacher outputs (and demo experts) are cached; None means $DIVMERGE_CACHE or
             ~/.cache/divmerge.
 
@@ -110,6 +112,7 @@ class DivMergeModule(L.LightningModule):
         method_options: dict[str, float | int | str] | None = None,
         reference: str = "task_arithmetic",
         reference_options: dict[str, float | int | str] | None = None,
+        task_vector_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
@@ -146,8 +149,13 @@ class DivMergeModule(L.LightningModule):
         """Load base and experts and create the coefficients (once)."""
         if self.merged is None:
             experts = load_experts(self.hparams.base, self.hparams.experts)
+            dtype = getattr(torch, self.hparams.task_vector_dtype)
             self.merged = MergedModel(
-                experts, self.hparams.granularity, self.hparams.init, self.hparams.clamp
+                experts,
+                self.hparams.granularity,
+                self.hparams.init,
+                self.hparams.clamp,
+                task_vector_dtype=dtype,
             )
             self.fingerprint = experts.fingerprint
             self.task_digests = experts.task_digests

@@ -146,3 +146,24 @@ def test_one_backbone_pass_for_all_tasks_equals_separate_passes(expert_set):
     torch.testing.assert_close(together[0], merged.task_logits(0, params, **short), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(together[1], merged.task_logits(1, params, **long), atol=1e-5, rtol=1e-5)
     assert together[0].shape == (3, 2) and together[1].shape == (2, 3)
+
+
+def test_subset_slices_task_vectors_and_heads(expert_set):
+    sub = expert_set.subset(["beta"])
+    assert sub.task_names == ["beta"] and sub.num_labels == [3]
+    name = expert_set.names[3]
+    torch.testing.assert_close(sub.task_vectors[name][0], expert_set.task_vectors[name][1])
+    assert sub.fingerprint != expert_set.fingerprint and sub.task_digests == expert_set.task_digests[1:]
+    with pytest.raises(DivMergeError, match="subset"):
+        expert_set.subset(["gamma"])
+
+
+def test_bf16_task_vectors_halve_memory_and_stay_close(expert_set):
+    full = MergedModel(expert_set)
+    half = MergedModel(expert_set, task_vector_dtype=torch.bfloat16)
+    assert half.task_vectors.numel() == full.task_vectors.numel()
+    assert next(iter(half.task_vectors.items()))[1].dtype == torch.bfloat16
+    a, b = full.merged_params(), half.merged_params()
+    assert all(b[k].dtype == torch.float32 for k in b)
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert 0 < worst < 1e-2  # rounded storage, float32 arithmetic
