@@ -2,6 +2,8 @@
 
 ANP (average normalised performance) = mean over tasks of merged accuracy / expert accuracy, as in
 DivMerge (arXiv 2509.02108) and "What Matters for Model Merging at Scale?" (arXiv 2410.03617).
+Held-out tasks (no expert merged) are reported apart: merged accuracy / base-backbone accuracy with the
+same head, averaged over held-out tasks.
 """
 
 import json
@@ -12,13 +14,14 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class TaskResult:
-    """Accuracies of one task on one split."""
+    """Accuracies of one task on one split (``expert`` is base + head for a held-out task)."""
 
     task: str
     examples: int
     expert: float
     merged: float
     reference: float | None = None
+    held_out: bool = False
 
     @property
     def normalised(self) -> float:
@@ -26,19 +29,21 @@ class TaskResult:
         return self.merged / self.expert if self.expert > 0 else math.nan
 
 
-def anp(results: list[TaskResult], reference: bool = False) -> float:
-    """Average normalised performance over tasks.
+def anp(results: list[TaskResult], reference: bool = False, held_out: bool = False) -> float:
+    """Average normalised performance over the held-in (or held-out) tasks.
 
     Args:
         results: Per-task results.
         reference: Score the reference merge instead of the learned one.
+        held_out: Average over held-out tasks (normalised by base + head) instead of held-in ones.
 
     Returns:
-        Mean of (merged or reference) / expert accuracy; NaN without results.
-
+        Mean of (merged or reference) / expert accuracy; NaN without such tasks.
     """
     ratios = []
     for r in results:
+        if r.held_out != held_out:
+            continue
         value = r.reference if reference else r.merged
         if value is None or r.expert <= 0:
             return math.nan
@@ -62,11 +67,17 @@ def format_table(results: list[TaskResult], reference_name: str = "task arithmet
     rows = []
     for r in results:
         ref = [f"{r.reference:.4f}"] if has_ref else []
+        name = f"{r.task} (held-out)" if r.held_out else r.task
         rows.append(
-            [r.task, str(r.examples), f"{r.expert:.4f}", *ref, f"{r.merged:.4f}", f"{r.normalised:.4f}"]
+            [name, str(r.examples), f"{r.expert:.4f}", *ref, f"{r.merged:.4f}", f"{r.normalised:.4f}"]
         )
     anp_row = ["ANP", "", "1.0000"] + ([f"{anp(results, True):.4f}"] if has_ref else [])
     rows.append([*anp_row, f"{anp(results):.4f}", ""])
+    if any(r.held_out for r in results):  # normalised against the base backbone with the task's head
+        out_row = ["held-out vs base", "", "1.0000"] + (
+            [f"{anp(results, True, True):.4f}"] if has_ref else []
+        )
+        rows.append([*out_row, f"{anp(results, held_out=True):.4f}", ""])
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
 
     def line(cells: list[str]) -> str:
@@ -94,6 +105,7 @@ def write_report(results: list[TaskResult], directory: str | Path, split: str) -
         "split": split,
         "anp": anp(results),
         "reference_anp": anp(results, reference=True),
+        "held_out_anp": anp(results, held_out=True),
         "tasks": [asdict(r) | {"normalised": r.normalised} for r in results],
     }
     (directory / f"report_{split}.json").write_text(json.dumps(payload, indent=2))

@@ -104,6 +104,8 @@ class ExpertSet:
         num_labels: Per task, the size of the expert's output.
         fingerprint: Hash of names, shapes and sampled content of base and experts.
         task_digests: Per task, the same hash for base + that expert alone (keys its teacher cache).
+        held_out: Held-out tasks: evaluated with their own head on the merged backbone, not merged;
+            their heads, skeletons, num_labels and digests follow the experts' in those lists.
         sources: Where base and experts were loaded from.
 
     """
@@ -119,12 +121,18 @@ class ExpertSet:
     num_labels: list[int]
     fingerprint: str
     task_digests: list[str] = field(default_factory=list)
+    held_out: list[str] = field(default_factory=list)
     sources: dict[str, str] = field(default_factory=dict)
 
     @property
     def num_tasks(self) -> int:
         """Number of experts T."""
         return len(self.task_names)
+
+    @property
+    def all_tasks(self) -> list[str]:
+        """Merged tasks, then held-out tasks: the index order of heads, skeletons and num_labels."""
+        return [*self.task_names, *self.held_out]
 
     def subset(self, tasks: Sequence[str]) -> "ExpertSet":
         """The same base with only ``tasks``' experts (task vectors sliced, in the given order).
@@ -184,7 +192,9 @@ def _split_expert(
     return backbone, head
 
 
-def load_experts(base: str, experts: Mapping[str, str]) -> ExpertSet:
+def load_experts(
+    base: str, experts: Mapping[str, str], held_out: Mapping[str, str] | None = None
+) -> ExpertSet:
     """Load the base and every expert, validate them and compute stacked task vectors.
 
     Experts are loaded one at a time, so peak memory is base + task vectors + one expert.
@@ -192,6 +202,8 @@ def load_experts(base: str, experts: Mapping[str, str]) -> ExpertSet:
     Args:
         base: Source of the pretrained base model (see ``resolve_source``).
         experts: Task name -> expert source, in task order.
+        held_out: Task name -> classifier whose HEAD evaluates a held-out task (its backbone is not
+            merged); listed after the experts in ``heads`` / ``skeletons`` / ``num_labels``.
 
     Returns:
         The expert set.
@@ -205,12 +217,17 @@ def load_experts(base: str, experts: Mapping[str, str]) -> ExpertSet:
     base_type = base_model.config.model_type
     digest = hashlib.sha256()
     task_names = list(experts)
+    held_out = dict(held_out or {})
+    clash = sorted(set(task_names) & set(held_out))
+    if clash:
+        raise DivMergeError(f"Tasks {clash} are both experts and held out: list each task in one of them.")
+    sources = {**dict(experts), **held_out}
     names: list[str] | None = None
     stacked: dict[str, Tensor] = {}
     heads, skeletons, num_labels, prefix = [], [], [], ""
     expert_digests = []
-    for t, task in enumerate(task_names):
-        model = _load(AutoModelForSequenceClassification, experts[task], f"expert {task!r}")
+    for t, task in enumerate([*task_names, *held_out]):
+        model = _load(AutoModelForSequenceClassification, sources[task], f"expert {task!r}")
         if model.config.model_type != base_type:
             raise DivMergeError(
                 f"Expert {task!r} is a {model.config.model_type!r} model but the base is {base_type!r}: "
@@ -228,12 +245,16 @@ def load_experts(base: str, experts: Mapping[str, str]) -> ExpertSet:
                     f"Expert {task!r} and expert {task_names[0]!r} differ in backbone tensor "
                     f"{prefix}.{differing[0]}: experts must share one architecture."
                 )
-        for n in names:
-            torch.sub(backbone[n], theta0[n], out=stacked[n][t])  # tau_t: (*shape)
+        merged_task = t < len(task_names)
+        if merged_task:
+            for n in names:
+                torch.sub(backbone[n], theta0[n], out=stacked[n][t])  # tau_t: (*shape)
         heads.append({k: v.clone() for k, v in head.items()})
         num_labels.append(int(model.config.num_labels))
-        one = hashlib.sha256(f"{model.config.model_type}|".encode())
-        for n in names:
+        one = hashlib.sha256(
+            f"{model.config.model_type}|{'merged' if merged_task else 'held-out head'}|".encode()
+        )
+        for n in names if merged_task else []:  # a held-out classifier contributes its head only
             one.update(f"{n}:{tensor_digest(backbone[n])}|".encode())
         for n, v in head.items():
             one.update(f"{n}:{tensor_digest(v)}|".encode())
@@ -261,5 +282,6 @@ def load_experts(base: str, experts: Mapping[str, str]) -> ExpertSet:
         num_labels=num_labels,
         fingerprint=digest.hexdigest()[:16],
         task_digests=task_digests,
-        sources={"base": base, **dict(experts)},
+        sources={"base": base, **sources},
+        held_out=list(held_out),
     )

@@ -79,6 +79,7 @@ class MergedModel(nn.Module):
     ) -> None:
         super().__init__()
         self.task_names = list(experts.task_names)
+        self.all_tasks = experts.all_tasks  # heads/skeletons index: merged tasks, then held-out ones
         self.names = list(experts.names)
         self.prefix = experts.prefix
         self.coefficients = MergeCoefficients(len(self.task_names), self.names, granularity, init, clamp)
@@ -124,7 +125,8 @@ class MergedModel(nn.Module):
 
         Args:
             params: Output of ``merged_params``.
-            batches: Task index -> inputs (``input_ids`` and ``attention_mask``, each (B_t, L_t)).
+            batches: Task index (into ``all_tasks``) -> inputs (``input_ids`` and ``attention_mask``,
+                each (B_t, L_t)).
 
         Returns:
             Task index -> logits (B_t, C_t).
@@ -195,6 +197,10 @@ class MergedModel(nn.Module):
         table = torch.zeros_like(self.coefficients.weight)
         table[task] = 1.0
         return table
+
+    def base_table(self) -> Tensor:
+        """All-zero coefficients: the base backbone (how held-out tasks are normalised)."""
+        return torch.zeros_like(self.coefficients.weight)
 
     def constant_table(self, value: float) -> Tensor:
         """Coefficients equal to ``value`` everywhere (task arithmetic with lambda = value)."""

@@ -93,6 +93,9 @@ class DivMergeModule(L.LightningModule):
         reference_options: Options of the reference merge (e.g. ``{lambda_: 0.3}``).
         task_vector_dtype: Storage dtype of the task vectors: ``float32``, or ``bfloat16`` / ``float16`` to
             halve their memory (coefficients and the merge arithmetic stay float32).
+        held_out: Held-out tasks (arXiv 2410.03617): task name -> a classifier whose head scores that task
+            on the merged backbone; it is not merged, and is normalised against the base backbone with
+            the same head. Its data needs labelled val/test examples only.
         cache_dir: Where teacher outputs (and demo experts) are cached; None means $DIVMERGE_CACHE or
             ~/.cache/divmerge.
 
@@ -113,6 +116,7 @@ class DivMergeModule(L.LightningModule):
         reference: str = "task_arithmetic",
         reference_options: dict[str, float | int | str] | None = None,
         task_vector_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        held_out: dict[str, str] | None = None,
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
@@ -140,15 +144,29 @@ class DivMergeModule(L.LightningModule):
         """Task (expert) names in order."""
         return list(self.hparams.experts)
 
+    @property
+    def held_out(self) -> list[str]:
+        """Held-out task names (evaluated, not merged)."""
+        return list(self.hparams.held_out or {})
+
+    @property
+    def all_tasks(self) -> list[str]:
+        """Merged tasks then held-out tasks: the index order of heads in the merged model."""
+        return [*self.task_names, *self.held_out]
+
     def prepare_data(self) -> None:
         """Rank 0: fetch or build (demo) experts so every rank can load them in setup."""
-        for source in [self.hparams.base, *self.hparams.experts.values()]:
+        for source in [
+            self.hparams.base,
+            *self.hparams.experts.values(),
+            *(self.hparams.held_out or {}).values(),
+        ]:
             resolve_source(source, build=True)
 
     def build(self) -> MergedModel:
         """Load base and experts and create the coefficients (once)."""
         if self.merged is None:
-            experts = load_experts(self.hparams.base, self.hparams.experts)
+            experts = load_experts(self.hparams.base, self.hparams.experts, self.hparams.held_out)
             dtype = getattr(torch, self.hparams.task_vector_dtype)
             self.merged = MergedModel(
                 experts,
@@ -159,7 +177,7 @@ class DivMergeModule(L.LightningModule):
             )
             self.fingerprint = experts.fingerprint
             self.task_digests = experts.task_digests
-            self.num_labels = dict(zip(experts.task_names, experts.num_labels, strict=True))
+            self.num_labels = dict(zip(experts.all_tasks, experts.num_labels, strict=True))
             for task, n in self.num_labels.items():
                 self.metrics[task] = nn.ModuleDict(
                     {
@@ -173,10 +191,10 @@ class DivMergeModule(L.LightningModule):
         """Check that ``dm`` is a MergeDataModule with exactly one task per expert."""
         if not isinstance(dm, MergeDataModule):
             raise DivMergeError("DivMergeModule needs a MergeDataModule: pass data= / --data to the trainer.")
-        if sorted(dm.task_names) != sorted(self.task_names):
+        if sorted(dm.task_names) != sorted(self.all_tasks):
             raise DivMergeError(
-                f"Data tasks {dm.task_names} and experts {self.task_names} differ: give every task an "
-                "expert under model.experts with the same name."
+                f"Data tasks {dm.task_names} and experts {self.all_tasks} differ: give every task an "
+                "expert under model.experts (or model.held_out) with the same name."
             )
         return dm
 
@@ -198,7 +216,7 @@ class DivMergeModule(L.LightningModule):
         """Load experts, check the data against them, and fill the teacher cache for this stage."""
         merged = self.build()
         dm = self._datamodule()
-        for task in self.task_names:
+        for task in self.all_tasks:
             names = dm.label_names(task)
             if names is not None and len(names) != self.num_labels[task]:
                 raise DivMergeError(
@@ -207,11 +225,12 @@ class DivMergeModule(L.LightningModule):
                 )
         splits = _STAGE_SPLITS.get(stage, ("unlabelled", "val", "test"))
         wanted = [(task, split) for task in self.task_names for split in splits]
+        wanted += [(task, split) for task in self.held_out for split in splits if split != "unlabelled"]
         paths = {}
         for task, split in wanted:
             ds = dm.dataset(task, split)
             self._check_labels(task, split, ds.labels)
-            t = self.task_names.index(task)
+            t = self.all_tasks.index(task)
             paths[task, split] = cache_path(self.cache_dir, task, split, self.task_digests[t], ds.digest())
         if self.trainer.is_global_zero:
             merged.to(self.trainer.strategy.root_device)
@@ -241,11 +260,15 @@ class DivMergeModule(L.LightningModule):
 
     @torch.no_grad()
     def _teacher(self, dm: MergeDataModule, task: str, split: str) -> Tensor:
-        """Expert outputs on one task split: the merged model with one-hot coefficients."""
+        """Expert outputs on one task split: the merged model with one-hot coefficients.
+
+        For a held-out task the "expert" is the base backbone (all-zero coefficients) with its head.
+        """
         merged = self.build()
-        t = self.task_names.index(task)
+        t = self.all_tasks.index(task)
         device = self.trainer.strategy.root_device
-        params = merged.merged_params(merged.one_hot_table(t).to(device))
+        table = merged.one_hot_table(t) if task in self.task_names else merged.base_table()
+        params = merged.merged_params(table.to(device))
 
         def forward(batch: dict[str, Tensor]) -> Tensor:
             inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
@@ -267,6 +290,7 @@ class DivMergeModule(L.LightningModule):
     def training_step(self, batch: dict[str, dict[str, Tensor]], batch_idx: int) -> Tensor:
         """Sum over tasks of the mean divergence between expert (cached) and merged outputs."""
         merged = self.build()
+        batch = {task: b for task, b in batch.items() if task in self.hparams.experts}  # held-out: eval only
         index = {task: self.task_names.index(task) for task in batch}
         inputs = {
             index[task]: {k: b[k] for k in ("input_ids", "attention_mask")} for task, b in batch.items()
@@ -315,7 +339,7 @@ class DivMergeModule(L.LightningModule):
     def _eval_step(self, batch: dict[str, Tensor], dataloader_idx: int, split: str) -> None:
         merged = self.build()
         task = self._datamodule().eval_tasks(split)[dataloader_idx]
-        t = self.task_names.index(task)
+        t = self.all_tasks.index(task)
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         labels = batch["labels"]
         metrics = self.metrics[task]
@@ -334,9 +358,8 @@ class DivMergeModule(L.LightningModule):
             m = self.metrics[task]
             ref = float(m["reference"].compute()) if self._reference_params is not None else None
             n = len(self._datamodule().dataset(task, split))
-            results.append(
-                TaskResult(task, n, float(m["expert"].compute()), float(m["merged"].compute()), ref)
-            )
+            expert, merged_acc = float(m["expert"].compute()), float(m["merged"].compute())
+            results.append(TaskResult(task, n, expert, merged_acc, ref, held_out=task in self.held_out))
             self.log(f"{prefix}/acc/{task}", results[-1].merged, sync_dist=True)
             self.log(f"{prefix}/expert_acc/{task}", results[-1].expert, sync_dist=True)
             for metric in m.values():

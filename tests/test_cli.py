@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -319,3 +320,13 @@ def test_bf16_mixed_precision_trains_fp32_coefficients(tmp_path, tiny):
     metrics = pd.read_csv(next((tmp_path / "run").rglob("metrics.csv")))
     assert metrics["train/loss"].dropna().map(lambda v: v == v and abs(v) < 10).all()
     assert cli.trainer.precision == "bf16-mixed"
+
+
+def test_held_out_task_is_reported_apart(tmp_path, tiny, capsys):
+    config = write_config(tmp_path, tiny, experts={"alpha": tiny["experts"]["alpha"]})
+    train.main(["fit", "--config", config, "--model.held_out", f"{{beta: {tiny['experts']['beta']}}}"])
+    out = capsys.readouterr().out
+    assert "beta (held-out)" in out and "held-out vs base" in out
+    report = json.loads(next((tmp_path / "run").rglob("report_test.json")).read_text())
+    assert report["tasks"][1]["held_out"] and report["held_out_anp"] == report["held_out_anp"]  # finite
+    assert report["anp"] == report["tasks"][0]["normalised"]  # ANP covers the held-in task only

@@ -167,3 +167,24 @@ def test_bf16_task_vectors_halve_memory_and_stay_close(expert_set):
     assert all(b[k].dtype == torch.float32 for k in b)
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert 0 < worst < 1e-2  # rounded storage, float32 arithmetic
+
+
+def test_held_out_head_is_evaluated_on_base_backbone(tiny):
+    es = load_experts(
+        tiny["base"], {"alpha": tiny["experts"]["alpha"]}, held_out={"beta": tiny["experts"]["beta"]}
+    )
+    assert es.task_names == ["alpha"] and es.all_tasks == ["alpha", "beta"] and es.num_labels == [2, 3]
+    assert next(iter(es.task_vectors.values())).shape[0] == 1  # beta is not merged
+    merged = MergedModel(es)
+    ids = torch.randint(1000, 2000, (3, 6), generator=torch.Generator().manual_seed(5))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    got = merged.forward_tasks(merged.merged_params(merged.base_table()), {1: inputs})[1]
+    want_model = BertForSequenceClassification.from_pretrained(tiny["experts"]["beta"]).eval()
+    want_model.bert.load_state_dict(
+        BertForSequenceClassification.from_pretrained(tiny["base"]).bert.state_dict()
+    )
+    assert (got - want_model(**inputs).logits).abs().max() < 1e-5
+    with pytest.raises(DivMergeError, match="both experts and held out"):
+        load_experts(
+            tiny["base"], {"beta": tiny["experts"]["beta"]}, held_out={"beta": tiny["experts"]["beta"]}
+        )
