@@ -1,0 +1,962 @@
+"""Merge quality as the number of tasks grows (DivMerge, arXiv 2509.02108, Table 6).
+
+For every k = min_k .. max_k, subsets of k tasks are merged with every requested method and scored by
+ANP (mean over the subset's tasks of merged / expert test accuracy). The claim under test: divergence-
+guided merging stays strong as k grows while static merges degrade.
+
+Methods:
+
+- static (no training, ``divmerge.baselines.static_merge`` with its default options): ``average``,
+  ``task_arithmetic`` (lambda 0.3), ``ties`` (density 0.2, lambda 1), ``dare`` (p 0.5, seed 0, then task
+  arithmetic with lambda 0.3);
+- learned ``<objective>-<granularity>``: objective ``js`` (DivMerge), ``kl`` or ``entropy`` (AdaMerging),
+  granularity ``task``, ``layer`` (AdaMerging's layer-wise) or ``block``. Adam on the coefficients
+  (init 1/k), lr with cosine decay to 0 over ``steps``; each step draws ``batch_per_task`` unlabelled
+  inputs of every task of the subset (one fused backbone pass) and minimises the summed divergence to
+  the cached expert outputs. Every learned method on a subset sees the same input sequence.
+
+Experts are loaded once; teacher outputs (expert log-probabilities on the unlabelled and test inputs)
+are computed once per task into the divmerge teacher cache and reused across subsets and runs. Expert
+accuracy is the teacher's argmax on the test inputs.
+
+Outputs, under ``--out_dir``: ``merge_quality.csv`` (one row per subset x method),
+``merge_quality.md`` (ANP % by k and method, plus the mean over k) and ``merge_quality.png``.
+
+Examples::
+
+    python benchmarks/merge_quality.py --quick                  # the 6-task demo, a few minutes
+    python benchmarks/merge_quality.py                          # the full benchmark (about an hour)
+    python benchmarks/merge_quality.py --dry_run                # plan + time estimate, then stop
+    python benchmarks/merge_quality.py --threads 1              # much faster when the cores are shared
+    python benchmarks/merge_quality.py --tasks rt,trec,bbc --methods task_arithmetic,js-layer
+    python benchmarks/merge_quality.py --base /m/base --experts a=/m/a,b=/m/b,c=/m/c \\
+        --data a=/d/a.csv,b=/d/b.csv,c=/d/c.csv --out_dir runs/mq
+"""
+
+import argparse
+import csv
+import itertools
+import math
+import random
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from torch import Tensor
+
+from divmerge.baselines import STATIC_METHODS, static_merge
+from divmerge.coefficients import GRANULARITIES
+from divmerge.data import MergeDataModule, TaskDataset, TaskSpec
+from divmerge.errors import DivMergeError
+from divmerge.evaluation import TaskResult, anp
+from divmerge.experts import ExpertSet, load_experts
+from divmerge.functional import MergedModel
+from divmerge.objectives import OBJECTIVES, get_objective
+from divmerge.teachers import cache_path, compute_logprobs, get_or_compute
+from divmerge.zoo import DEMO_TASKS, default_cache_dir
+
+PROG = "merge_quality"
+STATIC = ("average", "task_arithmetic", "ties", "dare")
+LEARNED = tuple(f"{o}-{g}" for o in ("js", "kl", "entropy") for g in ("layer", "task"))
+DEFAULT_METHODS = STATIC + LEARNED
+# Defaults of the options that --quick changes: (full, quick). Full: about an hour on 2 idle cores
+# (k = 2..6 of the 6 demo tasks, 13 subsets, 10 methods). Quick: a smoke test of a few minutes; its
+# learned merges take 10 steps, so they use a larger learning rate to move the coefficients at all.
+SIZES: dict[str, tuple[int, int]] = {
+    "subsets_per_k": (3, 2),
+    "steps": (80, 10),
+    "num_test": (200, 64),
+    "num_unlabelled": (128, 64),
+}
+LR = (0.02, 0.05)
+
+Batch = dict[str, Tensor]
+
+
+def valid_methods() -> list[str]:
+    """Every method name this benchmark accepts: static merges, then ``<objective>-<granularity>``."""
+    return list(STATIC_METHODS) + [f"{o}-{g}" for o in OBJECTIVES for g in GRANULARITIES]
+
+
+def is_static(method: str) -> bool:
+    """Whether ``method`` is a static (training-free) merge."""
+    return method in STATIC_METHODS
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved, validated benchmark options (see ``build_parser`` for each one's meaning)."""
+
+    tasks: list[str]
+    base: str
+    experts: dict[str, str]
+    data: dict[str, str]
+    methods: list[str]
+    min_k: int
+    max_k: int
+    subsets_per_k: int
+    steps: int
+    batch_per_task: int
+    lr: float
+    num_test: int
+    num_unlabelled: int
+    max_length: int
+    eval_batch_size: int
+    text_column: str
+    label_column: str
+    seed: int
+    threads: int
+    cache_dir: str
+    out_dir: str
+    quick: bool = False
+    dry_run: bool = False
+
+
+@dataclass
+class Costs:
+    """Measured unit costs used to estimate the total runtime.
+
+    Attributes:
+        step: k -> seconds of one learned step with k tasks (measured at the smallest and largest k).
+        eval_per_example: Seconds to evaluate one test example.
+        static_per_task: Static method -> seconds per task of the subset.
+
+    """
+
+    step: dict[int, float]
+    eval_per_example: float
+    static_per_task: dict[str, float] = field(default_factory=dict)
+
+    def step_seconds(self, k: int) -> float:
+        """Seconds of one learned step with k tasks, linear between the measured ks."""
+        (k0, s0), (k1, s1) = min(self.step.items()), max(self.step.items())
+        if k1 == k0:
+            return s0 * k / k0
+        return max(0.0, s0 + (s1 - s0) * (k - k0) / (k1 - k0))
+
+
+# ------------------------------------------------------------------------------------------ options
+
+
+def parse_pairs(text: str | None, what: str) -> dict[str, str]:
+    """Parse ``name=value,name=value`` into a dict.
+
+    Args:
+        text: The option's value, or None.
+        what: The option's name, for the error message.
+
+    Returns:
+        Name -> value, in the given order (empty for None).
+
+    """
+    if not text:
+        return {}
+    out = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise DivMergeError(f"--{what} expects name=value pairs separated by commas, got {part!r}.")
+        out[name.strip()] = value.strip()
+    return out
+
+
+def parse_list(text: str | None) -> list[str]:
+    """Split a comma-separated option into its non-empty, stripped items."""
+    return [item.strip() for item in (text or "").split(",") if item.strip()]
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Append ``(default: ...)`` to help texts that do not state their default already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS) or action.default is False:
+            return text
+        return f"{text} (default: {action.default})"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser; every option is documented in ``--help``."""
+    full = {name: sizes[0] for name, sizes in SIZES.items()}
+    quick = {name: sizes[1] for name, sizes in SIZES.items()}
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="ANP of static and learned merges by number of merged tasks (DivMerge Table 6). "
+        "Runs on the offline 6-task demo by default; point --base/--experts/--data at your own.",
+        formatter_class=_Formatter,
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke-test sizes {quick} and lr {LR[1]} instead of the full defaults {full} and lr "
+        f"{LR[0]} (a few minutes on 2 idle cores once the teacher cache is built; noisy numbers)",
+    )
+    p.add_argument(
+        "--tasks",
+        default=None,
+        help="comma-separated task names (experts), in order; default: the --experts names, else the "
+        f"demo tasks {','.join(DEMO_TASKS)}",
+    )
+    p.add_argument("--base", default="zoo:minilm", help="base model (and tokenizer) source")
+    p.add_argument(
+        "--experts",
+        default=None,
+        help="task=expert_source pairs, comma-separated (HF model directories); default zoo:<task>",
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="task=data_source pairs, comma-separated (csv/tsv/json/jsonl/parquet with a text and an "
+        "integer label column); default zoo:<task>",
+    )
+    p.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help=f"comma-separated methods: static {list(STATIC_METHODS)} (default options) or learned "
+        f"<objective>-<granularity> with objective in {list(OBJECTIVES)} and granularity in "
+        f"{list(GRANULARITIES)}",
+    )
+    p.add_argument("--min_k", type=int, default=2, help="smallest number of merged tasks (>= 2)")
+    p.add_argument("--max_k", type=int, default=None, help="largest number of merged tasks; default all")
+    for name, help_text in (
+        ("subsets_per_k", "task subsets per k (all of them when there are at most this many)"),
+        ("steps", "optimiser steps of each learned merge"),
+        ("num_test", "labelled test examples per task"),
+        ("num_unlabelled", "unlabelled examples per task that learned merges draw from"),
+    ):
+        p.add_argument(
+            f"--{name}",
+            type=int,
+            default=None,
+            help=f"{help_text}; default {full[name]} ({quick[name]} with --quick)",
+        )
+    p.add_argument("--batch_per_task", type=int, default=4, help="unlabelled inputs per task per step")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help=f"peak Adam learning rate (cosine decay to 0); default {LR[0]} ({LR[1]} with --quick)",
+    )
+    p.add_argument("--max_length", type=int, default=64, help="tokens per input (truncation)")
+    p.add_argument("--eval_batch_size", type=int, default=64, help="batch size of evaluation and teachers")
+    p.add_argument("--text_column", default="text", help="text column of --data files")
+    p.add_argument("--label_column", default="label", help="integer label column of --data files")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads; 0 keeps torch's default (1 can be several times faster on a busy machine)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the data split, subsets and learned runs")
+    p.add_argument(
+        "--cache_dir",
+        default=None,
+        help="teacher cache (and demo experts) directory; default $DIVMERGE_CACHE or ~/.cache/divmerge",
+    )
+    p.add_argument("--out_dir", default="benchmarks/results", help="where the CSV, table and plot go")
+    p.add_argument(
+        "--dry_run",
+        action="store_true",
+        help="build the teacher cache, print the plan and the estimated time, then stop",
+    )
+    return p
+
+
+def resolve_settings(args: argparse.Namespace) -> Settings:
+    """Turn parsed arguments into validated settings; raise DivMergeError on bad input.
+
+    Args:
+        args: Output of ``build_parser().parse_args``.
+
+    Returns:
+        The settings.
+
+    """
+    experts = parse_pairs(args.experts, "experts")
+    data = parse_pairs(args.data, "data")
+    tasks = parse_list(args.tasks) or list(experts) or list(DEMO_TASKS)
+    if len(set(tasks)) != len(tasks):
+        raise DivMergeError(f"--tasks lists a task twice: {tasks}.")
+    if experts:
+        missing = [t for t in tasks if t not in experts]
+        if missing:
+            raise DivMergeError(
+                f"Tasks {missing} have no expert: there are experts for {list(experts)} only; add "
+                "name=path to --experts or drop them from --tasks."
+            )
+    else:
+        unknown = [t for t in tasks if t not in DEMO_TASKS]
+        if unknown:
+            raise DivMergeError(
+                f"Tasks {unknown} have no expert: the demo has experts for {list(DEMO_TASKS)} only; give "
+                "--experts name=path for your own."
+            )
+    experts = {t: experts.get(t, f"zoo:{t}") for t in tasks}
+    missing = [t for t in tasks if t not in data and not experts[t].startswith("zoo:")]
+    if missing:
+        raise DivMergeError(f"Tasks {missing} have no data: add name=file to --data.")
+    data = {t: data.get(t, f"zoo:{t}") for t in tasks}
+    methods = parse_list(args.methods)
+    valid = valid_methods()
+    unknown = [m for m in methods if m not in valid]
+    if unknown or not methods:
+        raise DivMergeError(f"Unknown method {(unknown or [''])[0]!r}: use one or more of {valid}.")
+    if len(set(methods)) != len(methods):
+        raise DivMergeError(f"--methods lists a method twice: {methods}.")
+    max_k = len(tasks) if args.max_k is None else args.max_k
+    if args.min_k < 2 or max_k < 2:
+        raise DivMergeError(
+            f"k must be at least 2 (a merge needs two experts), got min_k={args.min_k}, max_k={max_k}."
+        )
+    if max_k > len(tasks):
+        raise DivMergeError(
+            f"max_k={max_k} asks for more tasks than there are experts ({len(tasks)}: {tasks}): lower "
+            "--max_k or add experts."
+        )
+    if args.min_k > max_k:
+        raise DivMergeError(f"min_k={args.min_k} is larger than max_k={max_k}.")
+    sizes = {name: getattr(args, name) for name in SIZES}
+    sizes = {
+        name: SIZES[name][1 if args.quick else 0] if value is None else value for name, value in sizes.items()
+    }
+    for name, value in [*sizes.items(), ("batch_per_task", args.batch_per_task)]:
+        if value < 1:
+            raise DivMergeError(f"--{name} must be at least 1, got {value}.")
+    if args.threads < 0:
+        raise DivMergeError(f"--threads must be 0 (torch's default) or more, got {args.threads}.")
+    for name in ("max_length", "eval_batch_size"):
+        if getattr(args, name) < 1:
+            raise DivMergeError(f"--{name} must be at least 1, got {getattr(args, name)}.")
+    lr = LR[1 if args.quick else 0] if args.lr is None else args.lr
+    if not (lr > 0 and math.isfinite(lr)):
+        raise DivMergeError(f"--lr must be a positive number, got {lr}.")
+    return Settings(
+        tasks=tasks,
+        base=args.base,
+        experts=experts,
+        data=data,
+        methods=methods,
+        min_k=args.min_k,
+        max_k=max_k,
+        batch_per_task=args.batch_per_task,
+        lr=lr,
+        max_length=args.max_length,
+        eval_batch_size=args.eval_batch_size,
+        text_column=args.text_column,
+        label_column=args.label_column,
+        seed=args.seed,
+        threads=args.threads,
+        cache_dir=str(Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()),
+        out_dir=args.out_dir,
+        quick=args.quick,
+        dry_run=args.dry_run,
+        **sizes,
+    )
+
+
+# ------------------------------------------------------------------------------------------ subsets
+
+
+def choose_subsets(num_tasks: int, k: int, n: int, seed: int) -> list[tuple[int, ...]]:
+    """The task subsets of size k to merge: all of them, or a seeded sample of n.
+
+    Args:
+        num_tasks: Number of tasks T.
+        k: Subset size, 1 <= k <= T.
+        n: Subsets wanted (at least 1).
+        seed: Sampling seed; the sample depends only on (T, k, n, seed).
+
+    Returns:
+        Sorted tuples of task indices, in lexicographic order; all C(T, k) when n >= C(T, k).
+
+    """
+    if not 1 <= k <= num_tasks or n < 1:
+        raise DivMergeError(f"Cannot choose {n} subsets of {k} of {num_tasks} tasks.")
+    total = math.comb(num_tasks, k)
+    if n >= total:
+        return list(itertools.combinations(range(num_tasks), k))
+    rng = random.Random(f"{seed}|{num_tasks}|{k}")
+    if total <= 100_000:
+        return sorted(rng.sample(list(itertools.combinations(range(num_tasks), k)), n))
+    chosen: set[tuple[int, ...]] = set()
+    while len(chosen) < n:
+        chosen.add(tuple(sorted(rng.sample(range(num_tasks), k))))
+    return sorted(chosen)
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+def make_datamodule(settings: Settings) -> MergeDataModule:
+    """The benchmark's data: per task, disjoint test and unlabelled parts (no validation part)."""
+    specs = [
+        TaskSpec(
+            name=t,
+            source=settings.data[t],
+            text_column=settings.text_column,
+            label_column=settings.label_column,
+            num_unlabelled=settings.num_unlabelled,
+            num_val=0,
+            num_test=settings.num_test,
+        )
+        for t in settings.tasks
+    ]
+    return MergeDataModule(
+        tasks=specs,
+        tokenizer=settings.base,
+        max_length=settings.max_length,
+        batch_size_per_task=settings.batch_per_task,
+        eval_batch_size=settings.eval_batch_size,
+        seed=settings.seed,
+    )
+
+
+def check_labels(experts: ExpertSet, dm: MergeDataModule) -> None:
+    """Refuse test labels that are not class ids of the task's expert."""
+    for t, task in enumerate(experts.task_names):
+        n = experts.num_labels[t]
+        names = dm.label_names(task)
+        if names is not None and len(names) != n:
+            raise DivMergeError(f"Task {task!r} has {len(names)} classes but its expert outputs {n}.")
+        labels = dm.dataset(task, "test").labels or []
+        if labels and not 0 <= min(labels) <= max(labels) < n:
+            raise DivMergeError(
+                f"Task {task!r} test labels span {min(labels)}..{max(labels)} but its expert has {n} "
+                f"classes: labels must be class ids 0..{n - 1}."
+            )
+
+
+def eval_batches(dm: MergeDataModule, task: str, batch_size: int) -> list[Batch]:
+    """A task's test examples as padded batches, sorted by length (less padding; same accuracy)."""
+    ds = dm.dataset(task, "test")
+    items = sorted((ds[i] for i in range(len(ds))), key=lambda item: len(item["input_ids"]))
+    return [dm.collate(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
+
+
+def build_teachers(
+    experts: ExpertSet, dm: MergeDataModule, cache_dir: str
+) -> tuple[dict[tuple[str, str], Tensor], list[str]]:
+    """Expert log-probabilities on every task's unlabelled and test inputs, through the teacher cache.
+
+    The expert forward is the merged model of the whole set with one-hot coefficients (exactly the
+    expert), as in ``DivMergeModule``; files are keyed by expert and data digests, so they are shared
+    across subsets, runs and with ``train.py`` runs on the same data.
+
+    Args:
+        experts: The whole expert set.
+        dm: The data.
+        cache_dir: Cache root.
+
+    Returns:
+        ((task, split) -> log-probabilities (N, C), names of the files built now).
+
+    """
+    merged = MergedModel(experts, granularity="task")
+    teachers, built = {}, []
+    for t, task in enumerate(experts.task_names):
+        for split in ("unlabelled", "test"):
+            ds = dm.dataset(task, split)
+            path = cache_path(cache_dir, task, split, experts.task_digests[t], ds.digest())
+
+            def compute(t: int = t, task: str = task, split: str = split, ds: TaskDataset = ds) -> Tensor:
+                with torch.no_grad():
+                    params = merged.merged_params(merged.one_hot_table(t))
+
+                def forward(batch: Mapping[str, Tensor]) -> Tensor:
+                    return merged.task_logits(
+                        t, params, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                    )
+
+                return compute_logprobs(forward, dm.eval_loader(task, split), len(ds))
+
+            teachers[task, split], fresh = get_or_compute(path, compute)
+            if fresh:
+                built.append(path.name)
+    return teachers, built
+
+
+def expert_accuracy(teacher: Tensor, batches: Sequence[Batch]) -> float:
+    """Accuracy of the expert (cached teacher argmax) on a task's test batches."""
+    correct = total = 0
+    for batch in batches:
+        pred = teacher[batch["idx"]].argmax(-1)  # (B,)
+        correct += int((pred == batch["labels"]).sum())
+        total += len(pred)
+    return correct / total if total else math.nan
+
+
+# ------------------------------------------------------------------------------------------- merges
+
+
+def static_params(method: str, experts: ExpertSet) -> dict[str, Tensor]:
+    """A static merge of ``experts`` with the method's default options, named like ``merged_params``.
+
+    Args:
+        method: A key of ``STATIC_METHODS``.
+        experts: The (subset) expert set.
+
+    Returns:
+        ``<prefix>.<name>`` -> merged tensor.
+
+    """
+    out = static_merge(method, experts.base, experts.task_vectors)
+    return {f"{experts.prefix}.{name}": tensor for name, tensor in out.items()}
+
+
+def sample_batches(
+    unlabelled: Sequence[TaskDataset],
+    collate: Callable[[list[dict[str, Any]]], Batch],
+    batch_per_task: int,
+    generator: torch.Generator,
+) -> dict[int, Batch]:
+    """Draw ``batch_per_task`` distinct unlabelled inputs of every task (fewer if a task has fewer)."""
+    batches = {}
+    for t, ds in enumerate(unlabelled):
+        pick = torch.randperm(len(ds), generator=generator)[:batch_per_task].tolist()
+        batches[t] = collate([ds[i] for i in pick])
+    return batches
+
+
+def train_step(
+    merged: MergedModel,
+    objective: Callable[[Tensor, Tensor], Tensor],
+    teachers: Sequence[Tensor],
+    batches: Mapping[int, Batch],
+) -> Tensor:
+    """Summed divergence of one fused pass over every task's batch (call ``.backward()`` on it).
+
+    Args:
+        merged: The subset's merged model.
+        objective: Per-example divergence ``objective(teacher_logprobs, logits)``.
+        teachers: Per subset task, unlabelled teacher log-probabilities (N_t, C_t).
+        batches: Subset task index -> batch with ``input_ids``, ``attention_mask``, ``idx``.
+
+    Returns:
+        The scalar loss.
+
+    """
+    inputs = {t: {k: b[k] for k in ("input_ids", "attention_mask")} for t, b in batches.items()}
+    logits = merged.forward_tasks(merged.merged_params(), inputs)  # one backbone pass for all tasks
+    losses = [objective(teachers[t][b["idx"]], logits[t]).mean() for t, b in batches.items()]
+    return torch.stack(losses).sum()
+
+
+def learned_merge(
+    experts: ExpertSet,
+    method: str,
+    unlabelled: Sequence[TaskDataset],
+    teachers: Sequence[Tensor],
+    collate: Callable[[list[dict[str, Any]]], Batch],
+    steps: int,
+    batch_per_task: int = 4,
+    lr: float = 0.02,
+    seed: int = 0,
+) -> tuple[MergedModel, dict[str, Tensor]]:
+    """Learn merge coefficients for ``experts`` by minimising the divergence to the cached teachers.
+
+    Args:
+        experts: The (subset) expert set.
+        method: ``<objective>-<granularity>``, e.g. ``js-layer``.
+        unlabelled: Per subset task, its unlabelled dataset.
+        teachers: Per subset task, teacher log-probabilities on ``unlabelled`` (N_t, C_t).
+        collate: Pads a list of dataset items into a batch.
+        steps: Adam steps; the learning rate decays from ``lr`` to 0 (cosine).
+        batch_per_task: Unlabelled inputs of every task per step.
+        lr: Peak learning rate.
+        seed: Seeds torch and the input sampler.
+
+    Returns:
+        (the merged model with learned coefficients, its merged tensors, detached).
+
+    """
+    objective_name, granularity = method.rsplit("-", 1)
+    objective = get_objective(objective_name)
+    torch.manual_seed(seed)
+    merged = MergedModel(experts, granularity=granularity)  # type: ignore[arg-type]
+    optimizer = torch.optim.Adam(merged.coefficients.parameters(), lr=lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        batches = sample_batches(unlabelled, collate, batch_per_task, generator)
+        loss = train_step(merged, objective, teachers, batches)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+    with torch.no_grad():
+        params = {k: v.detach() for k, v in merged.merged_params().items()}
+    return merged, params
+
+
+@torch.no_grad()
+def evaluate(
+    merged: MergedModel, params: Mapping[str, Tensor], batches: Sequence[Sequence[Batch]]
+) -> list[float]:
+    """Test accuracy of merged tensors on every task of the subset.
+
+    Args:
+        merged: A MergedModel of the subset (provides the heads and the forward code).
+        params: Merged backbone tensors (``merged_params`` naming).
+        batches: Per subset task, its labelled test batches.
+
+    Returns:
+        Per subset task, the accuracy.
+
+    """
+    accuracies = []
+    for t, task_batches in enumerate(batches):
+        correct = total = 0
+        for batch in task_batches:
+            logits = merged.task_logits(
+                t, params, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            )
+            correct += int((logits.argmax(-1) == batch["labels"]).sum())
+            total += len(batch["labels"])
+        accuracies.append(correct / total if total else math.nan)
+    return accuracies
+
+
+# ------------------------------------------------------------------------------------------ reports
+
+
+def anp_by_k(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[int, str], float]:
+    """Mean ANP over subsets, per (k, method)."""
+    groups: dict[tuple[int, str], list[float]] = {}
+    for row in rows:
+        groups.setdefault((int(row["k"]), str(row["method"])), []).append(float(row["anp"]))
+    return {key: sum(values) / len(values) for key, values in groups.items()}
+
+
+def anp_table(rows: Sequence[Mapping[str, Any]], methods: Sequence[str] | None = None) -> str:
+    """Markdown table of ANP (%, 1 decimal): one row per k, then the mean over k; one column per method.
+
+    Args:
+        rows: Result rows with ``k``, ``tasks``, ``method`` and ``anp`` (a fraction).
+        methods: Column order; default the order of first appearance.
+
+    Returns:
+        The table.
+
+    """
+    methods = list(methods) if methods is not None else list(dict.fromkeys(str(r["method"]) for r in rows))
+    means = anp_by_k(rows)
+    ks = sorted({int(r["k"]) for r in rows})
+    subsets = {k: len({r["tasks"] for r in rows if int(r["k"]) == k}) for k in ks}
+
+    def cell(values: Sequence[float]) -> str:
+        values = [v for v in values if not math.isnan(v)]
+        return f"{100 * sum(values) / len(values):.1f}" if values else "-"
+
+    lines = [
+        "| k | subsets | " + " | ".join(methods) + " |",
+        "|---|---|" + "|".join("---:" for _ in methods) + "|",
+    ]
+    for k in ks:
+        values = [cell([means[k, m]] if (k, m) in means else []) for m in methods]
+        lines.append(f"| {k} | {subsets[k]} | " + " | ".join(values) + " |")
+    mean = [cell([means[k, m] for k in ks if (k, m) in means]) for m in methods]
+    lines.append("| mean |  | " + " | ".join(mean) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
+    """Write result rows (the union of their keys, in first-seen order) as CSV."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_anp(rows: Sequence[Mapping[str, Any]], methods: Sequence[str], path: Path) -> Path:
+    """Line plot of mean ANP (%) against the number of merged tasks; learned solid, static dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    means = anp_by_k(rows)
+    ks = sorted({int(r["k"]) for r in rows})
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    for method in methods:
+        xs = [k for k in ks if (k, method) in means]
+        ax.plot(
+            xs,
+            [100 * means[k, method] for k in xs],
+            linestyle="--" if is_static(method) else "-",
+            marker="o",
+            label=method,
+        )
+    ax.set_xlabel("number of merged tasks k")
+    ax.set_ylabel("ANP (%)")
+    ax.set_xticks(ks)
+    ax.set_title("Merge quality vs number of tasks")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: lines stay visible
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ running
+
+
+def calibrate(
+    settings: Settings,
+    experts: ExpertSet,
+    unlabelled: Mapping[str, TaskDataset],
+    teachers: Mapping[tuple[str, str], Tensor],
+    batches: Mapping[str, Sequence[Batch]],
+    collate: Callable[[list[dict[str, Any]]], Batch],
+) -> Costs:
+    """Time one learned step at the smallest and largest k, one eval batch and each static method."""
+    learned = [m for m in settings.methods if not is_static(m)]
+    steps: dict[int, float] = {}
+    if learned:
+        objective_name, granularity = learned[0].rsplit("-", 1)
+        for k in sorted({settings.min_k, settings.max_k}):
+            tasks = settings.tasks[:k]
+            merged = MergedModel(experts.subset(tasks), granularity=granularity)  # type: ignore[arg-type]
+            generator = torch.Generator().manual_seed(settings.seed)
+            teacher = [teachers[t, "unlabelled"] for t in tasks]
+            data = [unlabelled[t] for t in tasks]
+            for _ in range(2):  # the first step warms up
+                start = time.perf_counter()
+                sample = sample_batches(data, collate, settings.batch_per_task, generator)
+                train_step(merged, get_objective(objective_name), teacher, sample).backward()
+                steps[k] = time.perf_counter() - start
+    sub = experts.subset(settings.tasks[: settings.min_k])
+    merged = MergedModel(sub, granularity="task")
+    with torch.no_grad():
+        params = merged.merged_params()
+    longest = batches[settings.tasks[0]][-1]  # the longest inputs: a conservative estimate
+    evaluate(merged, params, [[longest]])
+    start = time.perf_counter()
+    evaluate(merged, params, [[longest]])
+    costs = Costs(steps or {2: 0.0}, (time.perf_counter() - start) / len(longest["labels"]))
+    for method in (m for m in settings.methods if is_static(m)):
+        start = time.perf_counter()
+        static_params(method, sub)
+        costs.static_per_task[method] = (time.perf_counter() - start) / settings.min_k
+    return costs
+
+
+def estimate_seconds(
+    settings: Settings, subsets: Mapping[int, Sequence[tuple[int, ...]]], costs: Costs
+) -> float:
+    """Estimated seconds of the merges and evaluations of the whole benchmark."""
+    total = 0.0
+    for k, chosen in subsets.items():
+        for _ in chosen:
+            for method in settings.methods:
+                if is_static(method):
+                    total += costs.static_per_task.get(method, 0.0) * k
+                else:
+                    total += settings.steps * costs.step_seconds(k)
+                total += costs.eval_per_example * settings.num_test * k
+    return total
+
+
+def fmt_seconds(seconds: float) -> str:
+    """``75.0`` -> ``1 min 15 s``."""
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes} min {secs} s" if minutes else f"{seconds:.1f} s"
+
+
+def run(settings: Settings) -> tuple[list[dict[str, Any]], str]:
+    """Run the benchmark and write its outputs.
+
+    Args:
+        settings: Validated settings.
+
+    Returns:
+        (result rows, the markdown report).
+
+    """
+    phases: dict[str, float] = {}
+    t0 = time.perf_counter()
+    experts = load_experts(settings.base, settings.experts)
+    phases["load experts"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    dm = make_datamodule(settings)
+    for task in settings.tasks:
+        dm.dataset(task, "unlabelled")
+        dm.dataset(task, "test")
+    check_labels(experts, dm)
+    test_batches = {task: eval_batches(dm, task, settings.eval_batch_size) for task in settings.tasks}
+    unlabelled = {task: dm.dataset(task, "unlabelled") for task in settings.tasks}
+    phases["data"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    teachers, built = build_teachers(experts, dm, settings.cache_dir)
+    phases["teacher cache"] = time.perf_counter() - t0
+    print(
+        f"teacher cache ({settings.cache_dir}/teachers): built {len(built)} files, reused "
+        f"{2 * len(settings.tasks) - len(built)}, in {fmt_seconds(phases['teacher cache'])}",
+        flush=True,
+    )
+    expert_acc = {
+        task: expert_accuracy(teachers[task, "test"], test_batches[task]) for task in settings.tasks
+    }
+
+    subsets = {
+        k: choose_subsets(len(settings.tasks), k, settings.subsets_per_k, settings.seed)
+        for k in range(settings.min_k, settings.max_k + 1)
+    }
+    t0 = time.perf_counter()
+    costs = calibrate(settings, experts, unlabelled, teachers, test_batches, dm.collate)
+    phases["calibration"] = time.perf_counter() - t0
+    runs = sum(len(s) for s in subsets.values()) * len(settings.methods)
+    print(
+        f"subsets per k: {', '.join(f'k={k}: {len(s)}' for k, s in subsets.items())}; {runs} merges "
+        f"of {len(settings.methods)} methods; learned: {settings.steps} steps x {settings.batch_per_task} "
+        f"inputs/task; {settings.num_test} test / {settings.num_unlabelled} unlabelled examples per task",
+        flush=True,
+    )
+    estimate = estimate_seconds(settings, subsets, costs)
+    print(f"estimated time for merges + evaluation: {fmt_seconds(estimate)}", flush=True)
+    if settings.dry_run:
+        return [], ""
+
+    rows: list[dict[str, Any]] = []
+    phases["learned merges"] = phases["static merges"] = phases["eval"] = 0.0
+    out_dir = Path(settings.out_dir)
+    done = 0
+    for k, chosen in subsets.items():
+        for subset in chosen:
+            tasks = [settings.tasks[i] for i in subset]
+            sub = experts.subset(tasks)
+            evaluator = MergedModel(sub, granularity="task")
+            task_batches = [test_batches[t] for t in tasks]
+            for method in settings.methods:
+                start = time.perf_counter()
+                if is_static(method):
+                    params = static_params(method, sub)
+                    merged, phase = evaluator, "static merges"
+                else:
+                    merged, params = learned_merge(
+                        sub,
+                        method,
+                        [unlabelled[t] for t in tasks],
+                        [teachers[t, "unlabelled"] for t in tasks],
+                        dm.collate,
+                        settings.steps,
+                        settings.batch_per_task,
+                        settings.lr,
+                        settings.seed,
+                    )
+                    phase = "learned merges"
+                merge_s = time.perf_counter() - start
+                start = time.perf_counter()
+                accuracies = evaluate(merged, params, task_batches)
+                eval_s = time.perf_counter() - start
+                phases[phase] += merge_s
+                phases["eval"] += eval_s
+                results = [
+                    TaskResult(t, len(dm.dataset(t, "test")), expert_acc[t], acc)
+                    for t, acc in zip(tasks, accuracies, strict=True)
+                ]
+                row: dict[str, Any] = {
+                    "k": k,
+                    "tasks": "+".join(tasks),
+                    "method": method,
+                    "anp": round(anp(results), 6),
+                }
+                row |= {f"acc_{t}": "" for t in settings.tasks}
+                row |= {f"acc_{t}": round(acc, 6) for t, acc in zip(tasks, accuracies, strict=True)}
+                row |= {
+                    "merge_seconds": round(merge_s, 3),
+                    "eval_seconds": round(eval_s, 3),
+                    "seconds": round(merge_s + eval_s, 3),
+                }
+                rows.append(row)
+                done += 1
+                print(
+                    f"[{done}/{runs}] k={k} {row['tasks']} {method}: ANP {100 * row['anp']:.1f}% "
+                    f"({merge_s:.1f} s merge + {eval_s:.1f} s eval)",
+                    flush=True,
+                )
+            write_csv(rows, out_dir / "merge_quality.csv")  # partial results survive an interruption
+
+    t0 = time.perf_counter()
+    report = make_report(settings, rows, subsets, expert_acc)
+    (out_dir / "merge_quality.md").write_text(report + "\n")
+    plot_anp(rows, settings.methods, out_dir / "merge_quality.png")
+    phases["outputs"] = time.perf_counter() - t0
+    print("\n" + report + "\n")
+    print("wall time per phase: " + ", ".join(f"{name} {fmt_seconds(s)}" for name, s in phases.items()))
+    print(f"total {fmt_seconds(sum(phases.values()))}; wrote {out_dir}/merge_quality.{{csv,md,png}}")
+    return rows, report
+
+
+def make_report(
+    settings: Settings,
+    rows: Sequence[Mapping[str, Any]],
+    subsets: Mapping[int, Sequence[tuple[int, ...]]],
+    expert_acc: Mapping[str, float],
+) -> str:
+    """The markdown report: the ANP table with what it was measured on."""
+    mode = "quick" if settings.quick else "full"
+    experts = ", ".join(f"{t} {acc:.3f}" for t, acc in expert_acc.items())
+    return "\n".join(
+        [
+            f"## Merge quality vs number of tasks ({mode} mode)",
+            "",
+            "ANP (%) = mean over a subset's tasks of merged / expert test accuracy, averaged over the "
+            "subsets of each k; `mean` averages the k rows. Static merges use their default options; "
+            f"learned merges: {settings.steps} Adam steps, lr {settings.lr} cosine, "
+            f"{settings.batch_per_task} unlabelled inputs per task per step "
+            f"({settings.num_unlabelled} per task), seed {settings.seed}.",
+            "",
+            anp_table(rows, settings.methods),
+            "",
+            f"Tasks: {', '.join(settings.tasks)}; {settings.num_test} test examples per task; subsets "
+            f"per k: {', '.join(f'{k}: {len(s)}' for k, s in subsets.items())}.",
+            f"Expert test accuracy: {experts}.",
+        ]
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point.
+
+    Args:
+        argv: Arguments (default ``sys.argv[1:]``).
+
+    Returns:
+        The exit code: 0, or 2 on bad input (one ``merge_quality: error: ...`` line on stderr).
+
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        settings = resolve_settings(args)
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        threads = torch.get_num_threads()
+        try:
+            if settings.threads:
+                torch.set_num_threads(settings.threads)
+            run(settings)
+        finally:
+            torch.set_num_threads(threads)
+    except DivMergeError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""Tests of benchmarks/merge_quality.py on tiny random models (fast)."""
+
+import csv
+import itertools
+import math
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import merge_quality as mq
+from divmerge.baselines import static_merge
+from divmerge.data import MergeDataModule, TaskSpec
+from divmerge.experts import load_experts
+from divmerge.functional import MergedModel
+from tests.tiny import make_setup
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = {"a": 2, "b": 3, "c": 2}
+NUM_TEST, NUM_UNLABELLED, MAX_LENGTH = 20, 16, 16
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run faster (and far steadier on a busy machine) on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setup3(tmp_path_factory) -> dict:
+    return make_setup(tmp_path_factory.mktemp("mq"), TASKS)
+
+
+def tiny_args(setup: dict, out_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--quick",
+        "--base",
+        setup["base"],
+        "--experts",
+        ",".join(f"{t}={p}" for t, p in setup["experts"].items()),
+        "--data",
+        ",".join(f"{t}={p}" for t, p in setup["data"].items()),
+        "--num_test",
+        str(NUM_TEST),
+        "--num_unlabelled",
+        str(NUM_UNLABELLED),
+        "--max_length",
+        str(MAX_LENGTH),
+        "--steps",
+        "3",
+        "--eval_batch_size",
+        "8",
+        "--threads",
+        "1",
+        "--cache_dir",
+        setup["cache"],
+        "--out_dir",
+        str(out_dir),
+        *extra,
+    ]
+
+
+# ---------------------------------------------------------------------------------------- subsets
+
+
+def test_choose_subsets_all_when_few() -> None:
+    assert mq.choose_subsets(4, 2, 6, 0) == list(itertools.combinations(range(4), 2))
+    assert mq.choose_subsets(4, 2, 100, 0) == list(itertools.combinations(range(4), 2))
+
+
+def test_choose_subsets_k_equals_t_gives_one() -> None:
+    assert mq.choose_subsets(6, 6, 3, 0) == [(0, 1, 2, 3, 4, 5)]
+
+
+def test_choose_subsets_seeded_sample() -> None:
+    first = mq.choose_subsets(6, 3, 4, seed=1)
+    assert first == mq.choose_subsets(6, 3, 4, seed=1)  # deterministic
+    assert len(first) == 4 == len(set(first))
+    assert first == sorted(first)
+    for subset in first:
+        assert len(subset) == 3 and list(subset) == sorted(subset) and set(subset) <= set(range(6))
+    others = {tuple(mq.choose_subsets(6, 3, 4, seed=s)) for s in range(2, 8)}
+    assert len(others) > 1  # the seed matters
+    big = mq.choose_subsets(40, 20, 3, seed=0)  # too many combinations to list: rejection sampling
+    assert big == mq.choose_subsets(40, 20, 3, seed=0) and len(set(big)) == 3
+
+
+# ---------------------------------------------------------------------------------------- tables
+
+
+def test_anp_table_rows_mean_and_percentages() -> None:
+    rows = [
+        {"k": 2, "tasks": "a+b", "method": "m1", "anp": 0.9},
+        {"k": 2, "tasks": "a+c", "method": "m1", "anp": 0.8},
+        {"k": 3, "tasks": "a+b+c", "method": "m1", "anp": 0.7},
+        {"k": 2, "tasks": "a+b", "method": "m2", "anp": 1.0},
+        {"k": 2, "tasks": "a+c", "method": "m2", "anp": 1.0},
+        {"k": 3, "tasks": "a+b+c", "method": "m2", "anp": 0.5},
+    ]
+    lines = mq.anp_table(rows, ["m2", "m1"]).splitlines()
+    assert lines[0] == "| k | subsets | m2 | m1 |"
+    assert lines[2] == "| 2 | 2 | 100.0 | 85.0 |"
+    assert lines[3] == "| 3 | 1 | 50.0 | 70.0 |"
+    assert lines[4] == "| mean |  | 75.0 | 77.5 |"  # mean of the k rows
+
+
+# ---------------------------------------------------------------------------------------- end to end
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_quick_run_on_tiny_models(setup3: dict, tmp_path: Path, capsys) -> None:
+    methods = ["task_arithmetic", "ties", "js-layer", "entropy-task"]
+    out = tmp_path / "out"
+    assert mq.main(tiny_args(setup3, out, "--methods", ",".join(methods))) == 0
+    printed = capsys.readouterr().out
+    assert "estimated time" in printed and "wall time per phase" in printed
+    assert "k=2: 2, k=3: 1" in printed  # subsets per k, quick: 2 per k, 1 for k = T
+    for name in ("merge_quality.csv", "merge_quality.md", "merge_quality.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0
+
+    rows = read_csv(out / "merge_quality.csv")
+    assert len(rows) == 3 * len(methods)
+    assert {r["method"] for r in rows} == set(methods)
+    assert all(math.isfinite(float(r["anp"])) for r in rows)
+    assert {r["k"] for r in rows} == {"2", "3"}
+
+    table = (out / "merge_quality.md").read_text()
+    lines = [line for line in table.splitlines() if line.startswith("|")]
+    assert lines[0] == "| k | subsets | " + " | ".join(methods) + " |"
+    assert [line.split("|")[1].strip() for line in lines[2:]] == ["2", "3", "mean"]
+    assert table.split("\n| k |")[1].split("\n\n")[0] in printed  # the table is printed too
+
+    # Static task arithmetic evaluated directly with the library gives the same ANP.
+    experts = load_experts(setup3["base"], setup3["experts"])
+    specs = [
+        TaskSpec(name=t, source=p, num_unlabelled=NUM_UNLABELLED, num_val=0, num_test=NUM_TEST)
+        for t, p in setup3["data"].items()
+    ]
+    dm = MergeDataModule(specs, tokenizer=setup3["base"], max_length=MAX_LENGTH, eval_batch_size=8)
+    for row in (r for r in rows if r["method"] == "task_arithmetic"):
+        tasks = row["tasks"].split("+")
+        sub = experts.subset(tasks)
+        merged = MergedModel(sub, granularity="task")
+        full = MergedModel(experts, granularity="task")
+        ta = {
+            f"{sub.prefix}.{n}": v
+            for n, v in static_merge("task_arithmetic", sub.base, sub.task_vectors).items()
+        }
+        ratios = []
+        with torch.no_grad():
+            for t, task in enumerate(tasks):
+                expert_params = full.merged_params(full.one_hot_table(experts.task_names.index(task)))
+                hits = {"merged": 0, "expert": 0}
+                for batch in dm.eval_loader(task, "test"):
+                    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+                    m = merged.task_logits(t, ta, **inputs).argmax(-1)
+                    e = full.task_logits(experts.task_names.index(task), expert_params, **inputs).argmax(-1)
+                    hits["merged"] += int((m == batch["labels"]).sum())
+                    hits["expert"] += int((e == batch["labels"]).sum())
+                assert float(row[f"acc_{task}"]) == pytest.approx(hits["merged"] / NUM_TEST, abs=1e-6)
+                ratios.append(hits["merged"] / hits["expert"])
+        assert float(row["anp"]) == pytest.approx(sum(ratios) / len(ratios), abs=1e-5)
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(setup3: dict, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    assert mq.main(tiny_args(setup3, out, "--dry_run", "--methods", "ties,js-task")) == 0
+    printed = capsys.readouterr().out
+    assert "k=2: 2, k=3: 1; 6 merges of 2 methods" in printed and "estimated time" in printed
+    assert not out.exists()
+
+
+def test_learned_merge_is_reproducible(setup3: dict) -> None:
+    experts = load_experts(setup3["base"], setup3["experts"]).subset(["a", "b"])
+    specs = [
+        TaskSpec(name=t, source=setup3["data"][t], num_unlabelled=NUM_UNLABELLED, num_val=0, num_test=4)
+        for t in ("a", "b")
+    ]
+    dm = MergeDataModule(specs, tokenizer=setup3["base"], max_length=MAX_LENGTH)
+    data = [dm.dataset(t, "unlabelled") for t in ("a", "b")]
+    teachers = [torch.log_softmax(torch.randn(NUM_UNLABELLED, n), -1) for n in (2, 3)]
+
+    def coefficients(seed: int) -> torch.Tensor:
+        merged, _ = mq.learned_merge(experts, "js-layer", data, teachers, dm.collate, 4, seed=seed)
+        return merged.coefficients().detach()
+
+    first = coefficients(0)
+    assert torch.equal(first, coefficients(0))
+    assert not torch.allclose(first, torch.full_like(first, 0.5))  # it trained
+
+
+# ---------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--max_k", "4"], "max_k=4 asks for more tasks than there are experts (3"),
+        (["--methods", "js-layer,magic"], "Unknown method 'magic'"),
+        (["--min_k", "1"], "k must be at least 2"),
+        (["--max_k", "1"], "k must be at least 2"),
+        (["--tasks", "a,b,zzz"], "Tasks ['zzz'] have no expert"),
+    ],
+)
+def test_bad_input_exits_2(setup3: dict, tmp_path: Path, capsys, extra: list[str], message: str) -> None:
+    out = tmp_path / "out"
+    assert mq.main(tiny_args(setup3, out, *extra)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("merge_quality: error: ") and message in err[0]
+    assert not out.exists()  # nothing written
+
+
+def test_unknown_demo_task_and_method_list() -> None:
+    with pytest.raises(mq.DivMergeError, match="have no expert"):
+        mq.resolve_settings(mq.build_parser().parse_args(["--tasks", "rt,nope"]))
+    with pytest.raises(mq.DivMergeError, match="js-layer") as err:
+        mq.resolve_settings(mq.build_parser().parse_args(["--methods", "fancy"]))
+    assert "task_arithmetic" in str(err.value)  # the valid methods are listed
+
+
+def test_script_entry_point(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(sys, "argv", ["merge_quality.py", "--methods", "nope"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(ROOT / "benchmarks" / "merge_quality.py"), run_name="__main__")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("merge_quality: error: Unknown method 'nope'")
