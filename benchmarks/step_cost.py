@@ -1,0 +1,1006 @@
+"""Cost of one divmerge training step against one plain fine-tuning step, and memory against T.
+
+Two measurements, printed as markdown tables and written to ``<out_dir>/step_cost.md`` (+ CSVs):
+
+1. **Step cost** (one process, layer-wise coefficients, T experts, ``batch_size`` examples per task of
+   exactly ``seq_len`` tokens): the median wall time of
+
+   * ``plain``: one fine-tuning step of the base model with a classification head on the same T x B
+     examples (forward + cross-entropy + backward + AdamW over every weight; dropout off, so the network
+     computes exactly what the merged backbone computes), with torch's default AdamW and, as a stricter
+     reference, ``AdamW(foreach=True)`` (several times faster on CPU), ``plain(foreach)``;
+   * ``divmerge``: ``merged_params()`` + ``forward_tasks`` (one backbone pass over all tasks) + summed
+     JS to the cached teachers + backward + Adam on the coefficients (teachers precomputed once, as the
+     teacher cache does);
+   * ``naive``: the same, but every expert's forward runs inside the step (per task, a one-hot
+     ``merged_params`` and ``task_logits`` under ``no_grad``): what a step costs without the teacher cache;
+   * ``divmerge (rows)``: only when ``MergedModel.merged_params`` takes ``rows=`` (merge the vocabulary
+     embedding on the batch's token ids only).
+
+   plus a phase breakdown (manual timers) of both steps at the largest T, and a ``torch.profiler`` listing
+   of the divmerge step's most expensive operators.
+
+2. **Memory vs T** (a fresh subprocess per configuration, so measurements never contaminate each other):
+   RSS after imports, the peak while loading (``VmHWM`` right after the experts are loaded and the merged
+   model is built), RSS after loading, and the overall peak (``ru_maxrss``) after the steps; for fp32 and
+   bf16 task-vector storage, and a plain fine-tuning process for reference. The per-expert increment of
+   the peak is printed next to the size of one task vector.
+
+Experts beyond the real ones (T = 7, 8 for the 6-task demo) are synthesised in memory: expert j reuses
+the task vector of real expert ``j mod k`` plus Gaussian noise (``noise`` x that tensor's std, per tensor),
+with that expert's head and inputs; see :func:`synthesize_experts`.
+
+Run ``python benchmarks/step_cost.py --help``. Timings on a loaded machine are noisy: read medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import gc
+import hashlib
+import inspect
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ.setdefault(_var, "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+from divmerge.errors import DivMergeError  # noqa: E402
+from divmerge.experts import ExpertSet, load_experts, resolve_source  # noqa: E402
+from divmerge.functional import MergedModel  # noqa: E402
+from divmerge.objectives import js_divergence  # noqa: E402
+
+PROG = "step_cost"
+DEMO_BASE = "zoo:minilm"
+DEFAULT_TASKS = ("rt", "sms_spam", "trec", "bbc", "tweet_sent", "imdb")
+SYNTH_SEP = "~"  # synthetic expert names: "<source task>~<index>"
+MB = 1e6  # reported megabytes are 10^6 bytes; the targets' GB are 10^9 bytes
+
+Batches = dict[int, dict[str, Tensor]]
+MEMORY_LEGEND = (
+    "rss_import: after imports; load_peak: VmHWM once experts are loaded and the MergedModel built (the "
+    "loader's transient peak); rss_after_load: resident then; peak: VmHWM after the steps (overall); "
+    "over_plain: peak - the plain step's peak at the same T (the plain step's activations grow with the "
+    "T x batch_size rows too); task_vector: one expert's task vector at the storage dtype; d_<x>: increase "
+    "of <x> per added expert."
+)
+
+
+# --------------------------------------------------------------------------- memory probes
+def _proc_status_kb(field: str) -> int:
+    """A ``/proc/self/status`` field in kB (0 where /proc is unavailable)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def rss_mb() -> float:
+    """Current resident set size of this process, MB."""
+    return _proc_status_kb("VmRSS") * 1024 / MB
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process image so far, MB.
+
+    ``VmHWM`` (the high-water mark of this process's memory map), falling back to ``ru_maxrss`` only
+    where ``/proc`` is missing: Linux carries ``ru_maxrss`` over from the parent across fork + exec, so a
+    subprocess started by a big parent would report the parent's peak.
+    """
+    hwm_kb = _proc_status_kb("VmHWM")
+    return (hwm_kb or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024 / MB
+
+
+# --------------------------------------------------------------------------- experts and data
+def synthesize_experts(experts: ExpertSet, num_tasks: int, noise: float = 0.1, seed: int = 0) -> ExpertSet:
+    """Extend an expert set to ``num_tasks`` experts by reusing real task vectors with noise.
+
+    Synthetic expert j (j >= k real ones) gets tau_{j mod k} + noise * std(tau_{j mod k}) * N(0, 1) for
+    every tensor, and the head, skeleton and number of labels of expert ``j mod k``; its name is
+    ``<source task>~<j>``. The stacked task vectors are rebuilt one tensor at a time and the old stack
+    of that tensor is released from ``experts`` immediately, so the transient overhead is one tensor's
+    stack, not a second copy of all task vectors. ``experts`` must not be used afterwards.
+
+    Args:
+        experts: The real experts (consumed).
+        num_tasks: Wanted number of experts; at least ``experts.num_tasks``.
+        noise: Noise scale relative to each source tensor's standard deviation.
+        seed: Seed of the noise.
+
+    Returns:
+        An expert set with ``num_tasks`` experts (``experts`` itself if no expert is missing).
+
+    """
+    k = experts.num_tasks
+    if num_tasks <= k:
+        return experts
+    gen = torch.Generator().manual_seed(seed)
+    sources = [j % k for j in range(k, num_tasks)]
+    stacked = {}
+    for name in list(experts.task_vectors):
+        old = experts.task_vectors.pop(name)  # (k, *shape); released at the end of this iteration
+        new = old.new_empty((num_tasks, *old.shape[1:]))  # (T, *shape)
+        new[:k] = old
+        for j, src in enumerate(sources, start=k):
+            tau = old[src]
+            scale = noise * float(tau.float().std()) if tau.numel() > 1 else 0.0
+            new[j] = tau + scale * torch.randn(tau.shape, generator=gen, dtype=tau.dtype)
+        stacked[name] = new
+        del old
+    names = [
+        *experts.task_names,
+        *(f"{experts.task_names[s]}{SYNTH_SEP}{j}" for j, s in enumerate(sources, k)),
+    ]
+
+    def extend(values: list[Any]) -> list[Any]:  # per-task lists: real experts, synthetic ones, then others
+        return [*values[:k], *(values[s] for s in sources), *values[k:]]
+
+    digests = extend(experts.task_digests)
+    digests[k:num_tasks] = [
+        hashlib.sha256(f"{experts.task_digests[s]}|{j}".encode()).hexdigest()[:16]
+        for j, s in enumerate(sources, k)
+    ]
+    return dataclasses.replace(
+        experts,
+        task_names=names,
+        task_vectors=stacked,
+        heads=extend(experts.heads),
+        skeletons=extend(experts.skeletons),
+        num_labels=extend(experts.num_labels),
+        task_digests=digests,
+        fingerprint=hashlib.sha256(f"{experts.fingerprint}|synthetic|{num_tasks}".encode()).hexdigest()[:16],
+    )
+
+
+def load_expert_set(
+    base: str, experts: Mapping[str, str], num_tasks: int, noise: float = 0.1, seed: int = 0
+) -> ExpertSet:
+    """Load the first ``num_tasks`` experts, synthesising the ones beyond ``len(experts)``.
+
+    Args:
+        base: Source of the base model (``zoo:minilm`` or a directory).
+        experts: Task name -> expert source, in order.
+        num_tasks: Number of experts T wanted.
+        noise: Relative noise of synthetic experts (see :func:`synthesize_experts`).
+        seed: Seed of that noise.
+
+    Returns:
+        The expert set with ``num_tasks`` experts.
+
+    """
+    real = dict(list(experts.items())[:num_tasks])
+    return synthesize_experts(load_experts(base, real), num_tasks, noise, seed)
+
+
+def load_tokenizer(base: str) -> Any:
+    """The base model's tokenizer, or None where its directory has none (random token ids are used)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(resolve_source(base))
+    except (OSError, ValueError):
+        return None
+
+
+def task_texts(task: str, count: int) -> list[str] | None:
+    """``count`` texts of a demo task (the source task for a synthetic one); None for other tasks.
+
+    A synthetic expert ``<task>~<j>`` gets that task's texts from a different offset.
+    """
+    from divmerge import zoo
+
+    source, _, index = task.partition(SYNTH_SEP)
+    if source not in zoo.DEMO_TASKS:
+        return None
+    texts = zoo.load_demo_task(source).texts
+    start = (int(index) * count if index else 0) % max(1, len(texts) - count)
+    return texts[start : start + count]
+
+
+def make_batches(
+    tokenizer: Any, task_names: Sequence[str], batch_size: int, seq_len: int, vocab_size: int, seed: int = 0
+) -> Batches:
+    """One batch per task, every row exactly ``seq_len`` tokens.
+
+    Demo tasks use real texts (padded / truncated to ``seq_len``); other tasks, or a missing tokenizer,
+    use random token ids with a full attention mask.
+
+    Args:
+        tokenizer: The base tokenizer, or None.
+        task_names: Task names in expert order.
+        batch_size: Examples per task.
+        seq_len: Tokens per example.
+        vocab_size: Upper bound for random token ids.
+        seed: Seed of the random ids.
+
+    Returns:
+        Task index -> ``input_ids`` / ``attention_mask``, each (batch_size, seq_len).
+
+    """
+    gen = torch.Generator().manual_seed(seed)
+    batches: Batches = {}
+    for t, task in enumerate(task_names):
+        texts = task_texts(task, batch_size) if tokenizer is not None else None
+        if texts is not None and len(texts) == batch_size:
+            enc = tokenizer(
+                texts, padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt"
+            )
+            batches[t] = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        else:
+            ids = torch.randint(1000, vocab_size, (batch_size, seq_len), generator=gen)
+            batches[t] = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return batches
+
+
+def concat_batches(batches: Batches) -> dict[str, Tensor]:
+    """All tasks' rows in one batch (the plain step's input): (T x B, L) each."""
+    return {k: torch.cat([b[k] for b in batches.values()]) for k in ("input_ids", "attention_mask")}
+
+
+def vocab_size_of(experts: ExpertSet) -> int:
+    """The vocabulary size of the experts' backbone."""
+    return int(experts.skeletons[0].config.vocab_size)
+
+
+@torch.no_grad()
+def teacher_logprobs(merged: MergedModel, batches: Batches) -> dict[int, Tensor]:
+    """Each expert's log-probabilities on its own batch (what the teacher cache stores)."""
+    out = {}
+    for t, batch in batches.items():
+        params = merged.merged_params(merged.one_hot_table(t))
+        out[t] = torch.log_softmax(merged.task_logits(t, params, **batch), dim=-1)  # (B, C_t)
+    return out
+
+
+def plain_model(base: str, num_labels: int = 2) -> nn.Module:
+    """The base model with a fresh classification head, every weight trainable, dropout off."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        resolve_source(base), num_labels=num_labels, dtype=torch.float32
+    )
+    return model.eval().requires_grad_(True)
+
+
+def supports_rows(merged: MergedModel) -> bool:
+    """Whether ``merged_params`` can merge the vocabulary embedding on a batch's rows only (``rows=``)."""
+    return "rows" in inspect.signature(merged.merged_params).parameters
+
+
+# --------------------------------------------------------------------------- steps and timers
+def time_steps(step: Callable[[], object], steps: int, warmup: int) -> list[float]:
+    """Wall time (``time.perf_counter``) of ``steps`` calls of ``step`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def interleaved_times(
+    steps: Mapping[str, Callable[[], object]], rounds: int, warmup: int
+) -> dict[str, list[float]]:
+    """Wall times of several step functions run in turn, round after round.
+
+    Interleaving makes each round's steps see the same background load, so their ratio stays meaningful
+    on a machine whose load changes over time (the medians of separate runs would not).
+
+    Args:
+        steps: Name -> step closure.
+        rounds: Timed rounds (one call of every closure each).
+        warmup: Untimed rounds first.
+
+    Returns:
+        Name -> the ``rounds`` times in seconds.
+
+    """
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def paired_ratio(num: Sequence[float], den: Sequence[float]) -> float:
+    """Median over rounds of ``num[i] / den[i]`` (times of the same interleaved round)."""
+    return statistics.median(a / b for a, b in zip(num, den, strict=True))
+
+
+def make_plain_step(
+    model: nn.Module, batch: Mapping[str, Tensor], lr: float = 2e-5, foreach: bool | None = None
+) -> Callable[[], float]:
+    """One fine-tuning step closure: forward + cross-entropy + backward + AdamW over all weights.
+
+    Args:
+        model: A sequence-classification model.
+        batch: ``input_ids`` / ``attention_mask``, each (N, L).
+        lr: AdamW learning rate.
+        foreach: AdamW's ``foreach``; None is torch's default (on CPU the per-tensor loop, several times
+            slower than ``foreach=True`` for a model of this size).
+
+    Returns:
+        A closure running one step and returning the loss.
+
+    """
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, foreach=foreach)
+    num_labels = int(model.config.num_labels)
+    labels = torch.randint(0, num_labels, (batch["input_ids"].shape[0],), generator=torch.Generator())
+
+    def step() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = nn.functional.cross_entropy(logits, labels)
+        loss.backward()
+        optimizer.step()
+        return float(loss.detach())
+
+    return step
+
+
+def make_divmerge_step(
+    merged: MergedModel,
+    batches: Batches,
+    teachers: Mapping[int, Tensor] | None,
+    lr: float = 1e-2,
+    rows: bool = False,
+) -> Callable[[], float]:
+    """One divmerge step closure; ``teachers=None`` recomputes every expert's output inside the step.
+
+    Args:
+        merged: The merged model (its coefficients are trained).
+        batches: Task index -> inputs.
+        teachers: Cached expert log-probabilities per task, or None for the naive step.
+        lr: Adam learning rate.
+        rows: Merge the vocabulary embedding on the batch's token ids only (needs ``supports_rows``).
+
+    Returns:
+        A closure running one step and returning the loss.
+
+    """
+    optimizer = torch.optim.Adam(merged.coefficients.parameters(), lr=lr)
+    token_rows = torch.unique(torch.cat([b["input_ids"].reshape(-1) for b in batches.values()]))
+
+    def step() -> float:
+        targets = teachers if teachers is not None else teacher_logprobs(merged, batches)
+        optimizer.zero_grad(set_to_none=True)
+        params = merged.merged_params(rows=token_rows) if rows else merged.merged_params()
+        logits = merged.forward_tasks(params, batches)
+        loss = torch.stack([js_divergence(targets[t], logits[t]).mean() for t in batches]).sum()
+        loss.backward()
+        optimizer.step()
+        return float(loss.detach())
+
+    return step
+
+
+def plain_step_time(
+    model: nn.Module, batches: Batches, steps: int = 5, warmup: int = 2, lr: float = 2e-5
+) -> float:
+    """Median seconds of a plain fine-tuning step on all tasks' rows at once.
+
+    Args:
+        model: A sequence-classification model (see :func:`plain_model`).
+        batches: Task index -> inputs; concatenated into one batch.
+        steps: Timed steps.
+        warmup: Untimed steps first.
+        lr: AdamW learning rate.
+
+    Returns:
+        The median step time in seconds.
+
+    """
+    return statistics.median(time_steps(make_plain_step(model, concat_batches(batches), lr), steps, warmup))
+
+
+def divmerge_step_time(
+    merged: MergedModel,
+    batches: Batches,
+    teachers: Mapping[int, Tensor],
+    steps: int = 5,
+    warmup: int = 2,
+    rows: bool = False,
+) -> float:
+    """Median seconds of a divmerge step with cached teachers.
+
+    Args:
+        merged: The merged model.
+        batches: Task index -> inputs.
+        teachers: Cached expert log-probabilities (see :func:`teacher_logprobs`).
+        steps: Timed steps.
+        warmup: Untimed steps first.
+        rows: Merge the vocabulary embedding on the batch's token ids only.
+
+    Returns:
+        The median step time in seconds.
+
+    """
+    return statistics.median(
+        time_steps(make_divmerge_step(merged, batches, teachers, rows=rows), steps, warmup)
+    )
+
+
+def naive_step_time(merged: MergedModel, batches: Batches, steps: int = 5, warmup: int = 2) -> float:
+    """Median seconds of a divmerge step that runs every expert's forward inside the step (no cache).
+
+    Args:
+        merged: The merged model.
+        batches: Task index -> inputs.
+        steps: Timed steps.
+        warmup: Untimed steps first.
+
+    Returns:
+        The median step time in seconds.
+
+    """
+    return statistics.median(time_steps(make_divmerge_step(merged, batches, None), steps, warmup))
+
+
+PhaseStep = Callable[[], dict[str, float]]
+
+
+def _timed(acc: dict[str, float], key: str, fn: Callable[[], Any]) -> Any:
+    start = time.perf_counter()
+    out = fn()
+    acc[key] = time.perf_counter() - start
+    return out
+
+
+def make_plain_phase_step(
+    model: nn.Module, batches: Batches, lr: float = 2e-5, foreach: bool | None = None
+) -> PhaseStep:
+    """A plain step closure that returns its phases' seconds: forward, loss, backward, optimizer."""
+    batch = concat_batches(batches)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, foreach=foreach)
+    labels = torch.randint(0, int(model.config.num_labels), (batch["input_ids"].shape[0],))
+
+    def step() -> dict[str, float]:
+        acc: dict[str, float] = {}
+        optimizer.zero_grad(set_to_none=True)
+        logits = _timed(acc, "forward", lambda: model(**batch).logits)
+        loss = _timed(acc, "loss", lambda: nn.functional.cross_entropy(logits, labels))
+        _timed(acc, "backward", loss.backward)
+        _timed(acc, "optimizer", optimizer.step)
+        return acc
+
+    return step
+
+
+def make_divmerge_phase_step(
+    merged: MergedModel, batches: Batches, teachers: Mapping[int, Tensor], lr: float = 1e-2
+) -> PhaseStep:
+    """A divmerge step closure that returns its phases' seconds, plus the merge's backward measured apart.
+
+    Phases: ``merge`` (``merged_params``), ``forward`` (``forward_tasks``), ``loss``, ``backward`` (the
+    whole backward: backbone and merge), ``optimizer``; ``merge_backward`` is the backward of
+    ``merged_params`` alone (the coefficients' gradient from a gradient of ones on every merged tensor,
+    run after the step), i.e. the part of ``backward`` a plain step does not have.
+    """
+    optimizer = torch.optim.Adam(merged.coefficients.parameters(), lr=lr)
+    coefficients = list(merged.coefficients.parameters())
+
+    def step() -> dict[str, float]:
+        optimizer.zero_grad(set_to_none=True)
+        marks = [time.perf_counter()]
+        params = merged.merged_params()
+        marks.append(time.perf_counter())
+        logits = merged.forward_tasks(params, batches)
+        marks.append(time.perf_counter())
+        loss = torch.stack([js_divergence(teachers[t], logits[t]).mean() for t in batches]).sum()
+        marks.append(time.perf_counter())
+        loss.backward()
+        marks.append(time.perf_counter())
+        optimizer.step()
+        marks.append(time.perf_counter())
+        acc = {
+            k: marks[i + 1] - marks[i]
+            for i, k in enumerate(("merge", "forward", "loss", "backward", "optimizer"))
+        }
+        del params, logits, loss
+        values = list(merged.merged_params().values())
+        grads = [torch.ones_like(v) for v in values]
+        start = time.perf_counter()
+        torch.autograd.grad(values, coefficients, grads)
+        acc["merge_backward"] = time.perf_counter() - start
+        return acc
+
+    return step
+
+
+def phase_medians(steps: Mapping[str, PhaseStep], rounds: int, warmup: int) -> dict[str, dict[str, float]]:
+    """Run phase-step closures in turn (interleaved), round after round; median seconds per phase.
+
+    Returns:
+        Step name -> phase -> median seconds over the ``rounds`` timed rounds.
+
+    """
+    acc: dict[str, list[dict[str, float]]] = {name: [] for name in steps}
+    for i in range(warmup + rounds):
+        for name, step in steps.items():
+            phases = step()
+            if i >= warmup:
+                acc[name].append(phases)
+    return {name: {k: statistics.median(p[k] for p in runs) for k in runs[0]} for name, runs in acc.items()}
+
+
+def plain_phase_times(
+    model: nn.Module, batches: Batches, steps: int = 3, warmup: int = 1
+) -> dict[str, float]:
+    """Median seconds per phase (forward, loss, backward, optimizer) of the plain step."""
+    return phase_medians({"plain": make_plain_phase_step(model, batches)}, steps, warmup)["plain"]
+
+
+def divmerge_phase_times(
+    merged: MergedModel, batches: Batches, teachers: Mapping[int, Tensor], steps: int = 3, warmup: int = 1
+) -> dict[str, float]:
+    """Median seconds per phase of the divmerge step (see :func:`make_divmerge_phase_step`)."""
+    return phase_medians({"d": make_divmerge_phase_step(merged, batches, teachers)}, steps, warmup)["d"]
+
+
+def profile_divmerge_step(
+    merged: MergedModel, batches: Batches, teachers: Mapping[int, Tensor], top: int = 12
+) -> str:
+    """``torch.profiler`` table of one divmerge step's operators, by self CPU time (after one warm-up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = make_divmerge_step(merged, batches, teachers)
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
+
+
+# --------------------------------------------------------------------------- subprocess measurements
+def run_worker(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Load, build and step one configuration in this process; report times and memory.
+
+    Config keys: ``kind`` (``divmerge`` or ``plain``), ``base``, ``experts`` (task -> source, the real
+    ones), ``num_tasks``, ``dtype`` (task-vector storage: ``float32`` / ``bfloat16``), ``steps``,
+    ``warmup``, ``batch_size``, ``seq_len``, ``noise``, ``seed``.
+
+    Returns:
+        The config's numbers: ``rss_import_mb``, ``load_peak_mb`` (peak up to the end of loading),
+        ``rss_after_load_mb``, ``peak_mb`` (overall), ``step_s``, and for divmerge
+        ``task_vector_mb`` (one task vector at the storage dtype) and ``synthetic`` (synthesised experts).
+
+    """
+    torch.manual_seed(int(config.get("seed", 0)))
+    num_tasks = int(config["num_tasks"])
+    batch_size, seq_len = int(config.get("batch_size", 16)), int(config.get("seq_len", 64))
+    steps, warmup = int(config.get("steps", 3)), int(config.get("warmup", 1))
+    out: dict[str, Any] = {"rss_import_mb": rss_mb()}
+    tokenizer = load_tokenizer(config["base"])
+    if config.get("kind", "divmerge") == "plain":
+        model = plain_model(config["base"])
+        out |= {"load_peak_mb": peak_rss_mb(), "rss_after_load_mb": rss_mb()}
+        vocab = int(model.config.vocab_size)
+        names = [*config["experts"]][:num_tasks]
+        names += [f"{names[j % len(names)]}{SYNTH_SEP}{j}" for j in range(len(names), num_tasks)]
+        batches = make_batches(tokenizer, names, batch_size, seq_len, vocab)
+        times = time_steps(make_plain_step(model, concat_batches(batches)), steps, warmup)
+    else:
+        dtype = getattr(torch, config.get("dtype", "float32"))
+        experts = load_expert_set(
+            config["base"],
+            config["experts"],
+            num_tasks,
+            float(config.get("noise", 0.1)),
+            int(config.get("seed", 0)),
+        )
+        names, vocab = list(experts.task_names), vocab_size_of(experts)
+        merged = MergedModel(experts, "layer", task_vector_dtype=dtype)
+        del experts  # as DivMergeModule.build: only the merged model keeps the (possibly cast) task vectors
+        gc.collect()
+        out |= {"load_peak_mb": peak_rss_mb(), "rss_after_load_mb": rss_mb()}
+        tv_bytes = sum(t.numel() * t.element_size() for _, t in merged.task_vectors.items())
+        out |= {"task_vector_mb": tv_bytes / num_tasks / MB, "synthetic": sum(SYNTH_SEP in n for n in names)}
+        batches = make_batches(tokenizer, names, batch_size, seq_len, vocab)
+        teachers = teacher_logprobs(merged, batches)
+        times = time_steps(make_divmerge_step(merged, batches, teachers), steps, warmup)
+    out |= {"step_s": statistics.median(times), "peak_mb": peak_rss_mb()}
+    return out
+
+
+def measure_in_subprocess(config: Mapping[str, Any], timeout: float = 1800.0) -> dict[str, Any]:
+    """Run :func:`run_worker` in a fresh Python process (so peaks never mix) and return its result.
+
+    Args:
+        config: See :func:`run_worker`; must be JSON-serialisable.
+        timeout: Seconds before the subprocess is killed.
+
+    Returns:
+        The worker's result dict (memory in MB, time in seconds).
+
+    Raises:
+        RuntimeError: If the subprocess fails; the message carries the end of its stderr.
+
+    """
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(dict(config))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+        raise RuntimeError(f"worker failed (exit {proc.returncode}) for {dict(config)}: {tail}")
+    return json.loads(lines[-1])
+
+
+# --------------------------------------------------------------------------- tables
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 10 else f"{value:.0f}"
+    return "" if value is None else str(value)
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """A markdown table of ``rows`` (dicts) with ``columns`` in order; missing cells stay empty.
+
+    Floats get 3 decimals below 10 and none above.
+
+    Returns:
+        The table, one line per row, header and separator first.
+
+    """
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Write ``rows`` (dicts) to ``path`` with the union of their keys as columns."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+INCREMENT_KEYS = ("rss_after_load_mb", "load_peak_mb", "peak_mb", "over_plain_mb")
+
+
+def add_increments(rows: list[dict[str, Any]], keys: Sequence[str] = INCREMENT_KEYS) -> None:
+    """Per dtype, each key's increase per added expert since the previous T, as ``d_<key>``.
+
+    Args:
+        rows: Memory rows with ``dtype``, ``T`` and the keys, in increasing T per dtype; updated in place.
+        keys: The MB figures to difference (missing ones are skipped).
+
+    """
+    last: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        prev = last.get(row["dtype"])
+        if prev is not None:
+            for key in keys:
+                if key in row and key in prev:
+                    row[f"d_{key}"] = (row[key] - prev[key]) / (row["T"] - prev["T"])
+        last[row["dtype"]] = row
+
+
+# --------------------------------------------------------------------------- CLI
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``step_cost: error: ...``, exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(message)
+
+
+def fail(message: str) -> NoReturn:
+    """Print ``step_cost: error: <message>`` on one line to stderr and exit with status 2."""
+    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser."""
+    p = _Parser(
+        prog=PROG,
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="T in (2, 4), 2 timed steps, 1 warm-up, memory for T in (2, 4) only: a few minutes",
+    )
+    p.add_argument("--base", type=str, default=DEMO_BASE, help="base model source")
+    p.add_argument(
+        "--tasks",
+        type=str,
+        nargs="+",
+        default=list(DEFAULT_TASKS),
+        help="demo tasks whose experts (zoo:<task>) are used, in order",
+    )
+    p.add_argument(
+        "--T",
+        metavar="T",
+        dest="ts",
+        type=int,
+        nargs="+",
+        default=[2, 4, 6],
+        help="numbers of experts for the step-cost table",
+    )
+    p.add_argument("--steps", type=int, default=5, help="timed steps per measurement (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps per measurement")
+    p.add_argument("--max_T", type=int, default=8, help="memory table covers T = 2..max_T")
+    p.add_argument(
+        "--mem_steps", type=int, default=2, help="timed steps per memory subprocess (after 1 warm-up)"
+    )
+    p.add_argument("--batch_size", type=int, default=16, help="examples per task")
+    p.add_argument("--seq_len", type=int, default=64, help="tokens per example (padded / truncated)")
+    p.add_argument("--noise", type=float, default=0.1, help="relative noise of synthetic experts")
+    p.add_argument("--no_profile", action="store_true", help="skip the torch.profiler listing")
+    p.add_argument("--skip_memory", action="store_true", help="skip the memory subprocesses")
+    p.add_argument(
+        "--out_dir", type=Path, default=ROOT / "benchmarks" / "results", help="where step_cost.md and CSVs go"
+    )
+    p.add_argument("--worker", type=str, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Validate arguments; exits with a one-line error on bad input."""
+    from divmerge import zoo
+
+    unknown = [t for t in args.tasks if t not in zoo.DEMO_TASKS]
+    if unknown:
+        fail(f"unknown task {unknown[0]!r}: use demo tasks from {', '.join(zoo.DEMO_TASKS)}")
+    if len(set(args.tasks)) != len(args.tasks):
+        fail("--tasks lists a task twice")
+    if args.max_T < 2:
+        fail(f"--max_T must be at least 2 (got {args.max_T})")
+    bad = [t for t in args.ts if not 1 <= t <= args.max_T]
+    if bad:
+        fail(f"T={bad[0]} is outside 1..max_T={args.max_T}: raise --max_T or lower --T")
+    for name in ("steps", "batch_size", "seq_len", "mem_steps"):
+        if getattr(args, name) < 1:
+            fail(f"--{name} must be at least 1 (got {getattr(args, name)})")
+    if args.warmup < 0:
+        fail(f"--warmup must be >= 0 (got {args.warmup})")
+
+
+def step_cost_rows(
+    base: str,
+    experts: Mapping[str, str],
+    ts: Sequence[int],
+    steps: int,
+    warmup: int,
+    batch_size: int = 16,
+    seq_len: int = 64,
+    noise: float = 0.1,
+    log: Callable[[str], None] = print,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The step-cost table (one row per T) and the state needed for the breakdown at the largest T.
+
+    Args:
+        base: Base model source.
+        experts: Task -> expert source (real experts; more are synthesised where T exceeds them).
+        ts: Numbers of experts.
+        steps: Timed steps per measurement.
+        warmup: Untimed warm-up steps.
+        batch_size: Examples per task.
+        seq_len: Tokens per example.
+        noise: Relative noise of synthetic experts.
+        log: Progress printer.
+
+    Returns:
+        (rows, last): ``last`` holds ``merged``, ``batches``, ``teachers``, ``plain`` of the largest T.
+
+    """
+    all_experts = load_expert_set(base, experts, max(ts), noise)
+    tokenizer = load_tokenizer(base)
+    model = plain_model(base)
+    rows, last = [], {}
+    for n in sorted(ts):
+        sub = all_experts.subset(all_experts.task_names[:n]) if all_experts.num_tasks > n else all_experts
+        merged = MergedModel(sub, "layer")
+        batches = make_batches(tokenizer, sub.task_names, batch_size, seq_len, vocab_size_of(sub))
+        teachers = teacher_logprobs(merged, batches)
+        closures = {
+            "plain": make_plain_step(model, concat_batches(batches)),
+            "plain_foreach": make_plain_step(model, concat_batches(batches), foreach=True),
+            "divmerge": make_divmerge_step(merged, batches, teachers),
+            "naive": make_divmerge_step(merged, batches, None),
+        }
+        if supports_rows(merged):
+            closures["rows"] = make_divmerge_step(merged, batches, teachers, rows=True)
+        times = interleaved_times(closures, steps, warmup)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        row = {
+            "T": n,
+            "rows/step": n * batch_size,
+            "plain s": med["plain"],
+            "divmerge s": med["divmerge"],
+            "ratio": paired_ratio(times["divmerge"], times["plain"]),
+            "naive s": med["naive"],
+            "naive ratio": paired_ratio(times["naive"], times["plain"]),
+            "plain(foreach) s": med["plain_foreach"],
+            "ratio(foreach)": paired_ratio(times["divmerge"], times["plain_foreach"]),
+        }
+        if "rows" in times:
+            row |= {
+                "divmerge(rows) s": med["rows"],
+                "ratio(rows)": paired_ratio(times["rows"], times["plain"]),
+            }
+        log(format_table([row], list(row)).splitlines()[-1])
+        rows.append(row)
+        last = {"merged": merged, "batches": batches, "teachers": teachers, "plain": model, "T": n}
+    return rows, last
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; print the tables and write ``step_cost.md`` + CSVs under ``--out_dir``.
+
+    Returns:
+        0 on success (bad input exits with status 2).
+
+    """
+    args = build_parser().parse_args(argv)
+    if args.worker is not None:
+        print(json.dumps(run_worker(json.loads(args.worker))))
+        return 0
+    if args.quick:
+        args.ts = [t for t in (2, 4) if t <= args.max_T]
+        args.steps, args.warmup, args.mem_steps = 2, 1, 1
+    check_args(args)
+    experts = {t: f"zoo:{t}" for t in args.tasks}
+    try:
+        for source in [args.base, *experts.values()]:
+            resolve_source(source)
+    except DivMergeError as err:
+        fail(str(err))
+    try:
+        return _run(args, experts)
+    except DivMergeError as err:
+        fail(str(err))
+
+
+def _run(args: argparse.Namespace, experts: dict[str, str]) -> int:
+    """The benchmark body (arguments already checked)."""
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    sections = [
+        "# divmerge step cost",
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
+        f"{args.batch_size} examples x {args.seq_len} tokens per task; layer-wise coefficients; "
+        f"median of {args.steps} steps after {args.warmup} warm-up; real experts: {', '.join(args.tasks)}; "
+        f"more are synthesised (real task vector + {args.noise} x std noise); 1-min load average at "
+        f"start {os.getloadavg()[0]:.1f} (timings from a loaded machine are noisy).",
+    ]
+    print(sections[1], flush=True)
+
+    print("\n## Step cost (divmerge / plain fine-tuning step)", flush=True)
+    rows, last = step_cost_rows(
+        args.base, experts, args.ts, args.steps, args.warmup, args.batch_size, args.seq_len, args.noise
+    )
+    columns = list(rows[0])
+    cost = format_table(rows, columns)
+    sections += ["## Step cost (divmerge / plain fine-tuning step)", cost]
+    write_csv(args.out_dir / "step_cost_time.csv", rows)
+
+    n = last["T"]
+    both = phase_medians(
+        {
+            "plain": make_plain_phase_step(last["plain"], last["batches"]),
+            "plain_foreach": make_plain_phase_step(last["plain"], last["batches"], foreach=True),
+            "divmerge": make_divmerge_phase_step(last["merged"], last["batches"], last["teachers"]),
+        },
+        args.steps,
+        1,
+    )
+    cols = {"plain s": "plain", "plain(foreach) s": "plain_foreach", "divmerge s": "divmerge"}
+    phase_rows = [
+        {"phase": k, **{c: both[name].get(k) for c, name in cols.items()}}
+        for k in ("merge", "forward", "loss", "backward", "merge_backward", "optimizer")
+    ]
+    phase_rows.append(
+        {
+            "phase": "total (merge_backward is inside backward)",
+            **{c: sum(v for k, v in both[name].items() if k != "merge_backward") for c, name in cols.items()},
+        }
+    )
+    phases = format_table(phase_rows, ["phase", *cols])
+    title = f"## Where the time goes (T={n}, manual timers, median)"
+    print(f"\n{title}\n{phases}", flush=True)
+    sections += [title, phases]
+    if not args.no_profile:
+        listing = profile_divmerge_step(last["merged"], last["batches"], last["teachers"])
+        title = f"## torch.profiler: one divmerge step at T={n}, top operators by self CPU time"
+        print(f"\n{title}\n```\n{listing}\n```", flush=True)
+        sections += [title, f"```\n{listing}\n```"]
+    del last
+    gc.collect()
+
+    if not args.skip_memory:
+        ts = [2, 4] if args.quick else list(range(2, args.max_T + 1))
+        mem_rows, plain_rows = memory_rows(args, experts, ts)
+        mem_cols = [
+            "dtype",
+            "T",
+            "synthetic",
+            "step s",
+            "rss_import_mb",
+            "load_peak_mb",
+            "rss_after_load_mb",
+            "peak_mb",
+            "over_plain_mb",
+            "task_vector_mb",
+            *(f"d_{k}" for k in INCREMENT_KEYS),
+        ]
+        mem = format_table(mem_rows, mem_cols)
+        plain = format_table(
+            plain_rows, ["T", "rows/step", "step s", "rss_import_mb", "rss_after_load_mb", "peak_mb"]
+        )
+        title = "## Memory vs T (fresh subprocess per row; MB = 10^6 bytes)"
+        ref = "Plain fine-tuning step (same rows), for reference:"
+        print(f"\n{title}\n{MEMORY_LEGEND}\n\n{mem}\n\n{ref}\n{plain}", flush=True)
+        sections += [title, MEMORY_LEGEND, mem, ref, plain]
+        write_csv(args.out_dir / "step_cost_memory.csv", mem_rows + plain_rows)
+
+    sections.append(f"1-min load average at end: {os.getloadavg()[0]:.1f}.")
+    (args.out_dir / "step_cost.md").write_text("\n\n".join(sections) + "\n")
+    print(f"\nwrote {args.out_dir / 'step_cost.md'}")
+    return 0
+
+
+def memory_rows(
+    args: argparse.Namespace, experts: Mapping[str, str], ts: Sequence[int]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Memory table rows (fp32 and bf16 per T) and the plain-step reference rows, one subprocess each."""
+    common = {
+        "base": args.base,
+        "experts": dict(experts),
+        "steps": args.mem_steps,
+        "warmup": 1,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "noise": args.noise,
+    }
+    print("\n## Memory vs T (fresh subprocess per configuration)", flush=True)
+    plain_rows, plain_peak = [], {}
+    for n in ts:
+        res = measure_in_subprocess({**common, "kind": "plain", "num_tasks": n})
+        plain_rows.append({"T": n, "rows/step": n * args.batch_size, **res, "step s": res["step_s"]})
+        plain_peak[n] = res["peak_mb"]
+        print(f"  plain T={n}: peak {res['peak_mb']:.0f} MB, step {res['step_s']:.2f} s", flush=True)
+    rows: list[dict[str, Any]] = []
+    for dtype in ("float32", "bfloat16"):
+        for n in ts:
+            res = measure_in_subprocess({**common, "kind": "divmerge", "num_tasks": n, "dtype": dtype})
+            over = res["peak_mb"] - plain_peak[n]
+            rows.append({"dtype": dtype, "T": n, **res, "step s": res["step_s"], "over_plain_mb": over})
+            print(f"  {dtype} T={n}: peak {res['peak_mb']:.0f} MB, step {res['step_s']:.2f} s", flush=True)
+    add_increments(rows)
+    return rows, plain_rows
+
+
+if __name__ == "__main__":
+    sys.exit(main())
