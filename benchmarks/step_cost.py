@@ -585,7 +585,7 @@ def run_worker(config: Mapping[str, Any]) -> dict[str, Any]:
 
     Config keys: ``kind`` (``divmerge`` or ``plain``), ``base``, ``experts`` (task -> source, the real
     ones), ``num_tasks``, ``dtype`` (task-vector storage: ``float32`` / ``bfloat16``), ``steps``,
-    ``warmup``, ``batch_size``, ``seq_len``, ``noise``, ``seed``.
+    ``warmup``, ``batch_size``, ``seq_len``, ``noise``, ``seed``, ``threads`` (None: torch's default).
 
     Returns:
         The config's numbers: ``rss_import_mb``, ``load_peak_mb`` (peak up to the end of loading),
@@ -594,6 +594,8 @@ def run_worker(config: Mapping[str, Any]) -> dict[str, Any]:
 
     """
     torch.manual_seed(int(config.get("seed", 0)))
+    if config.get("threads"):
+        torch.set_num_threads(int(config["threads"]))
     num_tasks = int(config["num_tasks"])
     batch_size, seq_len = int(config.get("batch_size", 16)), int(config.get("seq_len", 64))
     steps, warmup = int(config.get("steps", 3)), int(config.get("warmup", 1))
@@ -656,14 +658,14 @@ def measure_in_subprocess(config: Mapping[str, Any], timeout: float = 1800.0) ->
 # --------------------------------------------------------------------------- tables
 def _cell(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:.3f}" if abs(value) < 10 else f"{value:.0f}"
+        return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}" if abs(value) < 1000 else f"{value:.0f}"
     return "" if value is None else str(value)
 
 
 def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
     """A markdown table of ``rows`` (dicts) with ``columns`` in order; missing cells stay empty.
 
-    Floats get 3 decimals below 10 and none above.
+    Floats get 3 decimals below 10, 1 below 1000 and none above.
 
     Returns:
         The table, one line per row, header and separator first.
@@ -758,6 +760,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=16, help="examples per task")
     p.add_argument("--seq_len", type=int, default=64, help="tokens per example (padded / truncated)")
     p.add_argument("--noise", type=float, default=0.1, help="relative noise of synthetic experts")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads for every measurement (default: torch's default). 1 avoids the "
+        "OpenMP stalls that inflate op-heavy phases when other processes compete for the cores",
+    )
     p.add_argument("--no_profile", action="store_true", help="skip the torch.profiler listing")
     p.add_argument("--skip_memory", action="store_true", help="skip the memory subprocesses")
     p.add_argument(
@@ -784,6 +793,8 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("steps", "batch_size", "seq_len", "mem_steps"):
         if getattr(args, name) < 1:
             fail(f"--{name} must be at least 1 (got {getattr(args, name)})")
+    if args.threads is not None and args.threads < 1:
+        fail(f"--threads must be at least 1 (got {args.threads})")
     if args.warmup < 0:
         fail(f"--warmup must be >= 0 (got {args.warmup})")
 
@@ -886,6 +897,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, experts: dict[str, str]) -> int:
     """The benchmark body (arguments already checked)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     sections = [
         "# divmerge step cost",
@@ -946,7 +959,7 @@ def _run(args: argparse.Namespace, experts: dict[str, str]) -> int:
             "dtype",
             "T",
             "synthetic",
-            "step s",
+            "step_s",
             "rss_import_mb",
             "load_peak_mb",
             "rss_after_load_mb",
@@ -957,7 +970,7 @@ def _run(args: argparse.Namespace, experts: dict[str, str]) -> int:
         ]
         mem = format_table(mem_rows, mem_cols)
         plain = format_table(
-            plain_rows, ["T", "rows/step", "step s", "rss_import_mb", "rss_after_load_mb", "peak_mb"]
+            plain_rows, ["T", "rows/step", "step_s", "rss_import_mb", "rss_after_load_mb", "peak_mb"]
         )
         title = "## Memory vs T (fresh subprocess per row; MB = 10^6 bytes)"
         ref = "Plain fine-tuning step (same rows), for reference:"
@@ -983,12 +996,13 @@ def memory_rows(
         "batch_size": args.batch_size,
         "seq_len": args.seq_len,
         "noise": args.noise,
+        "threads": args.threads,
     }
     print("\n## Memory vs T (fresh subprocess per configuration)", flush=True)
     plain_rows, plain_peak = [], {}
     for n in ts:
         res = measure_in_subprocess({**common, "kind": "plain", "num_tasks": n})
-        plain_rows.append({"T": n, "rows/step": n * args.batch_size, **res, "step s": res["step_s"]})
+        plain_rows.append({"T": n, "rows/step": n * args.batch_size, **res})
         plain_peak[n] = res["peak_mb"]
         print(f"  plain T={n}: peak {res['peak_mb']:.0f} MB, step {res['step_s']:.2f} s", flush=True)
     rows: list[dict[str, Any]] = []
@@ -996,7 +1010,7 @@ def memory_rows(
         for n in ts:
             res = measure_in_subprocess({**common, "kind": "divmerge", "num_tasks": n, "dtype": dtype})
             over = res["peak_mb"] - plain_peak[n]
-            rows.append({"dtype": dtype, "T": n, **res, "step s": res["step_s"], "over_plain_mb": over})
+            rows.append({"dtype": dtype, "T": n, **res, "over_plain_mb": over})
             print(f"  {dtype} T={n}: peak {res['peak_mb']:.0f} MB, step {res['step_s']:.2f} s", flush=True)
     add_increments(rows)
     return rows, plain_rows

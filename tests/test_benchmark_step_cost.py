@@ -84,7 +84,7 @@ def test_format_table_columns_and_cells():
     assert lines[0] == "| T | plain s | divmerge s | ratio |"
     assert lines[1] == "|---|---|---|---|"
     assert lines[2] == "| 2 | 0.500 | 0.550 | 1.100 |"
-    assert lines[3] == "| 4 |  |  | 12 |"
+    assert lines[3] == "| 4 |  |  | 12.3 |"
 
 
 def test_add_increments_per_dtype():
