@@ -9,13 +9,13 @@ Two measurements, printed as markdown tables and written to ``<out_dir>/step_cos
      examples (forward + cross-entropy + backward + AdamW over every weight; dropout off, so the network
      computes exactly what the merged backbone computes), with torch's default AdamW and, as a stricter
      reference, ``AdamW(foreach=True)`` (several times faster on CPU), ``plain(foreach)``;
-   * ``divmerge``: ``merged_params()`` + ``forward_tasks`` (one backbone pass over all tasks) + summed
-     JS to the cached teachers + backward + Adam on the coefficients (teachers precomputed once, as the
-     teacher cache does);
-   * ``naive``: the same, but every expert's forward runs inside the step (per task, a one-hot
-     ``merged_params`` and ``task_logits`` under ``no_grad``): what a step costs without the teacher cache;
-   * ``divmerge (rows)``: only when ``MergedModel.merged_params`` takes ``rows=`` (merge the vocabulary
-     embedding on the batch's token ids only).
+   * ``divmerge``: the training step's code (``MergedModel.step_loss``, default ``per_task`` backbone
+     passes): ``merged_params()`` + per task forward, JS to the cached teacher and backward to the merged
+     tensors + the merge's backward + Adam on the coefficients (teachers precomputed once, as the teacher
+     cache does);
+   * ``joint``: the same with ``backbone_pass="joint"`` (all tasks in one concatenated backbone pass);
+   * ``naive``: the divmerge step, but every expert's forward runs inside the step (per task, a one-hot
+     ``merged_params`` and ``task_logits`` under ``no_grad``): what a step costs without the teacher cache.
 
    plus a phase breakdown (manual timers) of both steps at the largest T, and a ``torch.profiler`` listing
    of the divmerge step's most expensive operators.
@@ -40,7 +40,6 @@ import csv
 import dataclasses
 import gc
 import hashlib
-import inspect
 import json
 import os
 import resource
@@ -65,7 +64,7 @@ from torch import Tensor, nn  # noqa: E402
 
 from divmerge.errors import DivMergeError  # noqa: E402
 from divmerge.experts import ExpertSet, load_experts, resolve_source  # noqa: E402
-from divmerge.functional import MergedModel  # noqa: E402
+from divmerge.functional import BackbonePass, MergedModel  # noqa: E402
 from divmerge.objectives import js_divergence  # noqa: E402
 
 PROG = "step_cost"
@@ -284,11 +283,6 @@ def plain_model(base: str, num_labels: int = 2) -> nn.Module:
     return model.eval().requires_grad_(True)
 
 
-def supports_rows(merged: MergedModel) -> bool:
-    """Whether ``merged_params`` can merge the vocabulary embedding on a batch's rows only (``rows=``)."""
-    return "rows" in inspect.signature(merged.merged_params).parameters
-
-
 # --------------------------------------------------------------------------- steps and timers
 def time_steps(step: Callable[[], object], steps: int, warmup: int) -> list[float]:
     """Wall time (``time.perf_counter``) of ``steps`` calls of ``step`` after ``warmup`` untimed ones."""
@@ -372,30 +366,32 @@ def make_divmerge_step(
     batches: Batches,
     teachers: Mapping[int, Tensor] | None,
     lr: float = 1e-2,
-    rows: bool = False,
+    backbone_pass: BackbonePass = "per_task",
 ) -> Callable[[], float]:
-    """One divmerge step closure; ``teachers=None`` recomputes every expert's output inside the step.
+    """One divmerge step closure (the training step's code); ``teachers=None`` recomputes the experts.
 
     Args:
         merged: The merged model (its coefficients are trained).
         batches: Task index -> inputs.
         teachers: Cached expert log-probabilities per task, or None for the naive step.
         lr: Adam learning rate.
-        rows: Merge the vocabulary embedding on the batch's token ids only (needs ``supports_rows``).
+        backbone_pass: ``per_task`` or ``joint`` (see ``MergedModel.step_loss``).
 
     Returns:
         A closure running one step and returning the loss.
 
     """
     optimizer = torch.optim.Adam(merged.coefficients.parameters(), lr=lr)
-    token_rows = torch.unique(torch.cat([b["input_ids"].reshape(-1) for b in batches.values()]))
 
     def step() -> float:
         targets = teachers if teachers is not None else teacher_logprobs(merged, batches)
         optimizer.zero_grad(set_to_none=True)
-        params = merged.merged_params(rows=token_rows) if rows else merged.merged_params()
-        logits = merged.forward_tasks(params, batches)
-        loss = torch.stack([js_divergence(targets[t], logits[t]).mean() for t in batches]).sum()
+        loss, _ = merged.step_loss(
+            merged.merged_params(),
+            batches,
+            lambda t, student: js_divergence(targets[t], student).mean(),
+            backbone_pass,
+        )
         loss.backward()
         optimizer.step()
         return float(loss.detach())
@@ -428,7 +424,7 @@ def divmerge_step_time(
     teachers: Mapping[int, Tensor],
     steps: int = 5,
     warmup: int = 2,
-    rows: bool = False,
+    backbone_pass: BackbonePass = "per_task",
 ) -> float:
     """Median seconds of a divmerge step with cached teachers.
 
@@ -438,14 +434,14 @@ def divmerge_step_time(
         teachers: Cached expert log-probabilities (see :func:`teacher_logprobs`).
         steps: Timed steps.
         warmup: Untimed steps first.
-        rows: Merge the vocabulary embedding on the batch's token ids only.
+        backbone_pass: ``per_task`` or ``joint``.
 
     Returns:
         The median step time in seconds.
 
     """
     return statistics.median(
-        time_steps(make_divmerge_step(merged, batches, teachers, rows=rows), steps, warmup)
+        time_steps(make_divmerge_step(merged, batches, teachers, backbone_pass=backbone_pass), steps, warmup)
     )
 
 
@@ -498,40 +494,29 @@ def make_plain_phase_step(
 def make_divmerge_phase_step(
     merged: MergedModel, batches: Batches, teachers: Mapping[int, Tensor], lr: float = 1e-2
 ) -> PhaseStep:
-    """A divmerge step closure that returns its phases' seconds, plus the merge's backward measured apart.
+    """A divmerge step closure (per-task passes) that returns its phases' seconds.
 
-    Phases: ``merge`` (``merged_params``), ``forward`` (``forward_tasks``), ``loss``, ``backward`` (the
-    whole backward: backbone and merge), ``optimizer``; ``merge_backward`` is the backward of
-    ``merged_params`` alone (the coefficients' gradient from a gradient of ones on every merged tensor,
-    run after the step), i.e. the part of ``backward`` a plain step does not have.
+    Phases: ``merge`` (``merged_params``), ``tasks fwd+bwd`` (every task's forward, loss and backward to
+    the merged tensors, in turn), ``merge_backward`` (the final ``loss.backward()``: the merged tensors'
+    gradients through the merge to the coefficients, the part a plain step does not have), ``optimizer``.
     """
     optimizer = torch.optim.Adam(merged.coefficients.parameters(), lr=lr)
-    coefficients = list(merged.coefficients.parameters())
 
     def step() -> dict[str, float]:
         optimizer.zero_grad(set_to_none=True)
         marks = [time.perf_counter()]
         params = merged.merged_params()
         marks.append(time.perf_counter())
-        logits = merged.forward_tasks(params, batches)
-        marks.append(time.perf_counter())
-        loss = torch.stack([js_divergence(teachers[t], logits[t]).mean() for t in batches]).sum()
+        loss, _ = merged.step_loss(
+            params, batches, lambda t, student: js_divergence(teachers[t], student).mean()
+        )
         marks.append(time.perf_counter())
         loss.backward()
         marks.append(time.perf_counter())
         optimizer.step()
         marks.append(time.perf_counter())
-        acc = {
-            k: marks[i + 1] - marks[i]
-            for i, k in enumerate(("merge", "forward", "loss", "backward", "optimizer"))
-        }
-        del params, logits, loss
-        values = list(merged.merged_params().values())
-        grads = [torch.ones_like(v) for v in values]
-        start = time.perf_counter()
-        torch.autograd.grad(values, coefficients, grads)
-        acc["merge_backward"] = time.perf_counter() - start
-        return acc
+        names = ("merge", "tasks fwd+bwd", "merge_backward", "optimizer")
+        return {k: marks[i + 1] - marks[i] for i, k in enumerate(names)}
 
     return step
 
@@ -585,7 +570,8 @@ def run_worker(config: Mapping[str, Any]) -> dict[str, Any]:
 
     Config keys: ``kind`` (``divmerge`` or ``plain``), ``base``, ``experts`` (task -> source, the real
     ones), ``num_tasks``, ``dtype`` (task-vector storage: ``float32`` / ``bfloat16``), ``steps``,
-    ``warmup``, ``batch_size``, ``seq_len``, ``noise``, ``seed``, ``threads`` (None: torch's default).
+    ``warmup``, ``batch_size``, ``seq_len``, ``noise``, ``seed``, ``threads`` (None: torch's default),
+    ``backbone_pass`` (``per_task`` or ``joint``).
 
     Returns:
         The config's numbers: ``rss_import_mb``, ``load_peak_mb`` (peak up to the end of loading),
@@ -627,7 +613,10 @@ def run_worker(config: Mapping[str, Any]) -> dict[str, Any]:
         out |= {"task_vector_mb": tv_bytes / num_tasks / MB, "synthetic": sum(SYNTH_SEP in n for n in names)}
         batches = make_batches(tokenizer, names, batch_size, seq_len, vocab)
         teachers = teacher_logprobs(merged, batches)
-        times = time_steps(make_divmerge_step(merged, batches, teachers), steps, warmup)
+        backbone_pass = config.get("backbone_pass", "per_task")
+        times = time_steps(
+            make_divmerge_step(merged, batches, teachers, backbone_pass=backbone_pass), steps, warmup
+        )
     out |= {"step_s": statistics.median(times), "peak_mb": peak_rss_mb()}
     return out
 
@@ -687,25 +676,28 @@ def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
         writer.writerows(rows)
 
 
+MEMORY_CONFIGS = (("float32", "per_task"), ("bfloat16", "per_task"), ("float32", "joint"))
 INCREMENT_KEYS = ("rss_after_load_mb", "load_peak_mb", "peak_mb", "over_plain_mb")
 
 
 def add_increments(rows: list[dict[str, Any]], keys: Sequence[str] = INCREMENT_KEYS) -> None:
-    """Per dtype, each key's increase per added expert since the previous T, as ``d_<key>``.
+    """Per configuration (dtype, pass), each key's increase per added expert since the previous T.
 
     Args:
-        rows: Memory rows with ``dtype``, ``T`` and the keys, in increasing T per dtype; updated in place.
+        rows: Memory rows with ``dtype``, ``T`` (and optionally ``pass``) and the keys, in increasing T
+            per configuration; updated in place with ``d_<key>``.
         keys: The MB figures to difference (missing ones are skipped).
 
     """
-    last: dict[str, dict[str, Any]] = {}
+    last: dict[tuple[str, str], dict[str, Any]] = {}
     for row in rows:
-        prev = last.get(row["dtype"])
+        config = (row["dtype"], row.get("pass", ""))
+        prev = last.get(config)
         if prev is not None:
             for key in keys:
                 if key in row and key in prev:
                     row[f"d_{key}"] = (row[key] - prev[key]) / (row["T"] - prev["T"])
-        last[row["dtype"]] = row
+        last[config] = row
 
 
 # --------------------------------------------------------------------------- CLI
@@ -840,10 +832,9 @@ def step_cost_rows(
             "plain": make_plain_step(model, concat_batches(batches)),
             "plain_foreach": make_plain_step(model, concat_batches(batches), foreach=True),
             "divmerge": make_divmerge_step(merged, batches, teachers),
+            "joint": make_divmerge_step(merged, batches, teachers, backbone_pass="joint"),
             "naive": make_divmerge_step(merged, batches, None),
         }
-        if supports_rows(merged):
-            closures["rows"] = make_divmerge_step(merged, batches, teachers, rows=True)
         times = interleaved_times(closures, steps, warmup)
         med = {k: statistics.median(v) for k, v in times.items()}
         row = {
@@ -852,16 +843,13 @@ def step_cost_rows(
             "plain s": med["plain"],
             "divmerge s": med["divmerge"],
             "ratio": paired_ratio(times["divmerge"], times["plain"]),
+            "joint s": med["joint"],
+            "ratio(joint)": paired_ratio(times["joint"], times["plain"]),
             "naive s": med["naive"],
             "naive ratio": paired_ratio(times["naive"], times["plain"]),
             "plain(foreach) s": med["plain_foreach"],
             "ratio(foreach)": paired_ratio(times["divmerge"], times["plain_foreach"]),
         }
-        if "rows" in times:
-            row |= {
-                "divmerge(rows) s": med["rows"],
-                "ratio(rows)": paired_ratio(times["rows"], times["plain"]),
-            }
         log(format_table([row], list(row)).splitlines()[-1])
         rows.append(row)
         last = {"merged": merged, "batches": batches, "teachers": teachers, "plain": model, "T": n}
@@ -932,14 +920,9 @@ def _run(args: argparse.Namespace, experts: dict[str, str]) -> int:
     cols = {"plain s": "plain", "plain(foreach) s": "plain_foreach", "divmerge s": "divmerge"}
     phase_rows = [
         {"phase": k, **{c: both[name].get(k) for c, name in cols.items()}}
-        for k in ("merge", "forward", "loss", "backward", "merge_backward", "optimizer")
+        for k in ("merge", "forward", "loss", "backward", "tasks fwd+bwd", "merge_backward", "optimizer")
     ]
-    phase_rows.append(
-        {
-            "phase": "total (merge_backward is inside backward)",
-            **{c: sum(v for k, v in both[name].items() if k != "merge_backward") for c, name in cols.items()},
-        }
-    )
+    phase_rows.append({"phase": "total", **{c: sum(both[name].values()) for c, name in cols.items()}})
     phases = format_table(phase_rows, ["phase", *cols])
     title = f"## Where the time goes (T={n}, manual timers, median)"
     print(f"\n{title}\n{phases}", flush=True)
@@ -957,6 +940,7 @@ def _run(args: argparse.Namespace, experts: dict[str, str]) -> int:
         mem_rows, plain_rows = memory_rows(args, experts, ts)
         mem_cols = [
             "dtype",
+            "pass",
             "T",
             "synthetic",
             "step_s",
@@ -1006,12 +990,16 @@ def memory_rows(
         plain_peak[n] = res["peak_mb"]
         print(f"  plain T={n}: peak {res['peak_mb']:.0f} MB, step {res['step_s']:.2f} s", flush=True)
     rows: list[dict[str, Any]] = []
-    for dtype in ("float32", "bfloat16"):
+    for dtype, backbone_pass in MEMORY_CONFIGS:
         for n in ts:
-            res = measure_in_subprocess({**common, "kind": "divmerge", "num_tasks": n, "dtype": dtype})
+            config = {"kind": "divmerge", "num_tasks": n, "dtype": dtype, "backbone_pass": backbone_pass}
+            res = measure_in_subprocess({**common, **config})
             over = res["peak_mb"] - plain_peak[n]
-            rows.append({"dtype": dtype, "T": n, **res, "over_plain_mb": over})
-            print(f"  {dtype} T={n}: peak {res['peak_mb']:.0f} MB, step {res['step_s']:.2f} s", flush=True)
+            rows.append({"dtype": dtype, "pass": backbone_pass, "T": n, **res, "over_plain_mb": over})
+            print(
+                f"  {dtype} {backbone_pass} T={n}: peak {res['peak_mb']:.0f} MB, step {res['step_s']:.2f} s",
+                flush=True,
+            )
     add_increments(rows)
     return rows, plain_rows
 

@@ -1,12 +1,13 @@
 """The merged model: theta(l) = theta_0(l) + sum_t c[t, g(l)] * tau_t(l), run via functional_call.
 
 Nothing is copied per step but the merged tensors themselves: each is one fused weighted sum over the
-stacked task vectors of that tensor (``tensordot`` over T), and autograd gives the coefficients'
-gradients from the same pass.
+stacked task vectors of that tensor (one ``addmv`` over T), and autograd gives the coefficients'
+gradients from the same pass (grad c[t] = <grad merged, tau_t>, read from the stored task vectors, so
+backward keeps no per-step copy of them whatever their storage dtype).
 """
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,86 @@ from torch.func import functional_call
 
 from divmerge.coefficients import Granularity, MergeCoefficients
 from divmerge.experts import ExpertSet
+
+CHUNK = 1 << 20  # columns per upcast chunk when task vectors are stored below float32
+BackbonePass = Literal["per_task", "joint"]
+
+
+def _column_chunks(flat: Tensor) -> list[slice]:
+    """Column slices of a (T, N) matrix: one slice in float32, else chunks that bound the upcast copy."""
+    n = flat.shape[1]
+    if flat.dtype == torch.float32:
+        return [slice(0, n)]
+    return [slice(i, min(i + CHUNK, n)) for i in range(0, n, CHUNK)]
+
+
+class WeightedSum(torch.autograd.Function):
+    """merged = base + sum_t coef[t] * tau[t] in float32, with grad coef[t] = <grad merged, tau[t]>.
+
+    Unlike ``tensordot(coef, tau.float())`` under autograd, nothing but ``tau`` itself (a stored, frozen
+    tensor: no copy) is kept for backward, so bf16/fp16 task vectors cost their storage size, never a
+    float32 copy. Sub-float32 task vectors are upcast in column chunks of ``CHUNK`` (T x CHUNK floats).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, coef: Tensor, base: Tensor, tau: Tensor) -> Tensor:  # noqa: D102
+        ctx.save_for_backward(tau)
+        ctx.coef_dtype = coef.dtype
+        flat = tau.reshape(tau.shape[0], -1)  # (T, N), a view
+        coef32 = coef.detach().to(torch.float32)  # (T,)
+        base32 = base.reshape(-1).to(torch.float32)  # (N,)
+        out = torch.empty_like(base32)  # (N,)
+        for cols in _column_chunks(flat):
+            torch.addmv(base32[cols], flat[:, cols].to(torch.float32).t(), coef32, out=out[cols])
+        return out.to(base.dtype).reshape(base.shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:  # noqa: D102
+        (tau,) = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        flat = tau.reshape(tau.shape[0], -1)  # (T, N)
+        grad32 = grad.reshape(-1).to(torch.float32)  # (N,)
+        grad_coef = torch.zeros(flat.shape[0], dtype=torch.float32, device=grad.device)  # (T,)
+        for cols in _column_chunks(flat):
+            grad_coef += flat[:, cols].to(torch.float32) @ grad32[cols]
+        return grad_coef.to(ctx.coef_dtype), None, None
+
+
+def accumulate_over_tasks(
+    params: Mapping[str, Tensor], task_losses: Mapping[int, Callable[[Mapping[str, Tensor]], Tensor]]
+) -> tuple[Tensor, dict[int, Tensor]]:
+    """Run each task's loss + backward in turn on the merged tensors; return a loss that finishes the step.
+
+    Each task's forward and backward run back to back on detached copies (views) of the merged tensors,
+    so only one task's activations are alive at a time and the merged tensors' gradients accumulate.
+    The returned loss equals the summed task losses; its ``backward()`` sends the accumulated gradients
+    through the merge to the coefficients (so a trainer's ``loss.backward()``, DDP's gradient hooks and
+    optimizers work unchanged). Peak memory: one task's activations + merged tensors + their gradients.
+
+    Args:
+        params: Output of ``MergedModel.merged_params`` (differentiable w.r.t. the coefficients).
+        task_losses: Task index -> function of the merged tensors returning that task's scalar loss.
+
+    Returns:
+        The step loss (value: sum of task losses) and the detached loss of each task.
+
+    """
+    leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
+    values = {}
+    for task, loss_fn in task_losses.items():
+        loss = loss_fn(leaves)
+        loss.backward(inputs=list(leaves.values()))
+        values[task] = loss.detach()
+    total = torch.stack(list(values.values())).sum()
+    # surrogate = sum_n <merged_n, grad_n>: its gradient w.r.t. merged_n is grad_n, so its backward runs
+    # only the merge (WeightedSum.backward) and leaves each coefficient its full gradient.
+    surrogate = torch.zeros((), device=total.device)
+    for name, leaf in leaves.items():
+        if leaf.grad is not None:  # None: a tensor no task's loss depends on (e.g. an unused pooler)
+            surrogate = surrogate + torch.dot(params[name].reshape(-1), leaf.grad.reshape(-1)).float()
+    return total + (surrogate - surrogate.detach()), values
 
 
 class FrozenTensors(nn.Module):
@@ -104,13 +185,12 @@ class MergedModel(nn.Module):
         """
         table = self.coefficients() if table is None else table
         merged = {}
-        device_type = table.device.type
-        with torch.autocast(device_type=device_type, enabled=False):  # merge in full precision
+        with torch.autocast(device_type=table.device.type, enabled=False):  # merge in full precision
             for name in self.names:
-                tau = self.task_vectors[name]  # (T, *shape)
-                coef = self.coefficients.column(table, name).to(torch.float32)  # (T,)
-                delta = torch.tensordot(coef, tau.to(torch.float32), dims=1)  # (*shape)
-                merged[f"{self.prefix}.{name}"] = self.base[name] + delta.to(self.base[name].dtype)
+                coef = self.coefficients.column(table, name)  # (T,)
+                merged[f"{self.prefix}.{name}"] = WeightedSum.apply(
+                    coef, self.base[name], self.task_vectors[name]
+                )  # (*shape)
         return merged
 
     def forward_tasks(
@@ -177,6 +257,42 @@ class MergedModel(nn.Module):
         finally:
             del backbone.forward
         return out.logits
+
+    def step_loss(
+        self,
+        params: Mapping[str, Tensor],
+        batches: Mapping[int, Mapping[str, Tensor]],
+        task_loss: Callable[[int, Tensor], Tensor],
+        backbone_pass: BackbonePass = "per_task",
+    ) -> tuple[Tensor, dict[int, Tensor]]:
+        """The training loss sum_t task_loss(t, logits_t) over several tasks' batches.
+
+        Args:
+            params: Output of ``merged_params``.
+            batches: Task index -> inputs (``input_ids``, ``attention_mask``, each (B_t, L_t)).
+            task_loss: (task index, merged logits (B_t, C_t)) -> scalar loss of that task.
+            backbone_pass: ``per_task`` runs one task's forward+backward at a time, accumulating the
+                merged tensors' gradients (see :func:`accumulate_over_tasks`): activation memory of one
+                task's batch, so memory grows by one task vector per expert, not by one activation set.
+                ``joint`` runs all tasks in one concatenated backbone pass (``forward_tasks``): larger
+                matmuls (faster where they are not already saturated, e.g. big GPUs) but activation
+                memory grows with T; its backward then happens in the caller's ``loss.backward()``.
+
+        Returns:
+            The loss to call ``backward()`` on (value: the summed task losses) and each task's detached
+            loss.
+
+        """
+        if backbone_pass == "joint":
+            logits = self.forward_tasks(params, batches)
+            losses = {t: task_loss(t, logits[t]) for t in batches}
+            return torch.stack(list(losses.values())).sum(), {t: v.detach() for t, v in losses.items()}
+        if backbone_pass != "per_task":
+            raise ValueError(f"backbone_pass must be 'per_task' or 'joint', not {backbone_pass!r}")
+        return accumulate_over_tasks(
+            params,
+            {t: (lambda p, t=t: task_loss(t, self.task_logits(t, p, **batches[t]))) for t in batches},
+        )
 
     def task_logits(self, task: int, params: Mapping[str, Tensor], **inputs: Tensor) -> Tensor:
         """Logits of the merged backbone with task ``task``'s own head.

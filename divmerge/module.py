@@ -23,7 +23,7 @@ from divmerge.data import MergeDataModule
 from divmerge.errors import DivMergeError
 from divmerge.evaluation import TaskResult, anp, format_table, write_report
 from divmerge.experts import load_experts, resolve_source
-from divmerge.functional import MergedModel
+from divmerge.functional import BackbonePass, MergedModel
 from divmerge.objectives import get_objective
 from divmerge.plots import plot_coefficients, plot_divergence
 from divmerge.teachers import cache_path, compute_logprobs, get_or_compute, load_cached
@@ -93,6 +93,10 @@ class DivMergeModule(L.LightningModule):
         reference_options: Options of the reference merge (e.g. ``{lambda_: 0.3}``).
         task_vector_dtype: Storage dtype of the task vectors: ``float32``, or ``bfloat16`` / ``float16`` to
             halve their memory (coefficients and the merge arithmetic stay float32).
+        backbone_pass: ``per_task`` (default) runs each task's forward+backward in turn and accumulates
+            the merged tensors' gradients: activations of one task's batch at a time, so memory grows by
+            one task vector per expert. ``joint`` runs every task in one concatenated pass: larger
+            matmuls, but activation memory grows with the number of tasks.
         held_out: Held-out tasks (arXiv 2410.03617): task name -> a classifier whose head scores that task
             on the merged backbone; it is not merged, and is normalised against the base backbone with
             the same head. Its data needs labelled val/test examples only.
@@ -116,6 +120,7 @@ class DivMergeModule(L.LightningModule):
         reference: str = "task_arithmetic",
         reference_options: dict[str, float | int | str] | None = None,
         task_vector_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        backbone_pass: BackbonePass = "per_task",
         held_out: dict[str, str] | None = None,
         cache_dir: str | None = None,
     ) -> None:
@@ -295,15 +300,19 @@ class DivMergeModule(L.LightningModule):
         inputs = {
             index[task]: {k: b[k] for k in ("input_ids", "attention_mask")} for task, b in batch.items()
         }
-        logits = merged.forward_tasks(merged.merged_params(), inputs)  # one backbone pass for all tasks
-        losses = []
-        for task, b in batch.items():
-            student = logits[index[task]]  # (B_t, C_t)
-            teacher = self._teachers[task, "unlabelled"][b["idx"].cpu()].to(student.device)  # (B_t, C_t)
-            div = self.objective(teacher, student).mean()
-            self.log(f"train/{self.hparams.objective}/{task}", div, batch_size=student.shape[0])
-            losses.append(div)
-        loss = torch.stack(losses).sum()
+        teachers = {
+            index[task]: self._teachers[task, "unlabelled"][b["idx"].cpu()] for task, b in batch.items()
+        }  # task -> (B_t, C_t)
+
+        def task_loss(t: int, student: Tensor) -> Tensor:  # student: (B_t, C_t)
+            return self.objective(teachers[t].to(student.device), student).mean()
+
+        loss, per_task = merged.step_loss(
+            merged.merged_params(), inputs, task_loss, self.hparams.backbone_pass
+        )
+        for task in batch:
+            size = len(batch[task]["idx"])
+            self.log(f"train/{self.hparams.objective}/{task}", per_task[index[task]], batch_size=size)
         self.log("train/loss", loss, prog_bar=True, batch_size=sum(len(b["idx"]) for b in batch.values()))
         return loss
 

@@ -55,9 +55,10 @@ def test_timing_functions_return_positive_seconds(setup, tiny_merged):
     model = sc.plain_model(setup["base"])
     assert sc.plain_step_time(model, batches, steps=2, warmup=1) > 0
     assert sc.divmerge_step_time(merged, batches, teachers, steps=2, warmup=1) > 0
+    assert sc.divmerge_step_time(merged, batches, teachers, steps=1, warmup=0, backbone_pass="joint") > 0
     assert sc.naive_step_time(merged, batches, steps=2, warmup=1) > 0
     phases = sc.divmerge_phase_times(merged, batches, teachers, steps=1, warmup=0)
-    assert set(phases) == {"merge", "forward", "loss", "backward", "optimizer", "merge_backward"}
+    assert set(phases) == {"merge", "tasks fwd+bwd", "merge_backward", "optimizer"}
     assert all(v > 0 for v in phases.values())
     assert set(sc.plain_phase_times(model, batches, steps=1, warmup=0)) == {
         "forward",
@@ -87,13 +88,16 @@ def test_format_table_columns_and_cells():
     assert lines[3] == "| 4 |  |  | 12.3 |"
 
 
-def test_add_increments_per_dtype():
+def test_add_increments_per_dtype_and_pass():
     rows = [
         {"dtype": "float32", "T": 2, "peak_mb": 1000.0, "load_peak_mb": 900.0},
         {"dtype": "float32", "T": 4, "peak_mb": 1200.0, "load_peak_mb": 1100.0},
         {"dtype": "bfloat16", "T": 2, "peak_mb": 950.0, "load_peak_mb": 900.0},
+        {"dtype": "float32", "pass": "joint", "T": 3, "peak_mb": 990.0},
+        {"dtype": "float32", "pass": "joint", "T": 4, "peak_mb": 1300.0},
     ]
     sc.add_increments(rows)
+    assert rows[4]["d_peak_mb"] == 310.0
     assert rows[1]["d_peak_mb"] == 100.0
     assert rows[1]["d_load_peak_mb"] == 100.0
     assert "d_rss_after_load_mb" not in rows[1]  # missing figures are skipped
@@ -169,7 +173,7 @@ def test_step_cost_rows_on_tiny_experts(setup):
         log=lambda s: None,
     )
     assert [r["T"] for r in rows] == [2, 3] and last["T"] == 3
-    expected = ["T", "rows/step", "plain s", "divmerge s", "ratio", "naive s", "naive ratio"]
+    expected = ["T", "rows/step", "plain s", "divmerge s", "ratio", "joint s", "ratio(joint)", "naive s"]
     assert list(rows[0])[: len(expected)] == expected
     assert all(r[c] > 0 for r in rows for c in expected)
     table = sc.format_table(rows, list(rows[0])).splitlines()
