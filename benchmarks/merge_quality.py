@@ -12,7 +12,7 @@ Methods:
 - learned ``<objective>-<granularity>``: objective ``js`` (DivMerge), ``kl`` or ``entropy`` (AdaMerging),
   granularity ``task``, ``layer`` (AdaMerging's layer-wise) or ``block``. Adam on the coefficients
   (init 1/k), lr with cosine decay to 0 over ``steps``; each step draws ``batch_per_task`` unlabelled
-  inputs of every task of the subset (one fused backbone pass) and minimises the summed divergence to
+  inputs of every task of the subset and minimises the summed divergence to
   the cached expert outputs. Every learned method on a subset sees the same input sequence.
 
 Experts are loaded once; teacher outputs (expert log-probabilities on the unlabelled and test inputs)
@@ -530,7 +530,10 @@ def train_step(
     teachers: Sequence[Tensor],
     batches: Mapping[int, Batch],
 ) -> Tensor:
-    """Summed divergence of one fused pass over every task's batch (call ``.backward()`` on it).
+    """Summed divergence over every task's batch, as the training step computes it (``step_loss``).
+
+    Each task's forward and backward to the merged tensors run inside; call ``.backward()`` on the
+    result to finish the coefficients' gradient.
 
     Args:
         merged: The subset's merged model.
@@ -543,9 +546,11 @@ def train_step(
 
     """
     inputs = {t: {k: b[k] for k in ("input_ids", "attention_mask")} for t, b in batches.items()}
-    logits = merged.forward_tasks(merged.merged_params(), inputs)  # one backbone pass for all tasks
-    losses = [objective(teachers[t][b["idx"]], logits[t]).mean() for t, b in batches.items()]
-    return torch.stack(losses).sum()
+    idx = {t: b["idx"] for t, b in batches.items()}
+    loss, _ = merged.step_loss(
+        merged.merged_params(), inputs, lambda t, student: objective(teachers[t][idx[t]], student).mean()
+    )
+    return loss
 
 
 def learned_merge(

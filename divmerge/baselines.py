@@ -10,7 +10,7 @@ deliberately not used:
 
 - ``magnitude_based_pruning`` keeps ``int(density * numel)`` entries: floating-point error floors
   (``int(0.29 * 100) == 28``) and tensors with fewer than ``1 / density`` entries are zeroed entirely.
-  ``_trim_top_k`` below rounds to the nearest count and keeps at least one entry.
+  ``_trim_thresholds`` below rounds to the nearest count and keeps at least one entry.
 - ``random_pruning`` draws from the global RNG with no generator argument, so it cannot be seeded per
   tensor without clobbering the caller's RNG state; ``_dare_drop`` draws from a private generator.
 
@@ -36,6 +36,7 @@ from divmerge.errors import DivMergeError
 DareThen = Literal["task_arithmetic", "ties"]
 DARE_THEN: tuple[str, ...] = ("task_arithmetic", "ties")
 
+CHUNK = 1 << 20  # entries per column block of TIES' per-entry steps
 TA_LAMBDA = 0.3  # Ilharco et al. 2023 pick lambda on validation data; 0.3 is their usual optimum.
 TIES_LAMBDA = 1.0  # Yadav et al. 2023: lambda = 1 is the recommended setting with the disjoint mean.
 TIES_DENSITY = 0.2  # Yadav et al. 2023: keep the top-20% magnitudes of each task vector.
@@ -139,32 +140,33 @@ def _merged(theta0: Tensor, delta: Tensor) -> Tensor:
     return (theta0.to(torch.float32) + delta).to(theta0.dtype)  # (*shape)
 
 
-def _trim_top_k(tau: Tensor, density: float) -> Tensor:
-    """Keep the top ``density`` fraction of magnitudes of each task vector, zero the rest (TIES "trim").
+def _trim_thresholds(flat: Tensor, density: float) -> Tensor | None:
+    """Per-task magnitude threshold of the TIES trim: the k-th largest |tau_t| entry; None keeps all.
 
-    Each task is trimmed on its own, over all entries of the tensor. The kept count is
-    ``max(1, round(density * numel))``; ties at the threshold are broken arbitrarily by ``topk``.
+    k = ``max(1, round(density * numel))`` per task, over all entries of the tensor; entries tied with the
+    k-th largest magnitude are all kept. ``kthvalue`` (a selection, one task row at a time) rather than
+    ``topk`` over (T, n): no index tensor and one row's temporary copy.
 
     Args:
-        tau: Task vectors of one tensor, (T, *shape).
+        flat: Task vectors of one tensor, (T, n).
         density: Fraction kept, in (0, 1].
 
     Returns:
-        The trimmed task vectors, (T, *shape).
+        Thresholds (T, 1), or None when every entry is kept.
 
     """
-    flat = tau.reshape(tau.shape[0], -1)  # (T, n)
     n = flat.shape[1]
     k = min(n, max(1, math.floor(density * n + 0.5)))
     if k >= n:
-        return tau
-    top = flat.abs().topk(k, dim=1).indices  # (T, k)
-    keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, top, True)  # (T, n)
-    return (flat * keep).reshape(tau.shape)  # (T, *shape)
+        return None
+    return torch.stack([torch.kthvalue(row.abs(), n - k + 1).values for row in flat]).unsqueeze(1)  # (T, 1)
 
 
 def _ties_delta(tau: Tensor, density: float) -> Tensor:
     """Trim, elect sign by total mass, disjoint mean: TIES' merged task vector before scaling.
+
+    Past the per-task thresholds everything is per entry, so it runs in column chunks of ``CHUNK``
+    entries: temporaries stay a few (T, CHUNK) blocks however large the tensor.
 
     Args:
         tau: Task vectors of one tensor in float32, (T, *shape).
@@ -174,10 +176,17 @@ def _ties_delta(tau: Tensor, density: float) -> Tensor:
         The merged task vector, (*shape).
 
     """
-    trimmed = _trim_top_k(tau, density)  # (T, *shape)
-    # peft: sign == elected sign, elected = sign(sum_t trimmed) with 0 -> +1; zeros never agree.
-    agree = calculate_majority_sign_mask(trimmed, method="total")  # (T, *shape) bool
-    return disjoint_merge(trimmed, agree)  # (*shape): sum of agreeing / max(1, #agreeing)
+    flat = tau.reshape(tau.shape[0], -1)  # (T, n)
+    thresholds = _trim_thresholds(flat, density)  # (T, 1) or None
+    out = torch.empty(flat.shape[1], dtype=flat.dtype, device=flat.device)  # (n,)
+    for start in range(0, flat.shape[1], CHUNK):
+        part = flat[:, start : start + CHUNK]  # (T, c)
+        if thresholds is not None:
+            part = part * (part.abs() >= thresholds)  # trim
+        # peft: sign == elected sign, elected = sign(sum_t trimmed) with 0 -> +1; zeros never agree.
+        agree = calculate_majority_sign_mask(part, method="total")  # (T, c) bool
+        out[start : start + CHUNK] = disjoint_merge(part, agree)  # sum of agreeing / max(1, #agreeing)
+    return out.reshape(tau.shape[1:])  # (*shape)
 
 
 def tensor_seed(seed: int, name: str) -> int:
