@@ -17,6 +17,7 @@ from divmerge.data import MergeDataModule
 from divmerge.errors import DivMergeError
 from divmerge.export_cli import parse_export_args, run_export
 from divmerge.module import DivMergeModule, check_trainable
+from divmerge.timing import PhaseTimer
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo4.yaml"
 RUN_SUBCOMMANDS = ("fit", "validate", "test")
@@ -63,8 +64,10 @@ class DivMergeCLI(LightningCLI):
         self._check_before_run()
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
-        """Build the Trainer, with atomic checkpoint writes unless a custom CheckpointIO was configured."""
+        """Build the Trainer with a phase timer; atomic checkpoint writes unless a CheckpointIO is set."""
         trainer = super().instantiate_trainer(**kwargs)
+        self.timer = PhaseTimer()
+        trainer.callbacks.append(self.timer)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = SafeCheckpointIO()
         return trainer
@@ -73,6 +76,17 @@ class DivMergeCLI(LightningCLI):
         """Report the learned merge on the test split (per-task table + ANP)."""
         if not self.trainer.interrupted:
             self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+        self._print_phases()
+
+    def after_validate(self) -> None:  # noqa: D102
+        self._print_phases()
+
+    def after_test(self) -> None:  # noqa: D102
+        self._print_phases()
+
+    def _print_phases(self) -> None:
+        if self.trainer.is_global_zero:
+            print(f"Wall time per phase:\n{self.timer.table()}\n", flush=True)
 
 
 def with_default_config(argv: list[str]) -> list[str]:

@@ -28,7 +28,6 @@ from numbers import Real
 from typing import Literal
 
 import torch
-from peft.utils.merge_utils import calculate_majority_sign_mask, disjoint_merge
 from torch import Tensor
 
 from divmerge.errors import DivMergeError
@@ -176,6 +175,8 @@ def _ties_delta(tau: Tensor, density: float) -> Tensor:
         The merged task vector, (*shape).
 
     """
+    from peft.utils.merge_utils import calculate_majority_sign_mask, disjoint_merge  # slow import: lazy
+
     flat = tau.reshape(tau.shape[0], -1)  # (T, n)
     thresholds = _trim_thresholds(flat, density)  # (T, 1) or None
     out = torch.empty(flat.shape[1], dtype=flat.dtype, device=flat.device)  # (n,)

@@ -5,6 +5,7 @@ unlabelled parts. Labels are only read for val and test: merging never sees a la
 """
 
 import hashlib
+import string
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -34,7 +35,7 @@ _READERS = {
 
 @dataclass
 class TaskSpec:
-    """One task: where its inputs come from and how many to use.
+    r"""One task: where its inputs come from and how many to use.
 
     Args:
         name: Task name; must match an expert name in ``model.experts``.
@@ -44,9 +45,17 @@ class TaskSpec:
         label_column: Column holding the label (only read for val/test); None for unlabelled-only data.
         label_names: Class names in the expert's class order; needed when labels are strings.
         hub_split: Split to read when ``source`` is a hub dataset.
+        hub_subset: Configuration (subset) of a hub dataset that has several, e.g. ``cola`` of
+            ``nyu-mll/glue``.
         num_unlabelled: Unlabelled inputs used to learn the merge.
         num_val: Labelled inputs for validation.
         num_test: Labelled inputs for testing.
+        kind: ``classification`` (the expert's head classifies ``text_column``) or ``generative`` (a
+            causal-LM expert answers the prompt made by ``prompt_template``; scored on ``answer_column``).
+        prompt_template: Generative tasks: a Python format string over the row's columns, e.g.
+            ``"Sentence: {sentence}\nAnswer:"`` (``text_column`` and ``label_column`` are then unused).
+        answer_column: Generative tasks: the reference answer, read for val/test only and compared by
+            exact match (whitespace stripped); integer values are mapped through ``label_names``.
 
     """
 
@@ -56,18 +65,79 @@ class TaskSpec:
     label_column: str | None = "label"
     label_names: list[str] | None = None
     hub_split: str = "train"
+    hub_subset: str | None = None
     num_unlabelled: int = 256
     num_val: int = 200
     num_test: int = 500
+    kind: Literal["classification", "generative"] = "classification"
+    prompt_template: str | None = None
+    answer_column: str | None = None
 
 
 @dataclass(frozen=True)
 class Rows:
-    """Texts with optional class-id labels."""
+    """Texts with optional class-id labels (classification) or reference answers (generative)."""
 
     texts: list[str]
     labels: list[int] | None
     label_names: tuple[str, ...] | None
+    answers: list[str] | None = None
+
+
+def check_task(spec: TaskSpec) -> None:
+    """Fail early on a task spec that cannot work (a generative task needs a prompt template)."""
+    if spec.kind != "generative":
+        return
+    if not spec.prompt_template:
+        raise DivMergeError(
+            f"Task {spec.name!r} is generative but has no prompt_template: set it to a format string over "
+            'the data columns, e.g. prompt_template: "Sentence: {sentence}\\nAnswer:".'
+        )
+    if spec.source.startswith(ZOO_PREFIX):
+        raise DivMergeError(
+            f"Task {spec.name!r}: demo tasks ({spec.source!r}) are classification tasks; give a generative "
+            "task a data file or hub dataset."
+        )
+
+
+def _generative_rows(spec: TaskSpec, table: pd.DataFrame) -> Rows:
+    """Prompts from ``prompt_template`` and, where evaluated, reference answers from ``answer_column``."""
+    assert spec.prompt_template is not None
+    parsed = string.Formatter().parse(spec.prompt_template)
+    fields = {f.split(".")[0].split("[")[0] for _, f, _, _ in parsed if f}
+    missing = sorted(fields - set(table.columns))
+    if missing:
+        raise DivMergeError(
+            f"Task {spec.name!r}: prompt_template uses columns {missing} that {spec.source!r} lacks "
+            f"(columns: {list(table.columns)}); fix the template."
+        )
+    table = table.dropna(subset=sorted(fields))
+    try:
+        texts = [spec.prompt_template.format(**row) for row in table.to_dict("records")]
+    except (ValueError, IndexError, AttributeError) as err:
+        raise DivMergeError(
+            f"Task {spec.name!r}: prompt_template is not a valid format string ({err})."
+        ) from err
+    if spec.answer_column is None or spec.answer_column not in table.columns:
+        if spec.num_val + spec.num_test > 0:
+            raise DivMergeError(
+                f"Task {spec.name!r}: answer_column {spec.answer_column!r} is not in {spec.source!r} "
+                f"(columns: {list(table.columns)}); set answer_column, or num_val: 0 and num_test: 0 to "
+                "merge without evaluating."
+            )
+        return Rows(texts, None, None)
+    column = table[spec.answer_column]
+    if not (spec.label_names and pd.api.types.is_integer_dtype(column)):
+        return Rows(texts, None, None, column.astype(str).tolist())
+    ids = column.astype(int).tolist()
+    bad = sorted({i for i in ids if not 0 <= i < len(spec.label_names)})
+    if bad:
+        raise DivMergeError(
+            f"Task {spec.name!r}: answer_column {spec.answer_column!r} holds {bad[:5]}, which are not "
+            f"positions in label_names {spec.label_names} (hidden test labels are often -1: use a split "
+            "with labels)."
+        )
+    return Rows(texts, None, None, [spec.label_names[i] for i in ids])
 
 
 def _read_table(spec: TaskSpec) -> pd.DataFrame:
@@ -89,7 +159,7 @@ def _read_table(spec: TaskSpec) -> pd.DataFrame:
     import datasets
 
     try:
-        return datasets.load_dataset(spec.source, split=spec.hub_split).to_pandas()
+        return datasets.load_dataset(spec.source, spec.hub_subset, split=spec.hub_split).to_pandas()
     except Exception as err:  # datasets raises many types for a missing/offline dataset
         raise DivMergeError(
             f"Task {spec.name!r}: {spec.source!r} is neither a local data file nor a hub dataset available "
@@ -129,6 +199,8 @@ def load_rows(spec: TaskSpec) -> Rows:
         _, pool = zoo.demo_split(spec.source[len(ZOO_PREFIX) :])
         return Rows(list(pool.texts), list(pool.labels), tuple(pool.label_names))
     table = _read_table(spec)
+    if spec.kind == "generative":
+        return _generative_rows(spec, table)
     if spec.text_column not in table.columns:
         raise DivMergeError(
             f"Task {spec.name!r}: text column {spec.text_column!r} is not in {spec.source!r} "
@@ -186,7 +258,8 @@ def split_rows(spec: TaskSpec, rows: Rows, seed: int) -> dict[str, Rows]:
     for split, (lo, hi) in bounds.items():
         idx = order[lo:hi]
         labels = None if rows.labels is None or split == "unlabelled" else [rows.labels[i] for i in idx]
-        parts[split] = Rows([rows.texts[i] for i in idx], labels, rows.label_names)
+        answers = None if rows.answers is None or split == "unlabelled" else [rows.answers[i] for i in idx]
+        parts[split] = Rows([rows.texts[i] for i in idx], labels, rows.label_names, answers)
     return parts
 
 
@@ -229,7 +302,8 @@ class MergeDataModule(L.LightningDataModule):
     Args:
         tasks: The tasks, one per expert.
         tokenizer: Tokenizer source; linked to ``model.base`` by train.py.
-        max_length: Tokens per input (longer inputs are truncated).
+        max_length: Tokens per input: longer inputs are truncated (generative prompts on the left, so they
+            keep the end their answer follows).
         batch_size_per_task: Unlabelled inputs of each task per training step and device (the global
             batch per task is this times the number of devices).
         eval_batch_size: Batch size for validation/test and for building the teacher cache.
@@ -254,6 +328,8 @@ class MergeDataModule(L.LightningDataModule):
         names = [t.name for t in tasks]
         if len(set(names)) != len(names):
             raise DivMergeError(f"Task names must be unique, got {names}.")
+        for spec in tasks:
+            check_task(spec)
         self.tasks = list(tasks)
         self.tokenizer_source = tokenizer
         self.max_length = max_length
@@ -274,11 +350,14 @@ class MergeDataModule(L.LightningDataModule):
         """The base model's tokenizer."""
         source = resolve_source(self.tokenizer_source)
         try:
-            return AutoTokenizer.from_pretrained(source)
+            tokenizer = AutoTokenizer.from_pretrained(source)
         except (OSError, ValueError) as err:
             raise DivMergeError(
                 f"Could not load a tokenizer from {self.tokenizer_source!r} ({err})."
             ) from err
+        if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token  # causal LMs often have none; padding is masked
+        return tokenizer
 
     def rows(self, task: str) -> dict[str, Rows]:
         """The task's split rows (loaded and split once)."""
@@ -296,9 +375,16 @@ class MergeDataModule(L.LightningDataModule):
         key = (task, split)
         if key not in self._datasets:
             part = self.rows(task)[split]
-            enc = self.tokenizer(part.texts, truncation=True, max_length=self.max_length)["input_ids"]
-            self._datasets[key] = TaskDataset(enc, part.labels)
+            self._datasets[key] = TaskDataset(self._encode(task, part.texts), part.labels)
         return self._datasets[key]
+
+    def _encode(self, task: str, texts: list[str]) -> list[list[int]]:
+        """Token ids of ``texts``, at most ``max_length`` each; a generative prompt keeps its end."""
+        if not texts:  # an empty split (num_val: 0): tokenizers fail on an empty list
+            return []
+        if self.tasks[self.task_names.index(task)].kind == "generative":
+            return [ids[-self.max_length :] for ids in self.tokenizer(texts)["input_ids"]]
+        return self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
 
     def prepare_data(self) -> None:
         """Read every task once on rank 0 so bad data fails before any training starts."""

@@ -19,7 +19,9 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoModel, AutoModelForSequenceClassification, PreTrainedModel
 
+from divmerge.adapters import ADAPTER_CONFIG, is_adapter, load_adapter
 from divmerge.errors import DivMergeError
+from divmerge.lora import LoraStack
 
 _LOCAL_PREFIXES = ("/", "./", "../", "~")
 ZOO_PREFIX = "zoo:"
@@ -29,8 +31,9 @@ def resolve_source(source: str, build: bool = False) -> str:
     """Turn a config source into something ``from_pretrained`` loads.
 
     Args:
-        source: A local directory, a hub id, ``zoo:minilm`` (the packaged demo base) or ``zoo:<task>``
-            (the demo expert for that task).
+        source: A local directory (a model or a peft adapter), a hub id, ``zoo:minilm`` (the packaged
+            demo base), ``zoo:<task>`` (the demo expert for that task) or ``zoo:lora/<task>`` (its LoRA
+            adapter twin).
         build: For ``zoo:<task>``, fine-tune the demo expert if it is not cached yet.
 
     Returns:
@@ -43,8 +46,9 @@ def resolve_source(source: str, build: bool = False) -> str:
         name = source[len(ZOO_PREFIX) :]
         if name == "minilm":
             return str(zoo.base_model_path())
-        zoo.load_demo_task(name)  # unknown names fail here with the list of valid ones
-        path = zoo.build_expert(name) if build else zoo.expert_dir(name)
+        task, recipe = zoo.demo_expert(name)
+        zoo.load_demo_task(task)  # unknown names fail here with the list of valid ones
+        path = zoo.build_expert(task, recipe) if build else zoo.expert_dir(task, recipe)
         if not Path(path).is_dir():
             raise DivMergeError(
                 f"Demo expert {source!r} is not built yet: run `python train.py fit` once (its "
@@ -53,10 +57,10 @@ def resolve_source(source: str, build: bool = False) -> str:
         return str(path)
     path = Path(source).expanduser()
     if path.exists():
-        if not path.is_dir() or not (path / "config.json").is_file():
+        if not path.is_dir() or not ((path / "config.json").is_file() or is_adapter(path)):
             raise DivMergeError(
-                f"{source!r} is not a Hugging Face model directory (no config.json): point to the folder "
-                "written by save_pretrained."
+                f"{source!r} is not a Hugging Face model or peft adapter directory (no config.json or "
+                f"{ADAPTER_CONFIG}): point to the folder written by save_pretrained."
             )
         return str(path)
     if source.startswith(_LOCAL_PREFIXES) or os.sep in source.strip(os.sep).replace("/", "", 1):
@@ -96,7 +100,8 @@ class ExpertSet:
         task_names: Expert (task) names, in order; index t everywhere below.
         names: Backbone tensor names that are merged (relative to the backbone).
         base: theta_0 per merged tensor.
-        task_vectors: tau per merged tensor, stacked over tasks: (T, *shape).
+        task_vectors: tau per merged tensor, stacked over tasks: (T, *shape); when some experts are LoRA
+            adapters, only over the tasks ``dense_rows[name]`` (their all-zero rows are not stored).
         buffers: The base backbone's buffers (position ids, ...), shared by every task.
         heads: Per task, the expert's own (unmerged) tensors, by full name.
         skeletons: Per task, the expert's module on the meta device (forward code only).
@@ -107,6 +112,13 @@ class ExpertSet:
         held_out: Held-out tasks: evaluated with their own head on the merged backbone, not merged;
             their heads, skeletons, num_labels and digests follow the experts' in those lists.
         sources: Where base and experts were loaded from.
+        dense_rows: The task of each row of ``task_vectors[name]``; empty when every expert is a full
+            fine-tune (rows are then the T tasks in order).
+        lora: Per backbone module with plain LoRA adapters, their factors stacked along the rank
+            (``divmerge.lora``); that module's ``weight`` coefficients scale them.
+        generative: Causal-LM experts (``divmerge.causal_lm``): every weight is merged (``prefix`` is
+            empty, ``names`` are full parameter names), there are no heads and ``num_labels`` is the
+            vocabulary size.
 
     """
 
@@ -123,6 +135,9 @@ class ExpertSet:
     task_digests: list[str] = field(default_factory=list)
     held_out: list[str] = field(default_factory=list)
     sources: dict[str, str] = field(default_factory=dict)
+    dense_rows: dict[str, list[int]] = field(default_factory=dict)
+    lora: dict[str, LoraStack] = field(default_factory=dict)
+    generative: bool = False
 
     @property
     def num_tasks(self) -> int:
@@ -150,11 +165,20 @@ class ExpertSet:
             )
         idx = [self.task_names.index(t) for t in tasks]
         digest = hashlib.sha256("|".join(self.task_digests[i] for i in idx).encode()).hexdigest()[:16]
+        task_vectors, dense_rows = {}, {}
+        for n, tau in self.task_vectors.items():
+            if n not in self.dense_rows:
+                task_vectors[n] = tau[idx]  # (k, *shape)
+                continue
+            kept = [(i, self.dense_rows[n].index(t)) for i, t in enumerate(idx) if t in self.dense_rows[n]]
+            task_vectors[n] = tau[[row for _, row in kept]]  # (k', *shape)
+            dense_rows[n] = [i for i, _ in kept]
+        lora = {m: kept for m, stack in self.lora.items() if (kept := stack.select(idx)) is not None}
         return ExpertSet(
             task_names=list(tasks),
             names=list(self.names),
             base=self.base,
-            task_vectors={n: tau[idx] for n, tau in self.task_vectors.items()},  # (k, *shape)
+            task_vectors=task_vectors,
             buffers=self.buffers,
             heads=[self.heads[i] for i in idx],
             skeletons=[self.skeletons[i] for i in idx],
@@ -163,6 +187,9 @@ class ExpertSet:
             fingerprint=digest,
             task_digests=[self.task_digests[i] for i in idx],
             sources={"base": self.sources.get("base", ""), **{t: self.sources.get(t, "") for t in tasks}},
+            dense_rows=dense_rows,
+            lora=lora,
+            generative=self.generative,
         )
 
 
@@ -193,17 +220,27 @@ def _split_expert(
 
 
 def load_experts(
-    base: str, experts: Mapping[str, str], held_out: Mapping[str, str] | None = None
+    base: str,
+    experts: Mapping[str, str],
+    held_out: Mapping[str, str] | None = None,
+    task_vector_dtype: torch.dtype | None = None,
 ) -> ExpertSet:
     """Load the base and every expert, validate them and compute stacked task vectors.
 
-    Experts are loaded one at a time, so peak memory is base + task vectors + one expert.
+    Experts are loaded one at a time, so peak memory is base + task vectors + one expert. An expert may be
+    a peft LoRA adapter directory over ``base`` (see ``divmerge.adapters``): its plain LoRA factors are
+    kept stacked in ``lora`` (adapter-sized) and only its other, densified changes get task-vector rows.
+    When an expert is a causal LM (by its config), ``divmerge.causal_lm.load_causal_lm_experts`` loads
+    the set instead.
 
     Args:
         base: Source of the pretrained base model (see ``resolve_source``).
-        experts: Task name -> expert source, in task order.
+        experts: Task name -> expert source (a full fine-tune or a LoRA adapter), in task order.
         held_out: Task name -> classifier whose HEAD evaluates a held-out task (its backbone is not
             merged); listed after the experts in ``heads`` / ``skeletons`` / ``num_labels``.
+        task_vector_dtype: Dtype the stacked task vectors are stored in (each tau_t is computed in the
+            base's dtype, then rounded into the stack: a bf16 stack never holds a float32 copy); None
+            keeps the base's dtype.
 
     Returns:
         The expert set.
@@ -211,6 +248,10 @@ def load_experts(
     """
     if not experts:
         raise DivMergeError("No experts given: list them under model.experts as `task_name: path`.")
+    from divmerge import causal_lm  # imports this module
+
+    if any(causal_lm.is_causal_lm(source) for source in experts.values()):
+        return causal_lm.load_causal_lm_experts(base, experts, held_out)
     base_model = _load(AutoModel, base, "the base model")
     theta0 = {n: p.detach() for n, p in base_model.named_parameters()}
     base_buffers = {n: b.detach() for n, b in base_model.named_buffers()}
@@ -222,22 +263,32 @@ def load_experts(
     if clash:
         raise DivMergeError(f"Tasks {clash} are both experts and held out: list each task in one of them.")
     sources = {**dict(experts), **held_out}
+    paths = {task: resolve_source(source) for task, source in sources.items()}
+    full = [t for t, task in enumerate(task_names) if not is_adapter(paths[task])]  # stored rows
+    adapter_rows: dict[str, list[tuple[int, Tensor]]] = {}  # adapters' densified changes: (task, tau)
+    lora_parts: dict[str, list[tuple[int, Tensor, Tensor]]] = {}  # module -> (task, A, s * B)
     names: list[str] | None = None
     stacked: dict[str, Tensor] = {}
     heads, skeletons, num_labels, prefix = [], [], [], ""
     expert_digests = []
     for t, task in enumerate([*task_names, *held_out]):
-        model = _load(AutoModelForSequenceClassification, sources[task], f"expert {task!r}")
+        if is_adapter(paths[task]):
+            model, factors = load_adapter(task, paths[task], resolve_source(base), base, base_model)
+        else:
+            model, factors = _load(AutoModelForSequenceClassification, sources[task], f"expert {task!r}"), {}
         if model.config.model_type != base_type:
             raise DivMergeError(
                 f"Expert {task!r} is a {model.config.model_type!r} model but the base is {base_type!r}: "
                 "every expert must be fine-tuned from the configured base."
             )
+        _check_vocabulary(task, model, base_model)
         backbone, head = _split_expert(task, model, theta0)
         if names is None:
             names = [n for n in theta0 if n in backbone and theta0[n].is_floating_point()]
             prefix = model.base_model_prefix
-            stacked = {n: theta0[n].new_empty((len(task_names), *theta0[n].shape)) for n in names}
+            stacked = {
+                n: theta0[n].new_empty((len(full), *theta0[n].shape), dtype=task_vector_dtype) for n in names
+            }
         else:
             differing = sorted(set(names) ^ {n for n, v in backbone.items() if v.is_floating_point()})
             if differing:
@@ -246,9 +297,15 @@ def load_experts(
                     f"{prefix}.{differing[0]}: experts must share one architecture."
                 )
         merged_task = t < len(task_names)
-        if merged_task:
+        if merged_task and t in full:
             for n in names:
-                torch.sub(backbone[n], theta0[n], out=stacked[n][t])  # tau_t: (*shape)
+                torch.sub(backbone[n], theta0[n], out=stacked[n][full.index(t)])  # tau_t: (*shape)
+        elif merged_task:
+            for n in names:
+                if not torch.equal(backbone[n], theta0[n]):
+                    adapter_rows.setdefault(n, []).append((t, backbone[n] - theta0[n]))  # (*shape)
+            for m, (a, b) in factors.items():
+                lora_parts.setdefault(m, []).append((t, a, b))
         heads.append({k: v.clone() for k, v in head.items()})
         num_labels.append(int(model.config.num_labels))
         one = hashlib.sha256(
@@ -256,6 +313,8 @@ def load_experts(
         )
         for n in names if merged_task else []:  # a held-out classifier contributes its head only
             one.update(f"{n}:{tensor_digest(backbone[n])}|".encode())
+        for m, (a, b) in sorted(factors.items()) if merged_task else []:
+            one.update(f"{m}@lora:{tensor_digest(a)}:{tensor_digest(b)}|".encode())
         for n, v in head.items():
             one.update(f"{n}:{tensor_digest(v)}|".encode())
         expert_digests.append(one.hexdigest())
@@ -263,6 +322,14 @@ def load_experts(
         model.requires_grad_(False).to("meta").eval()
         skeletons.append(model)
     assert names is not None
+    dense_rows = {}
+    if len(full) < len(task_names):  # adapters: append their few dense rows, note each row's task
+        for n in names:
+            extra = adapter_rows.get(n, [])
+            if extra:
+                rows = torch.stack([tau for _, tau in extra]).to(stacked[n].dtype)  # (extra, *shape)
+                stacked[n] = torch.cat([stacked[n], rows])
+            dense_rows[n] = full + [t for t, _ in extra]
     base_digest = hashlib.sha256()
     for n in names:
         base_digest.update(f"{n}:{tensor_digest(theta0[n])}|".encode())
@@ -284,4 +351,29 @@ def load_experts(
         task_digests=task_digests,
         sources={"base": base, **sources},
         held_out=list(held_out),
+        dense_rows=dense_rows,
+        lora={m: _stack_lora(parts) for m, parts in lora_parts.items()},
     )
+
+
+def _stack_lora(parts: Sequence[tuple[int, Tensor, Tensor]]) -> LoraStack:
+    """Stack (task, A (r_t, in), s_t * B_t (out, r_t)) of several adapters along the rank."""
+    return LoraStack(
+        a=torch.cat([a for _, a, _ in parts]),  # (R, in)
+        b=torch.cat([b for _, _, b in parts], dim=1),  # (out, R)
+        task=torch.cat([torch.full((a.shape[0],), t, dtype=torch.long) for t, a, _ in parts]),  # (R,)
+    )
+
+
+def _check_vocabulary(task: str, model: PreTrainedModel, base: PreTrainedModel) -> None:
+    """Refuse an expert whose token embeddings were resized away from the base vocabulary."""
+    embeddings = model.get_input_embeddings().weight
+    ours, theirs = embeddings.shape[0], base.get_input_embeddings().weight.shape[0]
+    if ours != theirs:
+        name = next(n for n, p in model.named_parameters() if p is embeddings)
+        raise DivMergeError(
+            f"Expert {task!r} has a vocabulary of {ours} tokens ({name}) but the base has {theirs}: its "
+            "tokenizer differs from the base's (e.g. tokens were added and the embeddings resized when "
+            "fine-tuning), so its tensors do not line up; use experts fine-tuned with the base's tokenizer, "
+            "or configure as model.base the base resized to that same vocabulary (all experts must share it)."
+        )

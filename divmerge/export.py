@@ -317,7 +317,7 @@ def _write_backbone(
     """Save the merged backbone (``model.safetensors`` + ``config.json``) and describe it."""
     skeleton = _meta_backbone(config)
     expected = _state_names(skeleton)  # name -> meta tensor, in state-dict order
-    given = _strip_prefix(params, merged.prefix, expected)
+    given = _strip_prefix(merged.dense_params(params), merged.prefix, expected)  # LoRA folded in
     prefix_len = len(merged.prefix) + 1
     buffers = {n[prefix_len:]: b for n, b in merged.buffers_.items()}
     missing = [n for n in expected if n not in given and n not in buffers]

@@ -9,6 +9,7 @@ from divmerge.checkpoint_io import SafeCheckpointIO, check_checkpoint
 from divmerge.errors import DivMergeError
 from divmerge.experts import resolve_source
 from divmerge.export import check_target, coefficient_stats, export_merged
+from divmerge.export_causal_lm import export_causal_lm
 from divmerge.module import DivMergeModule
 
 
@@ -68,6 +69,7 @@ def run_export(
     else:
         summary["method_options"] = dict(module.hparams.method_options or {})
     params = module.eval_params()
-    out = export_merged(merged, params, base_source, options.out_dir, summary, overwrite=options.overwrite)
+    export = export_causal_lm if module.generative else export_merged  # causal LMs have no heads
+    out = export(merged, params, base_source, options.out_dir, summary, overwrite=options.overwrite)
     print(f"divmerge: exported {module.describe()} of {merged.task_names} to {out}")
     return out

@@ -12,10 +12,13 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.func import functional_call
 
+from divmerge import lora
 from divmerge.coefficients import Granularity, MergeCoefficients
 from divmerge.experts import ExpertSet
+from divmerge.sharding import is_sharded, shard_stacks, sharded_weighted_sum
 
 CHUNK = 1 << 20  # columns per upcast chunk when task vectors are stored below float32
 BackbonePass = Literal["per_task", "joint"]
@@ -82,11 +85,13 @@ def accumulate_over_tasks(
         The step loss (value: sum of task losses) and the detached loss of each task.
 
     """
-    leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
+    # tensors no coefficient moves (e.g. LoRA A factors, or weights only adapters leave untouched) stay
+    # constants, so backward computes no gradient for them
+    leaves = {n: p.detach().requires_grad_(p.requires_grad) for n, p in params.items()}
     values = {}
     for task, loss_fn in task_losses.items():
         loss = loss_fn(leaves)
-        loss.backward(inputs=list(leaves.values()))
+        loss.backward(inputs=[leaf for leaf in leaves.values() if leaf.requires_grad])
         values[task] = loss.detach()
     total = torch.stack(list(values.values())).sum()
     # surrogate = sum_n <merged_n, grad_n>: its gradient w.r.t. merged_n is grad_n, so its backward runs
@@ -147,7 +152,11 @@ class MergedModel(nn.Module):
         init: Initial coefficient value; None means 1/T.
         clamp: Optional (low, high) bounds on the coefficients.
         task_vector_dtype: Storage dtype of the task vectors (bf16/fp16 halve their memory); the merge
-            itself is computed in float32 with float32 coefficients.
+            itself is computed in float32 with float32 coefficients. LoRA factors keep their dtype.
+
+    LoRA adapter experts are merged without densifying (``divmerge.lora``): a LoRA module's merged
+    tensors are its weight (theta_0 plus the full experts' weighted task vectors) and the stacked factors
+    ``<m>@lora_A`` (R, in), ``<m>@lora_B`` (out, R) scaled by that weight's coefficients.
     """
 
     def __init__(
@@ -168,10 +177,22 @@ class MergedModel(nn.Module):
         self.task_vectors = FrozenTensors(
             {n: t.to(task_vector_dtype) for n, t in experts.task_vectors.items()}
         )
-        self.buffers_ = FrozenTensors({f"{self.prefix}.{n}": b for n, b in experts.buffers.items()})
+        self.dense_rows = dict(experts.dense_rows)  # name -> task of each stored row, when not all T
+        self.lora_a = FrozenTensors({m: s.a for m, s in experts.lora.items()})  # (R, in)
+        self.lora_b = FrozenTensors({m: s.b for m, s in experts.lora.items()})  # (out, R)
+        self.lora_task = FrozenTensors({m: s.task for m, s in experts.lora.items()})  # (R,)
+        self.buffers_ = FrozenTensors({self.full_name(n): b for n, b in experts.buffers.items()})
         self.heads = nn.ModuleList(FrozenTensors(h) for h in experts.heads)
         # Plain list, not a ModuleList: the meta skeletons must not appear in parameters()/state_dict().
         self._skeletons = list(experts.skeletons)
+
+    def full_name(self, name: str) -> str:
+        """A merged tensor's name inside an expert: ``<prefix>.<name>`` (just ``name`` without a prefix)."""
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def skeleton(self, task: int) -> nn.Module:
+        """Expert ``task``'s module on the meta device (its forward code, for ``functional_call``)."""
+        return self._skeletons[task]
 
     def merged_params(self, table: Tensor | None = None) -> dict[str, Tensor]:
         """Merged backbone tensors under the expert's naming (``<prefix>.<name>``).
@@ -180,7 +201,8 @@ class MergedModel(nn.Module):
             table: Coefficients (T, G) to merge with; None uses the learned ones.
 
         Returns:
-            Name -> merged tensor; differentiable w.r.t. the coefficients.
+            Name -> merged tensor (and the LoRA modules' ``@lora_A`` / ``@lora_B`` factors, see the class
+            docstring); differentiable w.r.t. the coefficients.
 
         """
         table = self.coefficients() if table is None else table
@@ -188,10 +210,73 @@ class MergedModel(nn.Module):
         with torch.autocast(device_type=table.device.type, enabled=False):  # merge in full precision
             for name in self.names:
                 coef = self.coefficients.column(table, name)  # (T,)
-                merged[f"{self.prefix}.{name}"] = WeightedSum.apply(
-                    coef, self.base[name], self.task_vectors[name]
-                )  # (*shape)
+                rows = self.dense_rows.get(name)  # None: all T tasks
+                if rows == []:  # only adapters' low-rank updates (or nothing) change this tensor
+                    merged[self.full_name(name)] = self.base[name]
+                    continue
+                tau = self.task_vectors[name]  # (rows, *shape), or a column-sharded DTensor (rows, numel)
+                merge = sharded_weighted_sum if is_sharded(tau) else WeightedSum.apply
+                merged[self.full_name(name)] = merge(
+                    coef if rows is None else coef[rows], self.base[name], tau
+                )
+            for m, b in self.lora_b.items():
+                coef = self.coefficients.column(table, f"{m}.weight")  # (T,)
+                merged[self.full_name(m) + lora.LORA_A] = self.lora_a[m]  # (R, in)
+                b_merged = lora.merged_b(b, self.lora_task[m], coef)  # (out, R)
+                merged[self.full_name(m) + lora.LORA_B] = b_merged
         return merged
+
+    def shard(self, mesh: DeviceMesh) -> None:
+        """Keep only this rank's column slice of every stacked task vector (see ``divmerge.sharding``).
+
+        From then on ``merged_params`` is a collective: every rank of ``mesh`` must call it alike.
+
+        Args:
+            mesh: The 1-D mesh of ranks to shard over (Lightning's data-parallel mesh).
+
+        """
+        self.task_vectors = FrozenTensors(shard_stacks(dict(self.task_vectors.items()), mesh))
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the task vectors are sharded across ranks."""
+        return any(is_sharded(t) for _, t in self.task_vectors.items())
+
+    def dense_params(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Merged tensors with every LoRA module's low-rank update added to its weight (for export).
+
+        Args:
+            params: Output of ``merged_params``.
+
+        Returns:
+            Name -> dense merged tensor, named like ``merged_params`` without the LoRA entries.
+        """
+        return lora.fold(params, self._skeletons[0])
+
+    def dense_task_vectors(self) -> dict[str, Tensor]:
+        """Task vectors stacked over all T tasks, (T, *shape), LoRA updates densified (for static merges).
+
+        A tensor every expert stores densely is returned as stored (no copy); others are materialised.
+        """
+        lora_of = {f"{m}.weight": m for m in self.lora_b}
+        out = {}
+        for name in self.names:
+            tau = self.task_vectors[name]  # (len(rows), *shape)
+            rows = self.dense_rows.get(name, list(range(len(self.task_names))))
+            if name not in self.dense_rows and name not in lora_of:
+                out[name] = tau
+                continue
+            full = tau.new_zeros((len(self.task_names), *tau.shape[1:]))  # (T, *shape)
+            full[rows] = tau
+            if name in lora_of:
+                m = lora_of[name]
+                module = self._skeletons[0].get_submodule(self.full_name(m))
+                a, b, task = self.lora_a[m], self.lora_b[m], self.lora_task[m]
+                for t in task.unique().tolist():
+                    cols = task == t  # (R,) this task's rank columns
+                    full[t] += lora.delta(module, a[cols], b[:, cols]).to(full.dtype)  # (*shape)
+            out[name] = full
+        return out
 
     def forward_tasks(
         self, params: Mapping[str, Tensor], batches: Mapping[int, Mapping[str, Tensor]]
@@ -230,9 +315,11 @@ class MergedModel(nn.Module):
         backbone = self._skeletons[tasks[0]].get_submodule(self.prefix)
         cut = len(self.prefix) + 1
         tensors = {n[cut:]: v for n, v in params.items()} | {n[cut:]: v for n, v in self.buffers_.items()}
-        hidden = functional_call(
-            backbone, tensors, args=(), kwargs={"input_ids": ids, "attention_mask": mask}, strict=True
-        )
+        dense, factors = lora.split(tensors)
+        with lora.attached(backbone, factors):
+            hidden = functional_call(
+                backbone, dense, args=(), kwargs={"input_ids": ids, "attention_mask": mask}, strict=True
+            )
         logits, start = {}, 0
         for t in tasks:
             stop = start + batches[t]["input_ids"].shape[0]

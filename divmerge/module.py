@@ -6,18 +6,21 @@ training_step = sum over tasks t of mean_{x in batch_t} D(expert_t(.|x) || merge
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from divmerge.baselines import STATIC_METHODS, static_merge
+from divmerge import causal_lm
+from divmerge.baselines import STATIC_METHODS, TA_LAMBDA, static_merge
 from divmerge.coefficients import GRANULARITIES, Granularity
 from divmerge.data import MergeDataModule
 from divmerge.errors import DivMergeError
@@ -27,6 +30,7 @@ from divmerge.functional import BackbonePass, MergedModel
 from divmerge.objectives import get_objective
 from divmerge.plots import plot_coefficients, plot_divergence
 from divmerge.teachers import cache_path, compute_logprobs, get_or_compute, load_cached
+from divmerge.timing import TEACHER_PHASE
 
 log = logging.getLogger(__name__)
 _STAGE_SPLITS = {"fit": ("unlabelled", "val"), "validate": ("val",), "test": ("test",)}
@@ -102,6 +106,14 @@ class DivMergeModule(L.LightningModule):
             the same head. Its data needs labelled val/test examples only.
         cache_dir: Where teacher outputs (and demo experts) are cached; None means $DIVMERGE_CACHE or
             ~/.cache/divmerge.
+        max_new_tokens: Causal-LM experts: most tokens generated per answer, by each expert (teacher
+            cache) and by the merged model (evaluation); generation also stops at EOS.
+        teacher_top_k: Causal-LM experts: cache each answer position's distribution as the expert's top-k
+            probabilities plus the remaining mass, and compute the divergence over those k + 1 outcomes
+            for expert and merged model alike; None caches and compares full-vocabulary distributions.
+        generation_metric: Causal-LM experts: how generated answers are scored against the reference
+            (``exact_match``, whitespace stripped, or a torchmetrics.text metric); ANP divides the merged
+            model's score by the expert's.
 
     """
 
@@ -123,10 +135,18 @@ class DivMergeModule(L.LightningModule):
         backbone_pass: BackbonePass = "per_task",
         held_out: dict[str, str] | None = None,
         cache_dir: str | None = None,
+        max_new_tokens: int = 16,
+        teacher_top_k: int | None = None,
+        generation_metric: causal_lm.GenerationMetric = "exact_match",
     ) -> None:
         super().__init__()
         if not experts:
             raise DivMergeError("No experts given: list them under model.experts as `task_name: path`.")
+        if max_new_tokens < 1 or (teacher_top_k is not None and teacher_top_k < 1):
+            raise DivMergeError(
+                f"max_new_tokens ({max_new_tokens}) and teacher_top_k ({teacher_top_k}) must be at least 1 "
+                "(leave teacher_top_k unset for full distributions)."
+            )
         if granularity not in GRANULARITIES:
             raise DivMergeError(f"Unknown granularity {granularity!r}: use one of {list(GRANULARITIES)}.")
         self.objective = get_objective(objective)
@@ -135,6 +155,7 @@ class DivMergeModule(L.LightningModule):
         self.save_hyperparameters()
         self.cache_dir = cache_dir or default_cache_dir()
         self.merged: MergedModel | None = None
+        self.generative = False
         self.fingerprint: str | None = None
         self.task_digests: list[str] = []
         self.metrics = nn.ModuleDict()
@@ -142,6 +163,7 @@ class DivMergeModule(L.LightningModule):
         self._eval_params: dict[str, Tensor] | None = None
         self._reference_params: dict[str, Tensor] | None = None
         self.last_results: list[TaskResult] = []
+        self.phase_seconds: dict[str, float] = {}
 
     # ---------------------------------------------------------------- building
     @property
@@ -171,8 +193,8 @@ class DivMergeModule(L.LightningModule):
     def build(self) -> MergedModel:
         """Load base and experts and create the coefficients (once)."""
         if self.merged is None:
-            experts = load_experts(self.hparams.base, self.hparams.experts, self.hparams.held_out)
             dtype = getattr(torch, self.hparams.task_vector_dtype)
+            experts = load_experts(self.hparams.base, self.hparams.experts, self.hparams.held_out, dtype)
             self.merged = MergedModel(
                 experts,
                 self.hparams.granularity,
@@ -183,10 +205,13 @@ class DivMergeModule(L.LightningModule):
             self.fingerprint = experts.fingerprint
             self.task_digests = experts.task_digests
             self.num_labels = dict(zip(experts.all_tasks, experts.num_labels, strict=True))
+            self.generative = experts.generative
             for task, n in self.num_labels.items():
                 self.metrics[task] = nn.ModuleDict(
                     {
-                        k: MulticlassAccuracy(num_classes=n, average="micro")
+                        k: causal_lm.generation_metric(self.hparams.generation_metric)
+                        if self.generative
+                        else MulticlassAccuracy(num_classes=n, average="micro")
                         for k in ("merged", "expert", "reference")
                     }
                 )
@@ -221,6 +246,7 @@ class DivMergeModule(L.LightningModule):
         """Load experts, check the data against them, and fill the teacher cache for this stage."""
         merged = self.build()
         dm = self._datamodule()
+        self._check_kinds(dm)
         for task in self.all_tasks:
             names = dm.label_names(task)
             if names is not None and len(names) != self.num_labels[task]:
@@ -229,6 +255,8 @@ class DivMergeModule(L.LightningModule):
                     f"{self.num_labels[task]}: check label_names or the expert."
                 )
         splits = _STAGE_SPLITS.get(stage, ("unlabelled", "val", "test"))
+        if self.shards_task_vectors:  # once sharded, a merge is a collective: no rank-0-only teachers later
+            splits = ("unlabelled", "val", "test")
         wanted = [(task, split) for task in self.task_names for split in splits]
         wanted += [(task, split) for task in self.held_out for split in splits if split != "unlabelled"]
         paths = {}
@@ -236,7 +264,9 @@ class DivMergeModule(L.LightningModule):
             ds = dm.dataset(task, split)
             self._check_labels(task, split, ds.labels)
             t = self.all_tasks.index(task)
-            paths[task, split] = cache_path(self.cache_dir, task, split, self.task_digests[t], ds.digest())
+            digest = ds.digest() + (self._generation_key(split) if self.generative else "")
+            paths[task, split] = cache_path(self.cache_dir, task, split, self.task_digests[t], digest)
+        started = time.perf_counter()
         if self.trainer.is_global_zero:
             merged.to(self.trainer.strategy.root_device)
             for (task, split), path in paths.items():
@@ -247,6 +277,7 @@ class DivMergeModule(L.LightningModule):
                     if built:
                         rank_zero_info(f"teacher cache: built {task}/{split} -> {path}")
         self.trainer.strategy.barrier("divmerge_teacher_cache")
+        self.phase_seconds[TEACHER_PHASE] = time.perf_counter() - started  # read by divmerge.timing
         for key, path in paths.items():
             if len(dm.dataset(*key)):
                 cached = load_cached(path)
@@ -255,6 +286,46 @@ class DivMergeModule(L.LightningModule):
                         f"Teacher cache {path} is missing on this rank: use a shared cache_dir."
                     )
                 self._teachers[key] = cached
+
+    @property
+    def shards_task_vectors(self) -> bool:
+        """Whether the strategy is Lightning's ``ModelParallelStrategy`` (task vectors get sharded)."""
+        trainer = self._trainer
+        return trainer is not None and isinstance(trainer.strategy, ModelParallelStrategy)
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy``, keep only this rank's slice of the task vectors.
+
+        Each of the data-parallel ranks keeps 1/N of every stacked task vector (``divmerge.sharding``): for
+        expert sets whose T task vectors do not fit one device. Use ``tensor_parallel_size: 1`` (the ranks
+        are data parallel) and ``save_distributed_checkpoint: false`` (one small coefficient file).
+        """
+        if not self.shards_task_vectors or self.merged is None or self.merged.sharded:
+            return
+        strategy = self.trainer.strategy
+        if self.device_mesh["tensor_parallel"].size() != 1:
+            raise DivMergeError(
+                "divmerge shards task vectors over the data-parallel ranks: set the strategy's "
+                "tensor_parallel_size: 1 (and data_parallel_size to the number of processes)."
+            )
+        if self.is_static:
+            raise DivMergeError(
+                f"Static merge {self.hparams.method!r} needs every task vector whole: run it without "
+                "ModelParallelStrategy (e.g. strategy: ddp or one device)."
+            )
+        if getattr(strategy, "_save_distributed_checkpoint", False):
+            raise DivMergeError(
+                "Set ModelParallelStrategy's save_distributed_checkpoint: false: divmerge checkpoints "
+                "hold only the coefficients, written as one small file."
+            )
+        total = sum(t.numel() * t.element_size() for _, t in self.merged.task_vectors.items())
+        self.merged.shard(self.device_mesh["data_parallel"])
+        local = sum(t.to_local().numel() * t.element_size() for _, t in self.merged.task_vectors.items())
+        print(
+            f"divmerge: rank {self.global_rank} keeps {local / 1e6:.2f} of {total / 1e6:.2f} MB of the task "
+            "vectors",
+            flush=True,
+        )
 
     def _check_labels(self, task: str, split: str, labels: list[int] | None) -> None:
         if labels and not 0 <= min(labels) <= max(labels) < self.num_labels[task]:
@@ -269,6 +340,8 @@ class DivMergeModule(L.LightningModule):
 
         For a held-out task the "expert" is the base backbone (all-zero coefficients) with its head.
         """
+        if self.generative:
+            return self._generative_teacher(dm, task, split)
         merged = self.build()
         t = self.all_tasks.index(task)
         device = self.trainer.strategy.root_device
@@ -281,6 +354,76 @@ class DivMergeModule(L.LightningModule):
 
         ds = dm.dataset(task, split)
         return compute_logprobs(forward, dm.eval_loader(task, split), len(ds))
+
+    # ---------------------------------------------------------------- generative (causal-LM) experts
+    def _check_kinds(self, dm: MergeDataModule) -> None:
+        """Refuse tasks whose kind does not match the experts (classifiers vs causal LMs)."""
+        kind = "generative" if self.generative else "classification"
+        wrong = [spec.name for spec in dm.tasks if spec.kind != kind]
+        if wrong and self.generative:
+            raise DivMergeError(
+                f"Tasks {wrong} are classification tasks but the experts are causal LMs: set "
+                "`kind: generative` and a prompt_template on each."
+            )
+        if wrong:
+            raise DivMergeError(
+                f"Tasks {wrong} are generative but the experts are classifiers: give generative tasks "
+                "causal-LM experts, or remove `kind: generative`."
+            )
+        if self.generative:
+            if self.hparams.backbone_pass != "per_task":
+                raise DivMergeError(
+                    "Causal-LM experts are trained one task at a time: use backbone_pass: per_task."
+                )
+            self._generation_ids()  # a tokenizer without EOS fails here, before any teacher is built
+
+    def _generation_key(self, split: str) -> str:
+        """The generation settings a generative teacher cache depends on (part of its file name)."""
+        if split != "unlabelled":  # evaluation keeps the answers only
+            return f"-g{self.hparams.max_new_tokens}answers"
+        return f"-g{self.hparams.max_new_tokens}k{self.hparams.teacher_top_k or 'full'}"
+
+    def _generation_ids(self) -> tuple[int, int]:
+        """(EOS id, padding id) of the base tokenizer; a tokenizer without EOS is refused."""
+        tokenizer = self._datamodule().tokenizer
+        return causal_lm.eos_token_id(tokenizer, self.num_labels[self.task_names[0]]), tokenizer.pad_token_id
+
+    def _generative_teacher(self, dm: MergeDataModule, task: str, split: str) -> dict[str, Tensor]:
+        """Expert ``task``'s greedy answers on a split, with answer distributions for the training split."""
+        eos_id, pad_id = self._generation_ids()
+        return causal_lm.build_teacher(
+            self.build(),
+            self.task_names.index(task),
+            dm.eval_loader(task, split),
+            len(dm.dataset(task, split)),
+            eos_id,
+            pad_id,
+            self.hparams.max_new_tokens,
+            self.hparams.teacher_top_k,
+            keep_distributions=split == "unlabelled",
+        )
+
+    def _generative_eval_step(self, batch: dict[str, Tensor], task: str, split: str) -> None:
+        """Score the answers generated by the merged model, the expert (cached) and the reference merge."""
+        dm = self._datamodule()
+        eos_id, pad_id = self._generation_ids()
+        idx = batch["idx"].cpu()
+        references = [dm.rows(task)[split].answers[i] for i in idx.tolist()]
+        metrics = self.metrics[task]
+
+        def answers(params: dict[str, Tensor]) -> list[str]:
+            prompts, limit = causal_lm.prompts_of(batch), self.hparams.max_new_tokens
+            out = causal_lm.generate(self.build(), params, prompts, eos_id, pad_id, limit)
+            return causal_lm.decode_answers(dm.tokenizer, out.tokens, out.lengths)
+
+        causal_lm.update_generation_metric(metrics["merged"], answers(self._eval_params), references)
+        cached = self._teachers[task, split]
+        expert = causal_lm.decode_answers(dm.tokenizer, cached["tokens"][idx], cached["lengths"][idx])
+        causal_lm.update_generation_metric(metrics["expert"], expert, references)
+        if self._reference_params is not None:
+            causal_lm.update_generation_metric(
+                metrics["reference"], answers(self._reference_params), references
+            )
 
     # ---------------------------------------------------------------- training
     def configure_optimizers(self) -> Any:
@@ -300,16 +443,24 @@ class DivMergeModule(L.LightningModule):
         inputs = {
             index[task]: {k: b[k] for k in ("input_ids", "attention_mask")} for task, b in batch.items()
         }
-        teachers = {
-            index[task]: self._teachers[task, "unlabelled"][b["idx"].cpu()] for task, b in batch.items()
-        }  # task -> (B_t, C_t)
+        if self.generative:
+            answers = {
+                index[task]: {k: v[b["idx"].cpu()] for k, v in self._teachers[task, "unlabelled"].items()}
+                for task, b in batch.items()
+            }  # task -> the batch's rows of its teacher cache
+            pad_id = self._datamodule().tokenizer.pad_token_id
+            loss, per_task = causal_lm.step_loss(merged, self.objective, inputs, answers, pad_id)
+        else:
+            teachers = {
+                index[task]: self._teachers[task, "unlabelled"][b["idx"].cpu()] for task, b in batch.items()
+            }  # task -> (B_t, C_t)
 
-        def task_loss(t: int, student: Tensor) -> Tensor:  # student: (B_t, C_t)
-            return self.objective(teachers[t].to(student.device), student).mean()
+            def task_loss(t: int, student: Tensor) -> Tensor:  # student: (B_t, C_t)
+                return self.objective(teachers[t].to(student.device), student).mean()
 
-        loss, per_task = merged.step_loss(
-            merged.merged_params(), inputs, task_loss, self.hparams.backbone_pass
-        )
+            loss, per_task = merged.step_loss(
+                merged.merged_params(), inputs, task_loss, self.hparams.backbone_pass
+            )
         for task in batch:
             size = len(batch[task]["idx"])
             self.log(f"train/{self.hparams.objective}/{task}", per_task[index[task]], batch_size=size)
@@ -323,12 +474,10 @@ class DivMergeModule(L.LightningModule):
         return self.hparams.method != LEARNED
 
     def static_params(self, method: str, options: dict[str, Any] | None) -> dict[str, Tensor]:
-        """Merged backbone tensors of a static merge, named like ``MergedModel.merged_params``."""
+        """Merged backbone tensors of a static merge (LoRA adapters densified), named as ``merged_params``."""
         merged = self.build()
-        out = static_merge(
-            method, dict(merged.base.items()), dict(merged.task_vectors.items()), **(options or {})
-        )
-        return {f"{merged.prefix}.{name}": tensor for name, tensor in out.items()}
+        out = static_merge(method, dict(merged.base.items()), merged.dense_task_vectors(), **(options or {}))
+        return {merged.full_name(name): tensor for name, tensor in out.items()}
 
     def eval_params(self) -> dict[str, Tensor]:
         """The merged tensors this module evaluates: learned coefficients or the static merge."""
@@ -337,17 +486,41 @@ class DivMergeModule(L.LightningModule):
         with torch.no_grad():
             return {k: v.detach() for k, v in self.build().merged_params().items()}
 
+    def reference_params(self) -> dict[str, Tensor] | None:
+        """The reference column's merged tensors (None where sharded task vectors cannot give them).
+
+        With sharded task vectors only the linear references (``task_arithmetic``, ``average``) are
+        computed, through the sharded merge with constant coefficients.
+        """
+        merged, method = self.build(), self.hparams.reference
+        if not merged.sharded:
+            return self.static_params(method, self.hparams.reference_options)
+        options = self.hparams.reference_options or {}
+        constant = {
+            "task_arithmetic": float(options.get("lambda_", TA_LAMBDA)),
+            "average": 1 / len(self.task_names),
+        }
+        if method not in constant:
+            rank_zero_info(f"reference {method!r} needs whole task vectors: not computed with sharding.")
+            return None
+        with torch.no_grad():
+            return {
+                k: v.detach()
+                for k, v in merged.merged_params(merged.constant_table(constant[method])).items()
+            }
+
     def _eval_start(self) -> None:
         self._eval_params = self.eval_params()
         self._reference_params = None
         if self.trainer.state.fn != TrainerFn.FITTING:
-            self._reference_params = self.static_params(
-                self.hparams.reference, self.hparams.reference_options
-            )
+            self._reference_params = self.reference_params()
 
     def _eval_step(self, batch: dict[str, Tensor], dataloader_idx: int, split: str) -> None:
         merged = self.build()
         task = self._datamodule().eval_tasks(split)[dataloader_idx]
+        if self.generative:
+            self._generative_eval_step(batch, task, split)
+            return
         t = self.all_tasks.index(task)
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         labels = batch["labels"]

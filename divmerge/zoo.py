@@ -328,6 +328,10 @@ class ExpertRecipe:
         lr: AdamW learning rate.
         batch_size: Training batch size.
         seed: Seed of the split, the classifier-head initialisation and the shuffling.
+        lora_rank: None fine-tunes every weight. A rank r trains a peft LoRA adapter instead (Hu et al.
+            2021, arXiv 2106.09685): rank r, alpha 2r, on every linear layer of the backbone (query, key,
+            value, dense), with the classifier fully trained (peft ``modules_to_save``); the expert is
+            then an adapter directory over the base.
 
     """
 
@@ -337,6 +341,7 @@ class ExpertRecipe:
     lr: float = 2e-4
     batch_size: int = 32
     seed: int = 0
+    lora_rank: int | None = None
 
     def __post_init__(self) -> None:
         for field in ("num_train", "epochs", "max_length", "batch_size"):
@@ -348,6 +353,39 @@ class ExpertRecipe:
         if isinstance(self.lr, bool) or not isinstance(self.lr, int | float) or not self.lr > 0:
             raise DivMergeError(f"ExpertRecipe.lr={self.lr!r} is invalid; use a positive number.")
         object.__setattr__(self, "lr", float(self.lr))  # 1 and 1.0 must give the same cache key
+        rank = self.lora_rank
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+            raise DivMergeError(
+                f"ExpertRecipe.lora_rank={rank!r} is invalid; use a positive integer or None."
+            )
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields that make the cache key (``lora_rank`` only when set, so full experts keep theirs)."""
+        fields = dataclasses.asdict(self)
+        if fields["lora_rank"] is None:
+            del fields["lora_rank"]
+        return fields
+
+
+LORA_PREFIX = "lora/"
+"""``zoo:lora/<task>`` names the demo LoRA expert of a task (``zoo:<task>`` the fully fine-tuned one)."""
+
+LORA_RECIPE = ExpertRecipe(epochs=3, lr=1e-3, lora_rank=8)
+"""How the demo LoRA experts are trained: same data as the full experts, rank 8, a larger learning rate."""
+
+
+def demo_expert(name: str) -> tuple[str, ExpertRecipe]:
+    """The task and recipe of a demo expert name: ``<task>`` (full fine-tune) or ``lora/<task>``.
+
+    Args:
+        name: A config source without its ``zoo:`` prefix.
+
+    Returns:
+        (task name, recipe).
+    """
+    if name.startswith(LORA_PREFIX):
+        return name[len(LORA_PREFIX) :], LORA_RECIPE
+    return name, ExpertRecipe()
 
 
 def default_cache_dir() -> Path:
@@ -409,7 +447,7 @@ def expert_dir(name: str, recipe: ExpertRecipe = ExpertRecipe(), cache_dir: Path
         {
             "format": _ZOO_FORMAT_VERSION,
             "task": name,
-            "recipe": dataclasses.asdict(recipe),
+            "recipe": recipe.as_dict(),
             "base": _base_fingerprint(),
         },
         sort_keys=True,
@@ -514,6 +552,16 @@ def _train_expert(name: str, recipe: ExpertRecipe, out_dir: Path, progress: bool
         id2label=dict(enumerate(label_names)),
         label2id={label: i for i, label in enumerate(label_names)},
     )
+    if recipe.lora_rank is not None:
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        lora = LoraConfig(
+            task_type=TaskType.SEQ_CLS,
+            r=recipe.lora_rank,
+            lora_alpha=2 * recipe.lora_rank,
+            target_modules=["query", "key", "value", "dense"],
+        )
+        model = get_peft_model(model, lora)  # the classifier is trained in full (modules_to_save)
     model.train()  # from_pretrained returns eval mode; fine-tune with dropout as usual
 
     def collate(rows: list[int]) -> dict[str, torch.Tensor]:
@@ -564,7 +612,7 @@ def _train_expert(name: str, recipe: ExpertRecipe, out_dir: Path, progress: bool
     tokenizer.save_pretrained(out_dir)
     meta = {
         "task": name,
-        "recipe": dataclasses.asdict(recipe),
+        "recipe": recipe.as_dict(),
         "label_names": list(label_names),
         "train_accuracy": train_accuracy,
         "pool_accuracy_500": pool_accuracy,

@@ -77,6 +77,10 @@ def test_fit_learns_reports_and_checkpoints_small(tmp_path, tiny, capsys):
     cli = train.main(["fit", "--config", write_config(tmp_path, tiny, epochs=4)])
     out = capsys.readouterr()
     assert "| ANP" in out.out + out.err and "task arithmetic" in out.out + out.err
+    phases = cli.timer.seconds
+    assert list(phases)[:3] == ["start-up", "setup", "teacher cache"], phases
+    assert {"train", "validation", "test"} <= set(phases) and all(v >= 0 for v in phases.values())
+    assert "Wall time per phase" in out.out and "| teacher cache |" in out.out
     metrics = pd.read_csv(next((tmp_path / "run").rglob("metrics.csv")))
     loss = metrics["train/loss"].dropna().to_numpy()
     assert loss[-3:].mean() < loss[:3].mean()  # the divergence goes down

@@ -1,5 +1,6 @@
-"""DDP through Lightning on CPU (gloo): 2 processes learn what one process learns on the same global batch."""
+"""DDP and sharded task vectors through Lightning on CPU (gloo): 2 processes learn what one process learns."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -51,3 +52,50 @@ def test_ddp_two_processes_equal_one_process_on_the_same_global_batch(tmp_path, 
     )
     assert not torch.allclose(single, torch.full_like(single, 0.5))  # it learned something
     assert (ddp - single).abs().max() < 1e-5
+
+
+def test_sharded_task_vectors_two_processes_equal_one_process(tmp_path, tiny):
+    """ModelParallelStrategy: each rank keeps half of every task vector; same coefficients as 1 process."""
+    config = write_config(tmp_path, tiny, epochs=2)
+    log = run_fit(
+        config,
+        tmp_path,
+        tmp_path / "sharded",
+        "--trainer.strategy",
+        "lightning.pytorch.strategies.ModelParallelStrategy",
+        "--trainer.strategy.data_parallel_size",
+        "2",
+        "--trainer.strategy.tensor_parallel_size",
+        "1",
+        "--trainer.strategy.save_distributed_checkpoint",
+        "false",
+        "--trainer.devices",
+        "2",
+        "--data.batch_size_per_task",
+        "2",
+    )
+    kept = re.findall(r"rank (\d) keeps ([\d.]+) of ([\d.]+) MB", log)
+    assert sorted(r for r, _, _ in kept) == ["0", "1"], log[-2000:]
+    assert all(abs(float(local) - float(total) / 2) < 0.01 * float(total) for _, local, total in kept)
+    assert "| ANP" in log and "task arithmetic" in log  # test after fit, reference merged through shards
+    run_fit(
+        config, tmp_path, tmp_path / "single", "--trainer.devices", "1", "--data.batch_size_per_task", "4"
+    )
+    sharded, single = (
+        coefficients(tmp_path / "sharded" / "last.ckpt"),
+        coefficients(tmp_path / "single" / "last.ckpt"),
+    )
+    assert not torch.allclose(single, torch.full_like(single, 0.5))
+    # sums split across shards change float rounding; Adam magnifies it where a gradient is ~0
+    assert (sharded - single).abs().max() < 1e-4
+
+
+def test_sharding_refuses_distributed_checkpoints(tmp_path, tiny):
+    config = write_config(tmp_path, tiny, epochs=1)
+    cmd = [sys.executable, str(ROOT / "train.py"), "fit", "--config", config]
+    cmd += ["--trainer.strategy", "lightning.pytorch.strategies.ModelParallelStrategy"]
+    cmd += ["--trainer.strategy.tensor_parallel_size", "1"]  # save_distributed_checkpoint left at True
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("divmerge: error: Set ModelParallelStrategy's")
+    assert not list((tmp_path / "run").rglob("*.ckpt"))

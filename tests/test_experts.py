@@ -188,3 +188,11 @@ def test_held_out_head_is_evaluated_on_base_backbone(tiny):
         load_experts(
             tiny["base"], {"beta": tiny["experts"]["beta"]}, held_out={"beta": tiny["experts"]["beta"]}
         )
+
+
+def test_task_vectors_stacked_in_the_storage_dtype(tiny, expert_set):
+    half = load_experts(tiny["base"], tiny["experts"], task_vector_dtype=torch.bfloat16)
+    for name, tau in expert_set.task_vectors.items():
+        assert half.task_vectors[name].dtype == torch.bfloat16
+        torch.testing.assert_close(half.task_vectors[name], tau.to(torch.bfloat16), atol=0, rtol=0)
+    assert half.fingerprint == expert_set.fingerprint  # same experts: teacher caches stay valid
