@@ -1,9 +1,12 @@
 """Causal-LM (generative) experts: loading, the merged model's forward and greedy generation, the teacher.
 
 A causal-LM expert (``AutoModelForCausalLM``) is merged whole: every weight, the LM head included, with
-tied input/output embeddings merged once (as one tensor). There is no per-task head. The expert's
-teacher output is its greedy answer to each prompt plus the (coarsened) distribution of every answer
-position (DivMerge, arXiv 2509.02108, Algorithm 1); see :mod:`divmerge.generative` for the math.
+tied input/output embeddings merged once (as one tensor). There is no per-task head. An expert may also
+be a peft LoRA adapter (task_type CAUSAL_LM) over the base: its plain LoRA layers stay factored
+(``divmerge.lora``, added by forward hooks in :func:`forward`), its other changes are densified
+(``divmerge.adapters``). The expert's teacher output is its greedy answer to each prompt plus the
+(coarsened) distribution of every answer position (DivMerge, arXiv 2509.02108, Algorithm 1); see
+:mod:`divmerge.generative` for the math.
 """
 
 import hashlib
@@ -20,9 +23,19 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreT
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils import ModelOutput
 
-from divmerge.adapters import is_adapter
+from divmerge import lora
+from divmerge.adapters import adapter_task_type, is_adapter, load_adapter
 from divmerge.errors import DivMergeError
-from divmerge.experts import ExpertSet, _load, resolve_source, tensor_digest
+from divmerge.experts import (
+    ExpertSet,
+    _load,
+    add_adapter_changes,
+    append_adapter_rows,
+    factors_digest,
+    resolve_source,
+    stack_lora,
+    tensor_digest,
+)
 from divmerge.functional import MergedModel, accumulate_over_tasks
 from divmerge.generative import Decoded, answer_divergence, exact_match, greedy_decode
 from divmerge.objectives import Objective
@@ -41,7 +54,16 @@ def architectures(source: str) -> list[str]:
 
 
 def is_causal_lm(source: str) -> bool:
-    """Whether ``source`` (directory or hub id) holds a causal LM, judged by its config's architectures."""
+    """Whether ``source`` (directory or hub id) holds a causal LM or a peft adapter of one.
+
+    A model is judged by its config's architectures, an adapter directory by its task_type (CAUSAL_LM).
+    """
+    try:
+        path = resolve_source(source)
+    except DivMergeError:
+        return False
+    if is_adapter(path):
+        return adapter_task_type(path) == "CAUSAL_LM"
     return any(a in CAUSAL_LM_CLASSES for a in architectures(source))
 
 
@@ -55,11 +77,14 @@ def load_causal_lm_experts(
 ) -> ExpertSet:
     """Load a causal-LM base and experts; every weight is merged (tied embeddings once).
 
-    Experts are loaded one at a time, so peak memory is base + task vectors + one expert.
+    Experts are loaded one at a time, so peak memory is base + task vectors + one expert. A peft LoRA
+    adapter expert keeps its plain LoRA factors stacked in ``lora`` (adapter-sized); only its densified
+    changes get task-vector rows (``dense_rows``), as for classifiers (``divmerge.experts.load_experts``).
 
     Args:
         base: Source of the pretrained causal LM the experts were fine-tuned from.
-        experts: Task name -> causal-LM expert source, in task order.
+        experts: Task name -> causal-LM expert source (a full fine-tune or a LoRA adapter over ``base``),
+            in task order.
         held_out: Must be empty: held-out tasks need a classification head.
 
     Returns:
@@ -82,28 +107,35 @@ def load_causal_lm_experts(
     names = [n for n, p in theta0.items() if p.is_floating_point()]
     base_vocab = vocab_size(base_model)
     task_names = list(experts)
-    stacked = {n: theta0[n].new_empty((len(task_names), *theta0[n].shape)) for n in names}
+    paths = {task: resolve_source(source) for task, source in experts.items()}
+    full = [t for t, task in enumerate(task_names) if not is_adapter(paths[task])]  # stored rows
+    stacked = {n: theta0[n].new_empty((len(full), *theta0[n].shape)) for n in names}
+    adapter_rows: dict[str, list[tuple[int, Tensor]]] = {}  # adapters' densified changes: (task, tau)
+    lora_parts: dict[str, list[tuple[int, Tensor, Tensor]]] = {}  # module -> (task, A, s * B)
     skeletons, expert_digests = [], []
     digest = hashlib.sha256()
     for t, task in enumerate(task_names):
-        if is_adapter(resolve_source(experts[task])):
-            raise DivMergeError(
-                f"Expert {task!r} is a peft adapter; adapters over a causal-LM base are not merged yet: "
-                "merge it into its base (PeftModel.merge_and_unload()), save_pretrained the result and list "
-                "that directory."
-            )
-        if not is_causal_lm(experts[task]):
+        if t in full and not is_causal_lm(experts[task]):  # load_adapter checks an adapter's task_type
             raise DivMergeError(
                 f"Expert {task!r} is not a causal LM (its config lists {architectures(experts[task])}) but "
                 f"the others are: merge experts of one kind (all causal LMs or all classifiers)."
             )
-        model = _load(AutoModelForCausalLM, experts[task], f"expert {task!r}")
+        if t in full:
+            model, factors = _load(AutoModelForCausalLM, experts[task], f"expert {task!r}"), {}
+        else:
+            model, factors = load_adapter(
+                task, paths[task], resolve_source(base), base, base_model, "CAUSAL_LM"
+            )
         params = _expert_params(task, model, theta0, base_vocab, base_model.config.model_type)
-        for n in names:
-            torch.sub(params[n], theta0[n], out=stacked[n][t])  # tau_t: (*shape)
+        if t in full:
+            for n in names:
+                torch.sub(params[n], theta0[n], out=stacked[n][full.index(t)])  # tau_t: (*shape)
+        else:
+            add_adapter_changes(t, params, {n: theta0[n] for n in names}, factors, adapter_rows, lora_parts)
         one = hashlib.sha256(f"{model.config.model_type}|causal-lm|".encode())
         for n in names:
             one.update(f"{n}:{tensor_digest(params[n])}|".encode())
+        one.update(factors_digest(factors).encode())
         expert_digests.append(one.hexdigest())
         digest.update(f"{task}|{one.hexdigest()}|".encode())
         model.requires_grad_(False).to("meta").eval()
@@ -113,6 +145,7 @@ def load_causal_lm_experts(
     for n in names:
         base_digest.update(f"{n}:{tensor_digest(theta0[n])}|".encode())
     digest.update(base_digest.digest())
+    dense_rows = append_adapter_rows(stacked, full, adapter_rows) if len(full) < len(task_names) else {}
     return ExpertSet(
         task_names=task_names,
         names=names,
@@ -128,6 +161,8 @@ def load_causal_lm_experts(
             hashlib.sha256(f"{base_digest.hexdigest()}|{d}".encode()).hexdigest()[:16] for d in expert_digests
         ],
         sources={"base": base, **experts},
+        dense_rows=dense_rows,
+        lora={m: stack_lora(parts) for m, parts in lora_parts.items()},
         generative=True,
     )
 
@@ -225,6 +260,9 @@ def forward(
 ) -> ModelOutput:
     """The merged causal LM on a (left- or right-) padded batch; positions follow the attention mask.
 
+    Every causal-LM forward (teacher decoding, generation, the training loss) runs through here, so LoRA
+    adapter experts' factors (``@lora_A`` / ``@lora_B`` entries of ``params``) are always applied.
+
     Args:
         merged: The merged model (its first skeleton gives the forward code; all experts share it).
         params: Merged tensors by full name (``merged.merged_params``).
@@ -239,14 +277,16 @@ def forward(
     if "position_ids" not in kwargs:
         kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
     kwargs.setdefault("use_cache", False)
-    tensors = dict(params) | dict(merged.buffers_.items())
-    return functional_call(
-        merged.skeleton(0),
-        tensors,
-        args=(),
-        kwargs={"input_ids": input_ids, "attention_mask": attention_mask, **kwargs},
-        strict=True,
-    )
+    dense, factors = lora.split(dict(params) | dict(merged.buffers_.items()))
+    skeleton = merged.skeleton(0)
+    with lora.attached(skeleton, factors):  # LoRA adapter experts' low-rank terms, B (A x)
+        return functional_call(
+            skeleton,
+            dense,
+            args=(),
+            kwargs={"input_ids": input_ids, "attention_mask": attention_mask, **kwargs},
+            strict=True,
+        )
 
 
 @torch.no_grad()

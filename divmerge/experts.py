@@ -230,8 +230,8 @@ def load_experts(
     Experts are loaded one at a time, so peak memory is base + task vectors + one expert. An expert may be
     a peft LoRA adapter directory over ``base`` (see ``divmerge.adapters``): its plain LoRA factors are
     kept stacked in ``lora`` (adapter-sized) and only its other, densified changes get task-vector rows.
-    When an expert is a causal LM (by its config), ``divmerge.causal_lm.load_causal_lm_experts`` loads
-    the set instead.
+    When an expert is a causal LM (by its config, or a peft adapter with task_type CAUSAL_LM),
+    ``divmerge.causal_lm.load_causal_lm_experts`` loads the set instead.
 
     Args:
         base: Source of the pretrained base model (see ``resolve_source``).
@@ -301,11 +301,7 @@ def load_experts(
             for n in names:
                 torch.sub(backbone[n], theta0[n], out=stacked[n][full.index(t)])  # tau_t: (*shape)
         elif merged_task:
-            for n in names:
-                if not torch.equal(backbone[n], theta0[n]):
-                    adapter_rows.setdefault(n, []).append((t, backbone[n] - theta0[n]))  # (*shape)
-            for m, (a, b) in factors.items():
-                lora_parts.setdefault(m, []).append((t, a, b))
+            add_adapter_changes(t, backbone, {n: theta0[n] for n in names}, factors, adapter_rows, lora_parts)
         heads.append({k: v.clone() for k, v in head.items()})
         num_labels.append(int(model.config.num_labels))
         one = hashlib.sha256(
@@ -313,8 +309,8 @@ def load_experts(
         )
         for n in names if merged_task else []:  # a held-out classifier contributes its head only
             one.update(f"{n}:{tensor_digest(backbone[n])}|".encode())
-        for m, (a, b) in sorted(factors.items()) if merged_task else []:
-            one.update(f"{m}@lora:{tensor_digest(a)}:{tensor_digest(b)}|".encode())
+        if merged_task:
+            one.update(factors_digest(factors).encode())
         for n, v in head.items():
             one.update(f"{n}:{tensor_digest(v)}|".encode())
         expert_digests.append(one.hexdigest())
@@ -322,14 +318,7 @@ def load_experts(
         model.requires_grad_(False).to("meta").eval()
         skeletons.append(model)
     assert names is not None
-    dense_rows = {}
-    if len(full) < len(task_names):  # adapters: append their few dense rows, note each row's task
-        for n in names:
-            extra = adapter_rows.get(n, [])
-            if extra:
-                rows = torch.stack([tau for _, tau in extra]).to(stacked[n].dtype)  # (extra, *shape)
-                stacked[n] = torch.cat([stacked[n], rows])
-            dense_rows[n] = full + [t for t, _ in extra]
+    dense_rows = append_adapter_rows(stacked, full, adapter_rows) if len(full) < len(task_names) else {}
     base_digest = hashlib.sha256()
     for n in names:
         base_digest.update(f"{n}:{tensor_digest(theta0[n])}|".encode())
@@ -352,11 +341,66 @@ def load_experts(
         sources={"base": base, **sources},
         held_out=list(held_out),
         dense_rows=dense_rows,
-        lora={m: _stack_lora(parts) for m, parts in lora_parts.items()},
+        lora={m: stack_lora(parts) for m, parts in lora_parts.items()},
     )
 
 
-def _stack_lora(parts: Sequence[tuple[int, Tensor, Tensor]]) -> LoraStack:
+def add_adapter_changes(
+    task: int,
+    params: Mapping[str, Tensor],
+    theta0: Mapping[str, Tensor],
+    factors: Mapping[str, tuple[Tensor, Tensor]],
+    dense_parts: dict[str, list[tuple[int, Tensor]]],
+    lora_parts: dict[str, list[tuple[int, Tensor, Tensor]]],
+) -> None:
+    """Record what adapter expert ``task`` changes: densified tensors and plain LoRA factors.
+
+    Args:
+        task: The adapter expert's task index.
+        params: Its merged tensors (adapter applied, plain LoRA layers removed), by ``theta0``'s names.
+        theta0: The base's merged tensors.
+        factors: Its plain LoRA factors: module -> (A (r, in), s * B (out, r)).
+        dense_parts: Name -> (task, tau (*shape)), appended to for each tensor the adapter changed.
+        lora_parts: Module -> (task, A, s * B), appended to for each factored module.
+    """
+    for n, base in theta0.items():
+        if not torch.equal(params[n], base):
+            dense_parts.setdefault(n, []).append((task, params[n] - base))  # (*shape)
+    for m, (a, b) in factors.items():
+        lora_parts.setdefault(m, []).append((task, a, b))
+
+
+def append_adapter_rows(
+    stacked: dict[str, Tensor], full: list[int], dense_parts: Mapping[str, list[tuple[int, Tensor]]]
+) -> dict[str, list[int]]:
+    """Append the adapters' few densified task-vector rows to the full experts' stacks, in place.
+
+    Args:
+        stacked: Name -> the full experts' task vectors (len(full), *shape); rows are appended.
+        full: Task index of each full expert (the stacks' rows, in order).
+        dense_parts: Name -> (task, tau (*shape)) of the adapters that changed that tensor.
+
+    Returns:
+        ``ExpertSet.dense_rows``: per name, the task of each row of its stack.
+    """
+    dense_rows = {}
+    for n in stacked:
+        extra = dense_parts.get(n, [])
+        if extra:
+            rows = torch.stack([tau for _, tau in extra]).to(stacked[n].dtype)  # (extra, *shape)
+            stacked[n] = torch.cat([stacked[n], rows])  # (len(full) + extra, *shape)
+        dense_rows[n] = full + [t for t, _ in extra]
+    return dense_rows
+
+
+def factors_digest(factors: Mapping[str, tuple[Tensor, Tensor]]) -> str:
+    """The part of an expert's digest that covers its plain LoRA factors (empty without any)."""
+    return "".join(
+        f"{m}@lora:{tensor_digest(a)}:{tensor_digest(b)}|" for m, (a, b) in sorted(factors.items())
+    )
+
+
+def stack_lora(parts: Sequence[tuple[int, Tensor, Tensor]]) -> LoraStack:
     """Stack (task, A (r_t, in), s_t * B_t (out, r_t)) of several adapters along the rank."""
     return LoraStack(
         a=torch.cat([a for _, a, _ in parts]),  # (R, in)

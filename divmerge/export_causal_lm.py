@@ -64,7 +64,8 @@ def export_causal_lm(
     tokenizer = _load_tokenizer(source, base_source)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in params.items()}
+    dense = merged.dense_params(params)  # LoRA adapter experts' low-rank updates folded into the weights
+    state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in dense.items()}
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()  # the tied output embeddings take the (once merged) input embeddings
     missing = sorted(n for n, p in model.named_parameters() if p.is_meta)

@@ -384,17 +384,6 @@ def test_export_writes_the_merged_causal_lm_as_a_plain_hugging_face_model(tmp_pa
     assert json.loads((out / "divmerge_export.json").read_text())["kind"] == "causal_lm"
 
 
-def test_peft_adapter_over_a_causal_lm_base_is_refused_clearly(lm, tmp_path):
-    from peft import LoraConfig, get_peft_model
-
-    model = get_peft_model(
-        Qwen2ForCausalLM.from_pretrained(lm["base"]), LoraConfig(r=2, target_modules=["q_proj"])
-    )
-    model.save_pretrained(tmp_path / "adapter")
-    with pytest.raises(DivMergeError, match=r"peft adapter; .*merge_and_unload"):
-        load_experts(lm["base"], {"first": str(tmp_path / "adapter"), "has_a": lm["experts"]["has_a"]})
-
-
 def test_long_generative_prompts_keep_their_end(lm):
     words = " ".join(["a"] * 30)
     path = Path(lm["data"]["first"]).with_name("long.csv")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from peft import LoraConfig, get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
@@ -73,15 +74,23 @@ def make_base(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def fine_tune(base: Path, path: Path, csv: Path, steps: int = 80, seed: int = 0) -> Path:
-    """A causal-LM expert: ``steps`` Adam steps on prompt + answer + EOS (loss on the answer tokens)."""
+def fine_tune(
+    base: Path, path: Path, csv: Path, steps: int = 80, seed: int = 0, lora: LoraConfig | None = None
+) -> Path:
+    """A causal-LM expert: ``steps`` Adam steps on prompt + answer + EOS (loss on the answer tokens).
+
+    With ``lora``, only a peft LoRA adapter is trained (higher learning rate) and ``path`` holds the adapter.
+    """
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(base)  # as divmerge will load it
     model = Qwen2ForCausalLM.from_pretrained(base)
+    if lora is not None:
+        model = get_peft_model(model, lora)
     table = pd.read_csv(csv)
     prompts = [tok(TEMPLATE.format(words=w))["input_ids"] for w in table["words"]]
     answers = [[*tok(str(a))["input_ids"], tok.eos_token_id] for a in table["answer"]]
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trained, lr=3e-3 if lora is None else 2e-2)
     for step in range(steps):
         rows = [(step * 16 + i) % len(prompts) for i in range(16)]
         seqs = [prompts[r] + answers[r] for r in rows]
