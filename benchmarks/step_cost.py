@@ -174,7 +174,12 @@ def synthesize_experts(experts: ExpertSet, num_tasks: int, noise: float = 0.1, s
 
 
 def load_expert_set(
-    base: str, experts: Mapping[str, str], num_tasks: int, noise: float = 0.1, seed: int = 0
+    base: str,
+    experts: Mapping[str, str],
+    num_tasks: int,
+    noise: float = 0.1,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
 ) -> ExpertSet:
     """Load the first ``num_tasks`` experts, synthesising the ones beyond ``len(experts)``.
 
@@ -184,13 +189,14 @@ def load_expert_set(
         num_tasks: Number of experts T wanted.
         noise: Relative noise of synthetic experts (see :func:`synthesize_experts`).
         seed: Seed of that noise.
+        dtype: Storage dtype of the task vectors (None: the base's), as ``load_experts``.
 
     Returns:
         The expert set with ``num_tasks`` experts.
 
     """
     real = dict(list(experts.items())[:num_tasks])
-    return synthesize_experts(load_experts(base, real), num_tasks, noise, seed)
+    return synthesize_experts(load_experts(base, real, task_vector_dtype=dtype), num_tasks, noise, seed)
 
 
 def load_tokenizer(base: str) -> Any:
@@ -603,6 +609,7 @@ def run_worker(config: Mapping[str, Any]) -> dict[str, Any]:
             num_tasks,
             float(config.get("noise", 0.1)),
             int(config.get("seed", 0)),
+            dtype,
         )
         names, vocab = list(experts.task_names), vocab_size_of(experts)
         merged = MergedModel(experts, "layer", task_vector_dtype=dtype)
