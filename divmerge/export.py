@@ -108,16 +108,31 @@ def export_merged(
     source = resolve_source(base_source)
     config = _load_base_config(source, base_source)
     tokenizer = _load_tokenizer(source, base_source)
+    with atomic_dir(out) as tmp:
+        _write_export(tmp, merged, params, source, config, tokenizer, base_source, summary, out)
+    return out
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path) -> Iterator[Path]:
+    """A fresh sibling directory of ``out`` to write into: moved into place on success, removed on error.
+
+    Args:
+        out: The final directory (absolute).
+
+    Yields:
+        The temporary directory.
+
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()  # not mkdtemp: that makes it private (0o700), while an export should follow the umask
     try:
-        _write_export(tmp, merged, params, source, config, tokenizer, base_source, summary, out)
+        yield tmp
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def read_export_info(export_dir: str | Path) -> dict[str, Any]:

@@ -8,8 +8,6 @@ export never leaves a half-written directory.
 """
 
 import json
-import shutil
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,8 +25,8 @@ from divmerge.export import (
     _jsonable,
     _load_base_config,
     _load_tokenizer,
-    _move_into_place,
     _relative_files,
+    atomic_dir,
     check_target,
 )
 from divmerge.functional import MergedModel
@@ -74,10 +72,7 @@ def export_causal_lm(
             f"The merged model lacks tensor {missing[0]!r} of the base architecture: pass the output of "
             "MergedModel.merged_params for experts fine-tuned from this base."
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / CARD_FILE).write_text(_card(out, base_source, merged.task_names, summary), encoding="utf-8")
@@ -92,10 +87,6 @@ def export_causal_lm(
         }
         info["files"] = sorted([*_relative_files(tmp), EXPORT_FILE])
         (tmp / EXPORT_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        _move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
