@@ -171,6 +171,21 @@ def test_quick_run_on_tiny_models(setup3: dict, tmp_path: Path, capsys) -> None:
         assert float(row["anp"]) == pytest.approx(sum(ratios) / len(ratios), abs=1e-5)
 
 
+def test_worker_processes_give_the_same_rows(setup3: dict, tmp_path: Path, capsys) -> None:
+    methods = "ties,js-layer"
+    assert mq.main(tiny_args(setup3, tmp_path / "one", "--methods", methods, "--max_k", "2")) == 0
+    two = tiny_args(setup3, tmp_path / "two", "--methods", methods, "--max_k", "2", "--workers", "2")
+    assert mq.main(two) == 0
+    assert "on 2 worker processes" in capsys.readouterr().out
+
+    def results(name: str) -> list[dict[str, str]]:
+        rows = read_csv(tmp_path / name / "merge_quality.csv")
+        return [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in rows]
+
+    assert len(results("one")) == 4  # 2 subsets x 2 methods, in job order whatever finished first
+    assert results("two") == results("one")
+
+
 def test_dry_run_prints_the_plan_and_writes_nothing(setup3: dict, tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
     assert mq.main(tiny_args(setup3, out, "--dry_run", "--methods", "ties,js-task")) == 0
@@ -195,7 +210,9 @@ def test_learned_merge_is_reproducible(setup3: dict) -> None:
 
     first = coefficients(0)
     assert torch.equal(first, coefficients(0))
-    assert not torch.allclose(first, torch.full_like(first, 0.5))  # it trained
+    assert not torch.allclose(first, torch.full_like(first, 0.5))  # it trained from 1/k
+    start, _ = mq.learned_merge(experts, "js-layer", data, teachers, dm.collate, 0, init=0.3)
+    assert torch.equal(start.coefficients().detach(), torch.full_like(first, 0.3))  # --init
 
 
 # ---------------------------------------------------------------------------------------- bad input
@@ -207,6 +224,8 @@ def test_learned_merge_is_reproducible(setup3: dict) -> None:
         (["--max_k", "4"], "max_k=4 asks for more tasks than there are experts (3"),
         (["--methods", "js-layer,magic"], "Unknown method 'magic'"),
         (["--min_k", "1"], "k must be at least 2"),
+        (["--workers", "0"], "--workers must be at least 1"),
+        (["--init", "nan"], "--init must be a finite number"),
         (["--max_k", "1"], "k must be at least 2"),
         (["--tasks", "a,b,zzz"], "Tasks ['zzz'] have no expert"),
     ],
