@@ -13,7 +13,12 @@ Methods:
   granularity ``task``, ``layer`` (AdaMerging's layer-wise) or ``block``. Adam on the coefficients
   (init 1/k), lr with cosine decay to 0 over ``steps``; each step draws ``batch_per_task`` unlabelled
   inputs of every task of the subset and minimises the summed divergence to
-  the cached expert outputs. Every learned method on a subset sees the same input sequence.
+  the cached expert outputs. Every learned method on a subset sees the same input sequence;
+- diagnostic ``ceiling-<granularity>`` (not in the defaults): the same training, but cross-entropy on
+  the labelled *test* inputs themselves. It is not a merge method (it fits the test labels); its ANP
+  is what that granularity's coefficients can reach on this test set at all, so a gap between it and
+  ``js-<granularity>`` is the objective's or the optimisation's, and what lies above it is beyond any
+  coefficient table of that shape.
 
 Experts are loaded once; teacher outputs (expert log-probabilities on the unlabelled and test inputs)
 are computed once per task into the divmerge teacher cache and reused across subsets and runs. Expert
@@ -78,13 +83,15 @@ SIZES: dict[str, tuple[int, int]] = {
     "num_unlabelled": (128, 64),
 }
 LR = 0.05
+CEILING = "ceiling"  # the labelled test-set fit (diagnostic upper bound), see the module docstring
 
 Batch = dict[str, Tensor]
 
 
 def valid_methods() -> list[str]:
-    """Every method name this benchmark accepts: static merges, then ``<objective>-<granularity>``."""
-    return list(STATIC_METHODS) + [f"{o}-{g}" for o in OBJECTIVES for g in GRANULARITIES]
+    """Every method name this benchmark accepts: static merges, ``<objective>-<granularity>``, ceilings."""
+    objectives = [*OBJECTIVES, CEILING]
+    return list(STATIC_METHODS) + [f"{o}-{g}" for o in objectives for g in GRANULARITIES]
 
 
 def is_static(method: str) -> bool:
@@ -225,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=",".join(DEFAULT_METHODS),
         help=f"comma-separated methods: static {list(STATIC_METHODS)} (default options) or learned "
         f"<objective>-<granularity> with objective in {list(OBJECTIVES)} and granularity in "
-        f"{list(GRANULARITIES)}",
+        f"{list(GRANULARITIES)}; diagnostic {CEILING}-<granularity> fits the test labels (an upper bound of "
+        "that granularity, not a method)",
     )
     p.add_argument("--min_k", type=int, default=2, help="smallest number of merged tasks (>= 2)")
     p.add_argument("--max_k", type=int, default=None, help="largest number of merged tasks; default all")
@@ -550,30 +558,39 @@ def sample_batches(
 
 def train_step(
     merged: MergedModel,
-    objective: Callable[[Tensor, Tensor], Tensor],
+    objective: str,
     teachers: Sequence[Tensor],
     batches: Mapping[int, Batch],
 ) -> Tensor:
-    """Summed divergence over every task's batch, as the training step computes it (``step_loss``).
+    """Summed loss over every task's batch, as the training step computes it (``step_loss``).
 
     Each task's forward and backward to the merged tensors run inside; call ``.backward()`` on the
     result to finish the coefficients' gradient.
 
     Args:
         merged: The subset's merged model.
-        objective: Per-example divergence ``objective(teacher_logprobs, logits)``.
+        objective: A name in ``OBJECTIVES`` (per-example divergence to the teacher), or ``CEILING``
+            (cross-entropy to the batch's labels; ``teachers`` unused).
         teachers: Per subset task, unlabelled teacher log-probabilities (N_t, C_t).
-        batches: Subset task index -> batch with ``input_ids``, ``attention_mask``, ``idx``.
+        batches: Subset task index -> batch with ``input_ids``, ``attention_mask``, ``idx`` (and
+            ``labels`` for ``CEILING``).
 
     Returns:
         The scalar loss.
 
     """
     inputs = {t: {k: b[k] for k in ("input_ids", "attention_mask")} for t, b in batches.items()}
-    idx = {t: b["idx"] for t, b in batches.items()}
-    loss, _ = merged.step_loss(
-        merged.merged_params(), inputs, lambda t, student: objective(teachers[t][idx[t]], student).mean()
-    )
+    if objective == CEILING:
+
+        def task_loss(t: int, logits: Tensor) -> Tensor:
+            return torch.nn.functional.cross_entropy(logits, batches[t]["labels"])
+    else:
+        divergence = get_objective(objective)
+
+        def task_loss(t: int, logits: Tensor) -> Tensor:
+            return divergence(teachers[t][batches[t]["idx"]], logits).mean()
+
+    loss, _ = merged.step_loss(merged.merged_params(), inputs, task_loss)
     return loss
 
 
@@ -593,8 +610,9 @@ def learned_merge(
 
     Args:
         experts: The (subset) expert set.
-        method: ``<objective>-<granularity>``, e.g. ``js-layer``.
-        unlabelled: Per subset task, its unlabelled dataset.
+        method: ``<objective>-<granularity>``, e.g. ``js-layer``, or ``ceiling-<granularity>``.
+        unlabelled: Per subset task, the dataset drawn from: its unlabelled inputs (its labelled test
+            inputs for a ceiling).
         teachers: Per subset task, teacher log-probabilities on ``unlabelled`` (N_t, C_t).
         collate: Pads a list of dataset items into a batch.
         steps: Adam steps; the learning rate decays from ``lr`` to 0 (cosine).
@@ -607,8 +625,7 @@ def learned_merge(
         (the merged model with learned coefficients, its merged tensors, detached).
 
     """
-    objective_name, granularity = method.rsplit("-", 1)
-    objective = get_objective(objective_name)
+    objective, granularity = method.rsplit("-", 1)
     torch.manual_seed(seed)
     merged = MergedModel(experts, granularity=granularity, init=init)  # type: ignore[arg-type]
     optimizer = torch.optim.Adam(merged.coefficients.parameters(), lr=lr)
@@ -742,14 +759,7 @@ def plot_anp(rows: Sequence[Mapping[str, Any]], methods: Sequence[str], path: Pa
 # ------------------------------------------------------------------------------------------ running
 
 
-def calibrate(
-    settings: Settings,
-    experts: ExpertSet,
-    unlabelled: Mapping[str, TaskDataset],
-    teachers: Mapping[tuple[str, str], Tensor],
-    batches: Mapping[str, Sequence[Batch]],
-    collate: Callable[[list[dict[str, Any]]], Batch],
-) -> Costs:
+def calibrate(settings: Settings, prep: "Prepared") -> Costs:
     """Time one learned step at the smallest and largest k, one eval batch and each static method."""
     learned = [m for m in settings.methods if not is_static(m)]
     steps: dict[int, float] = {}
@@ -757,20 +767,20 @@ def calibrate(
         objective_name, granularity = learned[0].rsplit("-", 1)
         for k in sorted({settings.min_k, settings.max_k}):
             tasks = settings.tasks[:k]
-            merged = MergedModel(experts.subset(tasks), granularity=granularity)  # type: ignore[arg-type]
+            merged = MergedModel(prep.experts.subset(tasks), granularity=granularity)  # type: ignore[arg-type]
             generator = torch.Generator().manual_seed(settings.seed)
-            teacher = [teachers[t, "unlabelled"] for t in tasks]
-            data = [unlabelled[t] for t in tasks]
+            teacher = [prep.teachers[t, "unlabelled"] for t in tasks]
+            data = training_data(prep, learned[0], tasks)
             for _ in range(2):  # the first step warms up
                 start = time.perf_counter()
-                sample = sample_batches(data, collate, settings.batch_per_task, generator)
-                train_step(merged, get_objective(objective_name), teacher, sample).backward()
+                sample = sample_batches(data, prep.dm.collate, settings.batch_per_task, generator)
+                train_step(merged, objective_name, teacher, sample).backward()
                 steps[k] = time.perf_counter() - start
-    sub = experts.subset(settings.tasks[: settings.min_k])
+    sub = prep.experts.subset(settings.tasks[: settings.min_k])
     merged = MergedModel(sub, granularity="task")
     with torch.no_grad():
         params = merged.merged_params()
-    longest = batches[settings.tasks[0]][-1]  # the longest inputs: a conservative estimate
+    longest = prep.test_batches[settings.tasks[0]][-1]  # the longest inputs: a conservative estimate
     evaluate(merged, params, [[longest]])
     start = time.perf_counter()
     evaluate(merged, params, [[longest]])
@@ -811,7 +821,6 @@ class Prepared:
     experts: ExpertSet
     dm: MergeDataModule
     test_batches: dict[str, list[Batch]]
-    unlabelled: dict[str, TaskDataset]
     teachers: dict[tuple[str, str], Tensor]
     expert_acc: dict[str, float]
 
@@ -838,7 +847,6 @@ def prepare(settings: Settings, phases: dict[str, float]) -> Prepared:
         dm.dataset(task, "test")
     check_labels(experts, dm)
     test_batches = {task: eval_batches(dm, task, settings.eval_batch_size) for task in settings.tasks}
-    unlabelled = {task: dm.dataset(task, "unlabelled") for task in settings.tasks}
     phases["data"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -853,7 +861,13 @@ def prepare(settings: Settings, phases: dict[str, float]) -> Prepared:
     expert_acc = {
         task: expert_accuracy(teachers[task, "test"], test_batches[task]) for task in settings.tasks
     }
-    return Prepared(experts, dm, test_batches, unlabelled, teachers, expert_acc)
+    return Prepared(experts, dm, test_batches, teachers, expert_acc)
+
+
+def training_data(prep: Prepared, method: str, tasks: Sequence[str]) -> list[TaskDataset]:
+    """What a learned method trains on, per task: the unlabelled inputs, or for a ceiling the test set."""
+    split = "test" if method.startswith(f"{CEILING}-") else "unlabelled"
+    return [prep.dm.dataset(t, split) for t in tasks]
 
 
 def merge_and_score(
@@ -881,7 +895,7 @@ def merge_and_score(
         merged, params = learned_merge(
             sub,
             method,
-            [prep.unlabelled[t] for t in tasks],
+            training_data(prep, method, tasks),
             [prep.teachers[t, "unlabelled"] for t in tasks],
             prep.dm.collate,
             settings.steps,
@@ -977,9 +991,7 @@ def run(settings: Settings) -> tuple[list[dict[str, Any]], str]:
     threads = torch.get_num_threads()
     torch.set_num_threads(worker_threads(settings) if settings.workers > 1 else threads)  # time as they run
     try:
-        costs = calibrate(
-            settings, prep.experts, prep.unlabelled, prep.teachers, prep.test_batches, prep.dm.collate
-        )
+        costs = calibrate(settings, prep)
     finally:
         torch.set_num_threads(threads)
     phases["calibration"] = time.perf_counter() - t0

@@ -215,6 +215,34 @@ def test_learned_merge_is_reproducible(setup3: dict) -> None:
     assert torch.equal(start.coefficients().detach(), torch.full_like(first, 0.3))  # --init
 
 
+def test_ceiling_fits_the_test_labels(setup3: dict) -> None:
+    experts = load_experts(setup3["base"], setup3["experts"]).subset(["a", "b"])
+    specs = [
+        TaskSpec(name=t, source=setup3["data"][t], num_unlabelled=4, num_val=0, num_test=NUM_TEST)
+        for t in ("a", "b")
+    ]
+    dm = MergeDataModule(specs, tokenizer=setup3["base"], max_length=MAX_LENGTH)
+    tests = [dm.dataset(t, "test") for t in ("a", "b")]
+    batches = {t: dm.collate([ds[i] for i in range(len(ds))]) for t, ds in enumerate(tests)}
+
+    @torch.no_grad()
+    def test_loss(merged: MergedModel) -> float:
+        params, total = merged.merged_params(), 0.0
+        for t, b in batches.items():
+            logits = merged.task_logits(
+                t, params, input_ids=b["input_ids"], attention_mask=b["attention_mask"]
+            )
+            total += float(torch.nn.functional.cross_entropy(logits, b["labels"]))
+        return total
+
+    start, _ = mq.learned_merge(experts, "ceiling-layer", tests, [], dm.collate, 0)
+    fitted, _ = mq.learned_merge(
+        experts, "ceiling-layer", tests, [], dm.collate, 30, batch_per_task=8, lr=0.1
+    )
+    assert test_loss(fitted) < test_loss(start) - 1e-3  # it trains on the labels it is scored on
+    assert "ceiling-layer" in mq.valid_methods() and not any("ceiling" in m for m in mq.DEFAULT_METHODS)
+
+
 # ---------------------------------------------------------------------------------------- bad input
 
 
