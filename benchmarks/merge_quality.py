@@ -30,7 +30,8 @@ Outputs, under ``--out_dir``: ``merge_quality.csv`` (one row per subset x method
 Examples::
 
     python benchmarks/merge_quality.py --quick                  # the 6-task demo, a few minutes
-    python benchmarks/merge_quality.py                          # the full benchmark (about an hour)
+    python benchmarks/merge_quality.py --workers 2              # the full benchmark (57 min, 2 cores)
+    python benchmarks/merge_quality.py --methods ceiling-layer  # what layer-wise coefficients can reach
     python benchmarks/merge_quality.py --dry_run                # plan + time estimate, then stop
     python benchmarks/merge_quality.py --threads 1              # much faster when the cores are shared
     python benchmarks/merge_quality.py --tasks rt,trec,bbc --methods task_arithmetic,js-layer
@@ -72,10 +73,10 @@ PROG = "merge_quality"
 STATIC = ("average", "task_arithmetic", "ties", "dare")
 LEARNED = tuple(f"{o}-{g}" for o in ("js", "kl", "entropy") for g in ("layer", "task"))
 DEFAULT_METHODS = STATIC + LEARNED
-# Defaults of the options that --quick changes: (full, quick). Full: about an hour on 2 idle cores
-# (k = 2..6 of the 6 demo tasks, 13 subsets, 10 methods). Quick: a smoke test of a few minutes; its
-# learned merges take 10 steps. Learning rate 0.05 for both: at k = 6, 80 steps, it gave ANP 90.8
-# against 88.0 with 0.02 (0.1 gave 91.2; README "k = 6 investigation").
+# Defaults of the options that --quick changes: (full, quick). Full: 57 min on 2 idle cores with
+# --workers 2 (k = 2..6 of the 6 demo tasks, 13 subsets, 10 methods). Quick: a smoke test of a few
+# minutes; its learned merges take 10 steps. Learning rate 0.05 for both: at k = 6, 80 steps, it gave
+# ANP 90.8 against 88.0 with 0.02 (0.1 gave 91.2; README "Why JS layer-wise stops near 91").
 SIZES: dict[str, tuple[int, int]] = {
     "subsets_per_k": (3, 2),
     "steps": (80, 10),
