@@ -11,18 +11,17 @@ Methods:
   arithmetic with lambda 0.3);
 - learned ``<objective>-<granularity>``: objective ``js`` (DivMerge), ``kl`` or ``entropy`` (AdaMerging),
   granularity ``task``, ``layer`` (AdaMerging's layer-wise) or ``block``. Adam on the coefficients
-  (init 1/k), lr with cosine decay to 0 over ``steps``; each step draws ``batch_per_task`` unlabelled
-  inputs of every task of the subset and minimises the summed divergence to
-  the cached expert outputs. Every learned method on a subset sees the same input sequence;
+  (init ``--init``, default 1/k), lr with cosine decay to 0 over ``steps``; each step draws
+  ``batch_per_task`` unlabelled inputs of every task of the subset and minimises the summed divergence
+  to the cached expert outputs. Every learned method on a subset sees the same input sequence;
 - diagnostic ``ceiling-<granularity>`` (not in the defaults): the same training, but cross-entropy on
-  the labelled *test* inputs themselves. It is not a merge method (it fits the test labels); its ANP
-  is what that granularity's coefficients can reach on this test set at all, so a gap between it and
-  ``js-<granularity>`` is the objective's or the optimisation's, and what lies above it is beyond any
-  coefficient table of that shape.
+  the labelled *test* inputs themselves. It is not a merge method (it fits the very labels it is
+  scored on); its ANP is an optimistic bound on what that granularity's coefficients can reach on this
+  test set with the same optimisation budget.
 
-Experts are loaded once; teacher outputs (expert log-probabilities on the unlabelled and test inputs)
-are computed once per task into the divmerge teacher cache and reused across subsets and runs. Expert
-accuracy is the teacher's argmax on the test inputs.
+Experts are loaded once per process; teacher outputs (expert log-probabilities on the unlabelled and
+test inputs) are computed once per task into the divmerge teacher cache and reused across subsets and
+runs. Expert accuracy is the teacher's argmax on the test inputs.
 
 Outputs, under ``--out_dir``: ``merge_quality.csv`` (one row per subset x method),
 ``merge_quality.md`` (ANP % by k and method, plus the mean over k) and ``merge_quality.png``.
@@ -48,6 +47,8 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -250,7 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help=f"{help_text}; default {full[name]} ({quick[name]} with --quick)",
         )
-    p.add_argument("--batch_per_task", type=int, default=4, help="unlabelled inputs per task per step")
+    p.add_argument(
+        "--batch_per_task",
+        type=int,
+        default=4,
+        help="inputs per task per step of learned merges (unlabelled; test inputs for a ceiling)",
+    )
     p.add_argument(
         "--lr",
         type=float,
@@ -278,8 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="processes that run merges in parallel, each loading the experts once (about 2 GB each on "
-        "the demo); on 2 idle cores, 2 workers of 1 thread ran the merges about 1.3x sooner than 1 "
-        "process of 2 threads",
+        "the demo, on top of this process's own copy); on 2 idle cores, 2 workers of 1 thread got "
+        "through the merges about 1.3x faster than 1 process of 2 threads",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the data split, subsets and learned runs")
     p.add_argument(
@@ -607,17 +613,19 @@ def learned_merge(
     seed: int = 0,
     init: float | None = None,
 ) -> tuple[MergedModel, dict[str, Tensor]]:
-    """Learn merge coefficients for ``experts`` by minimising the divergence to the cached teachers.
+    """Learn merge coefficients for ``experts``: divergence to the cached teachers (or, for a ceiling,
+    cross-entropy to the labels of the data drawn from).
 
     Args:
         experts: The (subset) expert set.
         method: ``<objective>-<granularity>``, e.g. ``js-layer``, or ``ceiling-<granularity>``.
         unlabelled: Per subset task, the dataset drawn from: its unlabelled inputs (its labelled test
             inputs for a ceiling).
-        teachers: Per subset task, teacher log-probabilities on ``unlabelled`` (N_t, C_t).
+        teachers: Per subset task, teacher log-probabilities on ``unlabelled`` (N_t, C_t); unused by
+            a ceiling.
         collate: Pads a list of dataset items into a batch.
         steps: Adam steps; the learning rate decays from ``lr`` to 0 (cosine).
-        batch_per_task: Unlabelled inputs of every task per step.
+        batch_per_task: Inputs of every task per step.
         lr: Peak learning rate.
         seed: Seeds torch and the input sampler.
         init: Initial value of every coefficient; None means 1/k.
@@ -959,17 +967,28 @@ def run_jobs(settings: Settings, prep: Prepared, jobs: Sequence[Job]) -> Iterato
 
     Workers each load the experts and read the (already built) teacher cache once, then take jobs from
     a shared queue. Each uses ``settings.threads`` torch threads, or this process's thread count
-    divided among the workers when that is 0. Every job is seeded on its own, so the rows do not
-    depend on which process ran them.
+    divided among the workers when that is 0. Every job is seeded on its own, so at equal thread
+    counts the rows do not depend on which process ran them. A worker that dies (killed, out of
+    memory, failed start-up) stops the run with an error instead of leaving it waiting.
     """
-    if settings.workers == 1:
+    workers = min(settings.workers, len(jobs))
+    if workers <= 1:
         for index, k, tasks, method in jobs:
             yield index, merge_and_score(settings, prep, k, tasks, method)
         return
-    threads = worker_threads(settings)
     context = multiprocessing.get_context("spawn")  # fork is unsafe after torch's thread pools started
-    with context.Pool(settings.workers, _init_worker, (settings, threads)) as pool:
-        yield from pool.imap_unordered(_run_job, jobs)
+    with ProcessPoolExecutor(workers, context, _init_worker, (settings, worker_threads(settings))) as pool:
+        futures = [pool.submit(_run_job, job) for job in jobs]
+        try:
+            for future in as_completed(futures):
+                yield future.result()
+        except BrokenProcessPool as err:
+            raise DivMergeError(
+                f"A worker process died ({err}); with about 2 GB per worker on the demo, try fewer --workers."
+            ) from err
+        finally:
+            for future in futures:
+                future.cancel()
 
 
 def run(settings: Settings) -> tuple[list[dict[str, Any]], str]:
@@ -1007,9 +1026,12 @@ def run(settings: Settings) -> tuple[list[dict[str, Any]], str]:
         f"inputs/task; {settings.num_test} test / {settings.num_unlabelled} unlabelled examples per task",
         flush=True,
     )
-    estimate = estimate_seconds(settings, subsets, costs) / settings.workers
-    workers = f" on {settings.workers} worker processes" if settings.workers > 1 else ""
-    print(f"estimated time for merges + evaluation{workers}: {fmt_seconds(estimate)}", flush=True)
+    workers = min(settings.workers, len(jobs))
+    estimate = estimate_seconds(settings, subsets, costs) / workers
+    where = (
+        f" on {workers} worker processes (optimistic: no start-up, perfect scaling)" if workers > 1 else ""
+    )
+    print(f"estimated time for merges + evaluation{where}: {fmt_seconds(estimate)}", flush=True)
     if settings.dry_run:
         return [], ""
 
@@ -1057,6 +1079,13 @@ def make_report(
     """The markdown report: the ANP table with what it was measured on."""
     mode = "quick" if settings.quick else "full"
     experts = ", ".join(f"{t} {acc:.3f}" for t, acc in expert_acc.items())
+    ceilings = [m for m in settings.methods if m.startswith(f"{CEILING}-")]
+    ceiling_note = (
+        f" {', '.join(ceilings)}: the same training on the labelled test inputs with cross-entropy (an "
+        "optimistic bound, not a merge method)."
+        if ceilings
+        else ""
+    )
     return "\n".join(
         [
             f"## Merge quality vs number of tasks ({mode} mode)",
@@ -1066,7 +1095,7 @@ def make_report(
             f"learned merges: {settings.steps} Adam steps, lr {settings.lr} cosine, init "
             f"{'1/k' if settings.init is None else settings.init}, "
             f"{settings.batch_per_task} unlabelled inputs per task per step "
-            f"({settings.num_unlabelled} per task), seed {settings.seed}.",
+            f"({settings.num_unlabelled} per task), seed {settings.seed}.{ceiling_note}",
             "",
             anp_table(rows, settings.methods),
             "",

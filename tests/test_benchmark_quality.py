@@ -1,6 +1,7 @@
 """Tests of benchmarks/merge_quality.py on tiny random models (fast)."""
 
 import csv
+import dataclasses
 import itertools
 import math
 import runpy
@@ -184,6 +185,27 @@ def test_worker_processes_give_the_same_rows(setup3: dict, tmp_path: Path, capsy
 
     assert len(results("one")) == 4  # 2 subsets x 2 methods, in job order whatever finished first
     assert results("two") == results("one")
+
+
+def test_ceiling_runs_end_to_end(setup3: dict, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert mq.main(tiny_args(setup3, out, "--methods", "ties,ceiling-layer", "--max_k", "2")) == 0
+    rows = read_csv(out / "merge_quality.csv")
+    assert [r["method"] for r in rows] == ["ties", "ceiling-layer"] * 2
+    assert (
+        "ceiling-layer: the same training on the labelled test inputs"
+        in (out / "merge_quality.md").read_text()
+    )
+
+
+def test_a_dead_worker_stops_the_run_with_an_error(setup3: dict, tmp_path: Path) -> None:
+    settings = mq.resolve_settings(
+        mq.build_parser().parse_args(tiny_args(setup3, tmp_path, "--workers", "2"))
+    )
+    broken = dataclasses.replace(settings, experts={t: str(tmp_path / "missing") for t in settings.tasks})
+    jobs = [(0, 2, ("a", "b"), "ties"), (1, 2, ("a", "c"), "ties")]
+    with pytest.raises(mq.DivMergeError, match="worker process died"):
+        list(mq.run_jobs(broken, None, jobs))  # workers fail to load the experts at start-up
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(setup3: dict, tmp_path: Path, capsys) -> None:
