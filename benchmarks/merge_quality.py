@@ -155,6 +155,17 @@ class Costs:
         return max(0.0, s0 + (s1 - s0) * (k - k0) / (k1 - k0))
 
 
+@dataclass
+class Prepared:
+    """Everything the merges of one benchmark run share: experts, data, teachers, expert accuracy."""
+
+    experts: ExpertSet
+    dm: MergeDataModule
+    test_batches: dict[str, list[Batch]]
+    teachers: dict[tuple[str, str], Tensor]
+    expert_acc: dict[str, float]
+
+
 # ------------------------------------------------------------------------------------------ options
 
 
@@ -284,8 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="processes that run merges in parallel, each loading the experts once (about 2 GB each on "
-        "the demo, on top of this process's own copy); on 2 idle cores, 2 workers of 1 thread got "
-        "through the merges about 1.3x faster than 1 process of 2 threads",
+        "the demo, on top of this process's own copy); on 2 idle cores, 2 workers of 1 thread ran "
+        "merges about 1.3x faster than 1 process of 2 threads once started (README)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the data split, subsets and learned runs")
     p.add_argument(
@@ -768,7 +779,7 @@ def plot_anp(rows: Sequence[Mapping[str, Any]], methods: Sequence[str], path: Pa
 # ------------------------------------------------------------------------------------------ running
 
 
-def calibrate(settings: Settings, prep: "Prepared") -> Costs:
+def calibrate(settings: Settings, prep: Prepared) -> Costs:
     """Time one learned step at the smallest and largest k, one eval batch and each static method."""
     learned = [m for m in settings.methods if not is_static(m)]
     steps: dict[int, float] = {}
@@ -823,23 +834,13 @@ def fmt_seconds(seconds: float) -> str:
     return f"{minutes} min {secs} s" if minutes else f"{seconds:.1f} s"
 
 
-@dataclass
-class Prepared:
-    """Everything the merges of one benchmark run share: experts, data, teachers, expert accuracy."""
-
-    experts: ExpertSet
-    dm: MergeDataModule
-    test_batches: dict[str, list[Batch]]
-    teachers: dict[tuple[str, str], Tensor]
-    expert_acc: dict[str, float]
-
-
-def prepare(settings: Settings, phases: dict[str, float]) -> Prepared:
+def prepare(settings: Settings, phases: dict[str, float], quiet: bool = False) -> Prepared:
     """Load the experts and data and build (or reuse) the teacher cache, timing each phase.
 
     Args:
         settings: Validated settings.
         phases: Phase name -> seconds; the phases of this function are added to it.
+        quiet: Do not print the teacher-cache line (worker processes).
 
     Returns:
         The shared inputs of every merge.
@@ -861,7 +862,7 @@ def prepare(settings: Settings, phases: dict[str, float]) -> Prepared:
     t0 = time.perf_counter()
     teachers, built = build_teachers(experts, dm, settings.cache_dir)
     phases["teacher cache"] = time.perf_counter() - t0
-    if built or not _IN_WORKER:
+    if not quiet:
         print(
             f"teacher cache ({settings.cache_dir}/teachers): built {len(built)} files, reused "
             f"{2 * len(settings.tasks) - len(built)}, in {fmt_seconds(phases['teacher cache'])}",
@@ -933,20 +934,18 @@ def merge_and_score(
 
 
 Job = tuple[int, int, tuple[str, ...], str]  # (index, k, tasks, method)
-_IN_WORKER = False
 _WORKER_STATE: tuple[Settings, Prepared] | None = None
 
 
 def _init_worker(settings: Settings, threads: int) -> None:
     """Worker process start-up: quiet logs, set the thread count, load experts, data and teachers."""
-    global _IN_WORKER, _WORKER_STATE
+    global _WORKER_STATE
     import transformers
 
-    _IN_WORKER = True
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     torch.set_num_threads(threads)
-    _WORKER_STATE = settings, prepare(settings, {})
+    _WORKER_STATE = settings, prepare(settings, {}, quiet=True)
 
 
 def _run_job(job: Job) -> tuple[int, dict[str, Any]]:

@@ -10,7 +10,7 @@ import yaml
 
 import train
 from divmerge.module import DivMergeModule
-from tests.tiny import make_expert
+from tests.tiny import cpu_trainer, make_expert
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,24 +19,7 @@ def write_config(tmp_path: Path, tiny: dict, experts: dict | None = None, epochs
     run = tmp_path / "run"
     cfg = {
         "seed_everything": 0,
-        "trainer": {
-            "max_epochs": epochs,
-            "accelerator": "cpu",
-            "devices": 1,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "log_every_n_steps": 1,
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.CSVLogger",
-                "init_args": {"save_dir": str(run), "name": "t"},
-            },
-            "callbacks": [
-                {
-                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"dirpath": str(run / "ckpt"), "save_last": True},
-                }
-            ],
-        },
+        "trainer": cpu_trainer(run, epochs, checkpoints=True),
         "model": {
             "base": tiny["base"],
             "experts": experts or tiny["experts"],

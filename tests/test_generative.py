@@ -27,6 +27,7 @@ from divmerge.generative import (
 )
 from divmerge.objectives import OBJECTIVES, js_divergence
 from tests import tiny_lm
+from tests.tiny import cpu_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -229,18 +230,7 @@ def write_config(tmp_path: Path, lm: dict, epochs: int = 3, **model_kw) -> str:
     run = tmp_path / "run"
     cfg = {
         "seed_everything": 0,
-        "trainer": {
-            "max_epochs": epochs,
-            "accelerator": "cpu",
-            "devices": 1,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "log_every_n_steps": 1,
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.CSVLogger",
-                "init_args": {"save_dir": str(run), "name": "t"},
-            },
-        },
+        "trainer": cpu_trainer(run, epochs),
         "model": {
             "base": lm["base"],
             "experts": lm["experts"],

@@ -34,6 +34,37 @@ WORDS = [
 ]
 
 
+def cpu_trainer(run: Path, epochs: int, checkpoints: bool = False) -> dict:
+    """The ``trainer`` section of a test config: one CPU device, quiet, CSV logs under ``run``.
+
+    Args:
+        run: Log directory; checkpoints go to ``run / "ckpt"``.
+        epochs: ``max_epochs``.
+        checkpoints: Add a ModelCheckpoint that keeps ``last.ckpt``.
+
+    """
+    trainer: dict = {
+        "max_epochs": epochs,
+        "accelerator": "cpu",
+        "devices": 1,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "log_every_n_steps": 1,
+        "logger": {
+            "class_path": "lightning.pytorch.loggers.CSVLogger",
+            "init_args": {"save_dir": str(run), "name": "t"},
+        },
+    }
+    if checkpoints:
+        trainer["callbacks"] = [
+            {
+                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                "init_args": {"dirpath": str(run / "ckpt"), "save_last": True},
+            }
+        ]
+    return trainer
+
+
 def tiny_config() -> BertConfig:
     return BertConfig(
         vocab_size=30522,
