@@ -1,6 +1,11 @@
-"""Checkpoint IO: atomic writes and one clear error for a missing or corrupt checkpoint."""
+"""Checkpoint IO: atomic writes, safe loads and one clear error for a missing, corrupt or foreign checkpoint.
+
+Checkpoints are shared between people, so a checkpoint is data, never code: every load unpickles with
+``weights_only=True`` (tensors, containers and plain values only), whatever the caller asks for.
+"""
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +33,34 @@ class SafeCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(
         self, path: Any, map_location: Any = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
-        """Load a checkpoint, turning IO/unpickling failures into a DivMergeError."""
+        """Load a checkpoint as data only, turning IO/unpickling failures into a DivMergeError.
+
+        Args:
+            path: The checkpoint file.
+            map_location: Where to put its tensors (default: where they were saved).
+            weights_only: Ignored: a checkpoint is always loaded with ``weights_only=True``, so a crafted
+                file cannot run code.
+
+        Returns:
+            The checkpoint dictionary.
+        """
         if not Path(path).is_file():
             raise DivMergeError(f"Checkpoint {str(path)!r} does not exist: check --ckpt_path.")
         try:
             if map_location is None:
-                return super().load_checkpoint(path, weights_only=weights_only)
-            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+                return super().load_checkpoint(path, weights_only=True)
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as err:
+            if "weights_only" not in str(err):
+                raise DivMergeError(
+                    f"Checkpoint {str(path)!r} is corrupt or not a checkpoint (UnpicklingError): pass an "
+                    "intact .ckpt written by divmerge, or start a fresh run without --ckpt_path."
+                ) from err
+            raise DivMergeError(
+                f"Checkpoint {str(path)!r} holds Python objects beyond tensors and plain data, which could "
+                "run code when loaded, so divmerge refuses it: pass a .ckpt written by divmerge (only data), "
+                "or start a fresh run without --ckpt_path."
+            ) from err
         except Exception as err:
             raise DivMergeError(
                 f"Checkpoint {str(path)!r} is corrupt or not a checkpoint ({type(err).__name__}): pass an "
@@ -52,7 +78,7 @@ def check_checkpoint(path: Any) -> dict[str, Any]:
         The ``divmerge`` entry (fingerprint, tasks, granularity, tensor names).
 
     """
-    checkpoint = SafeCheckpointIO().load_checkpoint(path, weights_only=False)
+    checkpoint = SafeCheckpointIO().load_checkpoint(path)
     meta = checkpoint.get("divmerge") if isinstance(checkpoint, dict) else None
     if meta is None:
         raise DivMergeError(

@@ -62,7 +62,7 @@ def run_export(
                 "A learned merge needs its coefficients: pass --ckpt_path (e.g. .../last.ckpt)."
             )
         module.check_checkpoint_meta(check_checkpoint(options.ckpt_path))
-        state = SafeCheckpointIO().load_checkpoint(options.ckpt_path, weights_only=False)["state_dict"]
+        state = SafeCheckpointIO().load_checkpoint(options.ckpt_path)["state_dict"]
         module.load_state_dict(state)
         summary["coefficients"] = coefficient_stats(merged.coefficients().detach(), merged.task_names)
         summary.update(objective=module.hparams.objective, granularity=module.hparams.granularity)
