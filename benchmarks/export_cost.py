@@ -63,7 +63,10 @@ def worker(argv: list[str]) -> dict[str, Any]:
 
     """
     sys.path.insert(0, str(ROOT))
+    import transformers
+
     import train
+    from divmerge.lightning.export_command import parse_export_args, run_export
 
     marks: dict[str, Any] = {}
 
@@ -84,9 +87,9 @@ def worker(argv: list[str]) -> dict[str, Any]:
         module.build = build_and_mark
         return module
 
-    train.transformers.logging.set_verbosity_error()
-    options, overrides = train.parse_export_args(argv, train.DEMO_CONFIG)
-    train.run_export(options, build_module, overrides)
+    transformers.logging.set_verbosity_error()
+    options, overrides = parse_export_args(argv, train.DEMO_CONFIG)
+    run_export(options, build_module, overrides)
     export_peak = _status_mb("VmHWM")
     return {**marks, "export_peak_mb": export_peak, "peak_mb": max(export_peak, marks["load_peak_mb"])}
 

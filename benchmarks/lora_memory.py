@@ -47,8 +47,9 @@ from benchmarks.step_cost import (  # noqa: E402  (sets the offline environment 
     teacher_logprobs,
     time_steps,
 )
-from divmerge.experts import load_experts, resolve_source  # noqa: E402
-from divmerge.functional import MergedModel  # noqa: E402
+from divmerge.core.merged_model import MergedModel  # noqa: E402
+from divmerge.experts.sources import resolve_source  # noqa: E402
+from divmerge.families import load_experts  # noqa: E402
 
 COLUMNS = (
     "experts",

@@ -59,14 +59,17 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch
 from torch import Tensor
 
-from divmerge.baselines import STATIC_METHODS, static_merge
-from divmerge.coefficients import GRANULARITIES
-from divmerge.data import MergeDataModule, TaskDataset, TaskSpec
+from divmerge.core.coefficients import GRANULARITIES
+from divmerge.core.expert_set import ExpertSet
+from divmerge.core.merged_model import MergedModel
+from divmerge.data import TaskDataset, TaskSpec
 from divmerge.errors import DivMergeError
 from divmerge.evaluation import TaskResult, anp
-from divmerge.experts import ExpertSet, load_experts
-from divmerge.functional import MergedModel
+from divmerge.families import load_experts
+from divmerge.families.classification import step_loss, task_logits
+from divmerge.lightning.datamodule import MergeDataModule
 from divmerge.objectives import OBJECTIVES, get_objective
+from divmerge.static import STATIC_METHODS, static_merge
 from divmerge.teachers import cache_path, compute_logprobs, get_or_compute
 from divmerge.zoo import DEMO_TASKS, default_cache_dir
 
@@ -520,8 +523,12 @@ def build_teachers(
                     params = merged.merged_params(merged.one_hot_table(t))
 
                 def forward(batch: Mapping[str, Tensor]) -> Tensor:
-                    return merged.task_logits(
-                        t, params, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                    return task_logits(
+                        merged,
+                        t,
+                        params,
+                        input_ids=batch["input_ids"],
+                        attention_mask=batch["attention_mask"],
                     )
 
                 return compute_logprobs(forward, dm.eval_loader(task, split), len(ds))
@@ -608,7 +615,7 @@ def train_step(
         def task_loss(t: int, logits: Tensor) -> Tensor:
             return divergence(teachers[t][batches[t]["idx"]], logits).mean()
 
-    loss, _ = merged.step_loss(merged.merged_params(), inputs, task_loss)
+    loss, _ = step_loss(merged, merged.merged_params(), inputs, task_loss)
     return loss
 
 
@@ -682,8 +689,8 @@ def evaluate(
     for t, task_batches in enumerate(batches):
         correct = total = 0
         for batch in task_batches:
-            logits = merged.task_logits(
-                t, params, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            logits = task_logits(
+                merged, t, params, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
             )
             correct += int((logits.argmax(-1) == batch["labels"]).sum())
             total += len(batch["labels"])

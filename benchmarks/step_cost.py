@@ -62,9 +62,12 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
+from divmerge.core.expert_set import ExpertSet  # noqa: E402
+from divmerge.core.merged_model import MergedModel  # noqa: E402
 from divmerge.errors import DivMergeError  # noqa: E402
-from divmerge.experts import ExpertSet, load_experts, resolve_source  # noqa: E402
-from divmerge.functional import BackbonePass, MergedModel  # noqa: E402
+from divmerge.experts.sources import resolve_source  # noqa: E402
+from divmerge.families import load_experts  # noqa: E402
+from divmerge.families.classification import BackbonePass, step_loss, task_logits  # noqa: E402
 from divmerge.objectives import js_divergence  # noqa: E402
 
 PROG = "step_cost"
@@ -214,7 +217,7 @@ def task_texts(task: str, count: int) -> list[str] | None:
 
     A synthetic expert ``<task>~<j>`` gets that task's texts from a different offset.
     """
-    from divmerge import zoo
+    from divmerge.zoo import demo as zoo
 
     source, _, index = task.partition(SYNTH_SEP)
     if source not in zoo.DEMO_TASKS:
@@ -275,7 +278,7 @@ def teacher_logprobs(merged: MergedModel, batches: Batches) -> dict[int, Tensor]
     out = {}
     for t, batch in batches.items():
         params = merged.merged_params(merged.one_hot_table(t))
-        out[t] = torch.log_softmax(merged.task_logits(t, params, **batch), dim=-1)  # (B, C_t)
+        out[t] = torch.log_softmax(task_logits(merged, t, params, **batch), dim=-1)  # (B, C_t)
     return out
 
 
@@ -392,7 +395,8 @@ def make_divmerge_step(
     def step() -> float:
         targets = teachers if teachers is not None else teacher_logprobs(merged, batches)
         optimizer.zero_grad(set_to_none=True)
-        loss, _ = merged.step_loss(
+        loss, _ = step_loss(
+            merged,
             merged.merged_params(),
             batches,
             lambda t, student: js_divergence(targets[t], student).mean(),
@@ -513,8 +517,8 @@ def make_divmerge_phase_step(
         marks = [time.perf_counter()]
         params = merged.merged_params()
         marks.append(time.perf_counter())
-        loss, _ = merged.step_loss(
-            params, batches, lambda t, student: js_divergence(teachers[t], student).mean()
+        loss, _ = step_loss(
+            merged, params, batches, lambda t, student: js_divergence(teachers[t], student).mean()
         )
         marks.append(time.perf_counter())
         loss.backward()
@@ -777,7 +781,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     """Validate arguments; exits with a one-line error on bad input."""
-    from divmerge import zoo
+    from divmerge.zoo import demo as zoo
 
     unknown = [t for t in args.tasks if t not in zoo.DEMO_TASKS]
     if unknown:

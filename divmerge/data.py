@@ -6,21 +6,16 @@ unlabelled parts. Labels are only read for val and test: merging never sees a la
 
 import hashlib
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import pandas as pd
 import torch
-from lightning.pytorch.utilities import CombinedLoader
-from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
+from torch.utils.data import Dataset
 
 from divmerge.errors import DivMergeError
-from divmerge.experts import ZOO_PREFIX, resolve_source
 
 Split = Literal["unlabelled", "val", "test"]
 SPLITS: tuple[str, ...] = ("unlabelled", "val", "test")
@@ -84,6 +79,26 @@ class Rows:
     answers: list[str] | None = None
 
 
+DataScheme = Callable[[str], Rows]
+"""name after the scheme -> the task's labelled pool (e.g. ``zoo:rt``, the demo's rotten-tomatoes rows)."""
+_DATA_SCHEMES: dict[str, DataScheme] = {}
+
+
+def register_data_scheme(prefix: str, reader: DataScheme) -> None:
+    """Make task sources ``<prefix><name>`` read through ``reader`` (e.g. ``zoo:`` for the demo tasks).
+
+    Args:
+        prefix: The scheme with its colon, e.g. ``"zoo:"``.
+        reader: name -> the task's rows.
+    """
+    _DATA_SCHEMES[prefix] = reader
+
+
+def _scheme_of(source: str) -> str | None:
+    """The registered scheme ``source`` starts with, if any."""
+    return next((prefix for prefix in _DATA_SCHEMES if source.startswith(prefix)), None)
+
+
 def check_task(spec: TaskSpec) -> None:
     """Fail early on a task spec that cannot work (a generative task needs a prompt template)."""
     if spec.kind != "generative":
@@ -93,7 +108,7 @@ def check_task(spec: TaskSpec) -> None:
             f"Task {spec.name!r} is generative but has no prompt_template: set it to a format string over "
             'the data columns, e.g. prompt_template: "Sentence: {sentence}\\nAnswer:".'
         )
-    if spec.source.startswith(ZOO_PREFIX):
+    if _scheme_of(spec.source):
         raise DivMergeError(
             f"Task {spec.name!r}: demo tasks ({spec.source!r}) are classification tasks; give a generative "
             "task a data file or hub dataset."
@@ -193,11 +208,9 @@ def load_rows(spec: TaskSpec) -> Rows:
         Texts, labels (None without a label column) and class names.
 
     """
-    if spec.source.startswith(ZOO_PREFIX):
-        from divmerge import zoo
-
-        _, pool = zoo.demo_split(spec.source[len(ZOO_PREFIX) :])
-        return Rows(list(pool.texts), list(pool.labels), tuple(pool.label_names))
+    scheme = _scheme_of(spec.source)
+    if scheme:
+        return _DATA_SCHEMES[scheme](spec.source[len(scheme) :])
     table = _read_table(spec)
     if spec.kind == "generative":
         return _generative_rows(spec, table)
@@ -291,155 +304,3 @@ class TaskDataset(Dataset):
         for ids in self.encodings:
             h.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes() + b"|")
         return h.hexdigest()[:16]
-
-
-class MergeDataModule(L.LightningDataModule):
-    """Unlabelled inputs of every task for merging; labelled inputs for evaluation.
-
-    Each training batch holds ``batch_size_per_task`` inputs of every task (DivMerge samples 4 x T per
-    step from the union of the tasks); shorter tasks cycle.
-
-    Args:
-        tasks: The tasks, one per expert.
-        tokenizer: Tokenizer source; linked to ``model.base`` by train.py.
-        max_length: Tokens per input: longer inputs are truncated (generative prompts on the left, so they
-            keep the end their answer follows).
-        batch_size_per_task: Unlabelled inputs of each task per training step and device (the global
-            batch per task is this times the number of devices).
-        eval_batch_size: Batch size for validation/test and for building the teacher cache.
-        seed: Seed of the split shuffle and of the per-epoch training order.
-        num_workers: DataLoader worker processes.
-
-    """
-
-    def __init__(
-        self,
-        tasks: list[TaskSpec],
-        tokenizer: str = "zoo:minilm",
-        max_length: int = 64,
-        batch_size_per_task: int = 4,
-        eval_batch_size: int = 64,
-        seed: int = 0,
-        num_workers: int = 0,
-    ) -> None:
-        super().__init__()
-        if not tasks:
-            raise DivMergeError("No tasks given: list them under data.tasks.")
-        names = [t.name for t in tasks]
-        if len(set(names)) != len(names):
-            raise DivMergeError(f"Task names must be unique, got {names}.")
-        for spec in tasks:
-            check_task(spec)
-        self.tasks = list(tasks)
-        self.tokenizer_source = tokenizer
-        self.max_length = max_length
-        self.batch_size_per_task = batch_size_per_task
-        self.eval_batch_size = eval_batch_size
-        self.seed = seed
-        self.num_workers = num_workers
-        self._datasets: dict[tuple[str, str], TaskDataset] = {}
-        self._rows: dict[str, dict[str, Rows]] = {}
-
-    @property
-    def task_names(self) -> list[str]:
-        """Task names in config order."""
-        return [t.name for t in self.tasks]
-
-    @cached_property
-    def tokenizer(self) -> PreTrainedTokenizerBase:
-        """The base model's tokenizer."""
-        source = resolve_source(self.tokenizer_source)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-        except (OSError, ValueError) as err:
-            raise DivMergeError(
-                f"Could not load a tokenizer from {self.tokenizer_source!r} ({err})."
-            ) from err
-        if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-            tokenizer.pad_token = tokenizer.eos_token  # causal LMs often have none; padding is masked
-        return tokenizer
-
-    def rows(self, task: str) -> dict[str, Rows]:
-        """The task's split rows (loaded and split once)."""
-        if task not in self._rows:
-            spec = self.tasks[self.task_names.index(task)]
-            self._rows[task] = split_rows(spec, load_rows(spec), self.seed)
-        return self._rows[task]
-
-    def label_names(self, task: str) -> tuple[str, ...] | None:
-        """Class names of a task, if known."""
-        return self.rows(task)["test"].label_names
-
-    def dataset(self, task: str, split: Split) -> TaskDataset:
-        """Tokenised dataset of one task split (built once)."""
-        key = (task, split)
-        if key not in self._datasets:
-            part = self.rows(task)[split]
-            self._datasets[key] = TaskDataset(self._encode(task, part.texts), part.labels)
-        return self._datasets[key]
-
-    def _encode(self, task: str, texts: list[str]) -> list[list[int]]:
-        """Token ids of ``texts``, at most ``max_length`` each; a generative prompt keeps its end."""
-        if not texts:  # an empty split (num_val: 0): tokenizers fail on an empty list
-            return []
-        if self.tasks[self.task_names.index(task)].kind == "generative":
-            return [ids[-self.max_length :] for ids in self.tokenizer(texts)["input_ids"]]
-        return self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
-
-    def prepare_data(self) -> None:
-        """Read every task once on rank 0 so bad data fails before any training starts."""
-        for task in self.task_names:
-            self.rows(task)
-
-    def setup(self, stage: str) -> None:
-        """Tokenise the splits this stage needs."""
-        splits = {"fit": ("unlabelled", "val"), "validate": ("val",), "test": ("test",)}.get(stage, SPLITS)
-        for task in self.task_names:
-            for split in splits:
-                self.dataset(task, split)
-
-    def collate(self, items: list[dict[str, Any]]) -> dict[str, Tensor]:
-        """Pad a list of items into a batch."""
-        return DataCollatorWithPadding(self.tokenizer, return_tensors="pt")(items)
-
-    def eval_loader(self, task: str, split: Split) -> DataLoader:
-        """Labelled (or, for teachers, unlabelled) loader of one task split, in dataset order."""
-        return DataLoader(
-            self.dataset(task, split),
-            batch_size=self.eval_batch_size,
-            collate_fn=self.collate,
-            num_workers=self.num_workers,
-        )
-
-    def train_dataloader(self) -> CombinedLoader:
-        """Per step: ``batch_size_per_task`` unlabelled inputs of every task, as {task: batch}."""
-        trainer = self.trainer
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        loaders = {}
-        for i, task in enumerate(self.task_names):
-            ds = self.dataset(task, "unlabelled")
-            # The order depends only on (seed, epoch), so a resumed run replays it; under DDP rank r takes
-            # every world-th index, so the ranks' batches together equal the one-process batch of
-            # batch_size_per_task x world inputs. Lightning keeps a DistributedSampler and calls set_epoch.
-            sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=self.seed + i)
-            loaders[task] = DataLoader(
-                ds,
-                batch_size=self.batch_size_per_task,
-                sampler=sampler,
-                collate_fn=self.collate,
-                num_workers=self.num_workers,
-                drop_last=False,
-            )
-        return CombinedLoader(loaders, mode="max_size_cycle")
-
-    def eval_tasks(self, split: Split) -> list[str]:
-        """Tasks with labelled examples in ``split``; position i is evaluation dataloader_idx i."""
-        return [t for t in self.task_names if len(self.dataset(t, split))]
-
-    def val_dataloader(self) -> list[DataLoader]:
-        """One labelled loader per task of ``eval_tasks("val")``."""
-        return [self.eval_loader(t, "val") for t in self.eval_tasks("val")]
-
-    def test_dataloader(self) -> list[DataLoader]:
-        """One labelled loader per task of ``eval_tasks("test")``."""
-        return [self.eval_loader(t, "test") for t in self.eval_tasks("test")]

@@ -1,4 +1,4 @@
-"""The one exception type divmerge raises for bad input."""
+"""The one exception type divmerge raises for bad input, and the one way to quote another error."""
 
 
 class DivMergeError(Exception):
@@ -6,3 +6,16 @@ class DivMergeError(Exception):
 
     ``train.py`` prints it as one line and exits non-zero instead of a traceback.
     """
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error (and its second when the first ends in a colon, a heading).
+
+    Args:
+        err: Any exception, typically from transformers, peft or safetensors.
+
+    Returns:
+        One line to quote inside a DivMergeError message; the type name when the message is empty.
+    """
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()] or [type(err).__name__]
+    return " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]

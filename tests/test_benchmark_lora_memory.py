@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from divmerge.experts import load_experts
+from divmerge.families import load_experts
 from tests.tiny import make_base
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "lora_memory.py"

@@ -12,10 +12,12 @@ import pytest
 import torch
 
 from benchmarks import merge_quality as mq
-from divmerge.baselines import static_merge
-from divmerge.data import MergeDataModule, TaskSpec
-from divmerge.experts import load_experts
-from divmerge.functional import MergedModel
+from divmerge.core.merged_model import MergedModel
+from divmerge.data import TaskSpec
+from divmerge.families import load_experts
+from divmerge.families.classification import task_logits
+from divmerge.lightning.datamodule import MergeDataModule
+from divmerge.static import static_merge
 from tests.tiny import make_setup
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,8 +165,8 @@ def test_quick_run_on_tiny_models(setup3: dict, tmp_path: Path, capsys) -> None:
                 hits = {"merged": 0, "expert": 0}
                 for batch in dm.eval_loader(task, "test"):
                     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-                    m = merged.task_logits(t, ta, **inputs).argmax(-1)
-                    e = full.task_logits(experts.task_names.index(task), expert_params, **inputs).argmax(-1)
+                    m = task_logits(merged, t, ta, **inputs).argmax(-1)
+                    e = task_logits(full, experts.task_names.index(task), expert_params, **inputs).argmax(-1)
                     hits["merged"] += int((m == batch["labels"]).sum())
                     hits["expert"] += int((e == batch["labels"]).sum())
                 assert float(row[f"acc_{task}"]) == pytest.approx(hits["merged"] / NUM_TEST, abs=1e-6)
@@ -251,8 +253,8 @@ def test_ceiling_fits_the_test_labels(setup3: dict) -> None:
     def test_loss(merged: MergedModel) -> float:
         params, total = merged.merged_params(), 0.0
         for t, b in batches.items():
-            logits = merged.task_logits(
-                t, params, input_ids=b["input_ids"], attention_mask=b["attention_mask"]
+            logits = task_logits(
+                merged, t, params, input_ids=b["input_ids"], attention_mask=b["attention_mask"]
             )
             total += float(torch.nn.functional.cross_entropy(logits, b["labels"]))
         return total

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from divmerge.functional import MergedModel
+from divmerge.core.merged_model import MergedModel
 from tests.tiny import make_setup
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_cost.py"

@@ -9,7 +9,8 @@ import torch
 import yaml
 
 import train
-from divmerge.module import DivMergeModule
+from divmerge.engine import Merger
+from divmerge.families.classification import task_logits
 from tests.tiny import cpu_trainer, make_expert
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,7 +113,7 @@ def test_teacher_cache_is_reused_and_never_recomputed_in_training(tmp_path, tiny
     def boom(*args, **kwargs):
         raise AssertionError("an expert forward ran although the cache was warm")
 
-    monkeypatch.setattr(DivMergeModule, "_teacher", boom)
+    monkeypatch.setattr(Merger, "compute_teacher", boom)
     train.main(["fit", "--config", config])
     assert sorted(p.name for p in (tmp_path / "cache" / "teachers").iterdir()) == cached
     monkeypatch.undo()
@@ -262,7 +263,7 @@ def test_export_learned_merge_matches_the_merged_model(tmp_path, tiny, capsys):
     ids = torch.randint(1000, 2000, (3, 7), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     for t, task in enumerate(merged.task_names):
-        want = merged.task_logits(t, params, input_ids=ids, attention_mask=mask)
+        want = task_logits(merged, t, params, input_ids=ids, attention_mask=mask)
         got = load_task_model(out, task)(input_ids=ids, attention_mask=mask).logits
         assert (got - want).abs().max() < 1e-5
     # an existing export is not overwritten without --overwrite, and stays intact

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from divmerge.coefficients import MergeCoefficients, group_tensors
+from divmerge.core.coefficients import MergeCoefficients, group_tensors
 from divmerge.errors import DivMergeError
 
 NAMES = [

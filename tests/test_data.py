@@ -1,8 +1,9 @@
 import pandas as pd
 import pytest
 
-from divmerge.data import MergeDataModule, TaskSpec, load_rows, split_rows
+from divmerge.data import TaskSpec, load_rows, split_rows
 from divmerge.errors import DivMergeError
+from divmerge.lightning.datamodule import MergeDataModule
 
 
 def spec(path, **kw):

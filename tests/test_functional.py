@@ -3,9 +3,11 @@
 import pytest
 import torch
 
-import divmerge.functional as functional
-from divmerge.experts import load_experts
-from divmerge.functional import MergedModel, WeightedSum, accumulate_over_tasks
+import divmerge.core.merge as functional
+from divmerge.core.merge import WeightedSum, accumulate_over_tasks
+from divmerge.core.merged_model import MergedModel
+from divmerge.families import load_experts
+from divmerge.families.classification import step_loss
 from divmerge.objectives import js_divergence
 
 
@@ -55,7 +57,8 @@ def test_per_task_pass_equals_joint_pass(tiny, expert_set):
         merged = MergedModel(expert_set)
         with torch.no_grad():
             merged.coefficients.weight.uniform_(-0.5, 1.0, generator=torch.Generator().manual_seed(4))
-        loss, per_task = merged.step_loss(
+        loss, per_task = step_loss(
+            merged,
             merged.merged_params(),
             batches,
             lambda t, student: js_divergence(teachers[t], student).mean(),

@@ -12,12 +12,11 @@ import yaml
 from transformers import AutoTokenizer, Qwen2ForCausalLM
 
 import train
-from divmerge import causal_lm
-from divmerge.data import MergeDataModule, TaskSpec, load_rows
+from divmerge.core.merged_model import MergedModel
+from divmerge.data import TaskSpec, load_rows
 from divmerge.errors import DivMergeError
-from divmerge.experts import load_experts
-from divmerge.functional import MergedModel
-from divmerge.generative import (
+from divmerge.families import causal_lm, load_experts
+from divmerge.families.generation import (
     answer_divergence,
     cache_bytes_per_position,
     coarsen_like,
@@ -25,6 +24,7 @@ from divmerge.generative import (
     exact_match,
     greedy_decode,
 )
+from divmerge.lightning.datamodule import MergeDataModule
 from divmerge.objectives import OBJECTIVES, js_divergence
 from tests import tiny_lm
 from tests.tiny import cpu_trainer

@@ -11,13 +11,15 @@ from peft import IA3Config, LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import BertForSequenceClassification
 
 import train
-from divmerge import lora, zoo
-from divmerge.baselines import static_merge
+from divmerge.core import lora
+from divmerge.core.merged_model import MergedModel
 from divmerge.errors import DivMergeError
-from divmerge.experts import load_experts
 from divmerge.export import coefficient_stats, export_merged, load_task_model
-from divmerge.functional import MergedModel
+from divmerge.families import load_experts
+from divmerge.families.classification import step_loss, task_logits
 from divmerge.objectives import js_divergence
+from divmerge.static import static_merge
+from divmerge.zoo import demo as zoo
 from tests.test_cli import write_config
 from tests.tiny import copy_tokenizer, make_base, make_expert, tiny_config
 
@@ -82,7 +84,7 @@ def test_one_hot_adapter_reproduces_peft_model(setup, kind, num_labels):
     merged = MergedModel(experts)
     inputs = batch(0)
     with torch.no_grad():
-        ours = merged.task_logits(1, merged.merged_params(merged.one_hot_table(1)), **inputs)
+        ours = task_logits(merged, 1, merged.merged_params(merged.one_hot_table(1)), **inputs)
     reference = peft_logits(setup["base"], setup[kind], num_labels, inputs)
     assert (ours - reference).abs().max() < 1e-5
 
@@ -109,7 +111,8 @@ def test_mixed_set_gradients_match_densified_reference(setup, backbone_pass):
     for merged in (mixed, dense):
         with torch.no_grad():
             merged.coefficients.weight.uniform_(-0.5, 1.0, generator=torch.Generator().manual_seed(4))
-        loss, _ = merged.step_loss(
+        loss, _ = step_loss(
+            merged,
             merged.merged_params(),
             batches,
             lambda t, student: js_divergence(teachers[t], student).mean(),
@@ -151,7 +154,7 @@ def test_subset_keeps_each_adapters_factors(setup):
     merged = MergedModel(sub)
     inputs = batch(3)
     with torch.no_grad():
-        ours = merged.task_logits(1, merged.merged_params(merged.one_hot_table(1)), **inputs)
+        ours = task_logits(merged, 1, merged.merged_params(merged.one_hot_table(1)), **inputs)
     assert (ours - peft_logits(setup["base"], setup["plain"], 3, inputs)).abs().max() < 1e-5
     assert all(set(stack.task.tolist()) == {1} for stack in sub.lora.values())
 
@@ -204,7 +207,7 @@ def test_export_folds_the_adapters_into_a_plain_model(setup, tmp_path):
     inputs = batch(4)
     with torch.no_grad():
         got = load_task_model(out, "plain")(**inputs).logits
-        want = merged.task_logits(1, params, **inputs)
+        want = task_logits(merged, 1, params, **inputs)
     assert (got - want).abs().max() < 1e-5
 
 
@@ -252,7 +255,7 @@ def test_zoo_builds_a_lora_adapter_that_merges_exactly(tmp_path, monkeypatch):
     merged = MergedModel(experts)
     inputs = batch(6)
     with torch.no_grad():
-        ours = merged.task_logits(0, merged.merged_params(merged.one_hot_table(0)), **inputs)
+        ours = task_logits(merged, 0, merged.merged_params(merged.one_hot_table(0)), **inputs)
     assert (ours - peft_logits(zoo.base_model_path(), path, 6, inputs)).abs().max() < 1e-5
 
 

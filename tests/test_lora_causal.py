@@ -9,10 +9,9 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import Qwen2ForCausalLM
 
 import train
-from divmerge import causal_lm
+from divmerge.core.merged_model import MergedModel
 from divmerge.errors import DivMergeError
-from divmerge.experts import load_experts
-from divmerge.functional import MergedModel
+from divmerge.families import causal_lm, load_experts
 from tests import tiny_lm
 from tests.test_generative import PROMPTS, prompts, write_config
 

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 
-from divmerge import zoo
 from divmerge.errors import DivMergeError
 from divmerge.zoo import (
     DEMO_TASKS,
@@ -19,6 +18,7 @@ from divmerge.zoo import (
     expert_dir,
     load_demo_task,
 )
+from divmerge.zoo import demo as zoo
 
 # task -> (label names, rows per class)
 EXPECTED = {

@@ -5,12 +5,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from divmerge.checkpoint_io import SafeCheckpointIO, check_checkpoint
 from divmerge.errors import DivMergeError
-from divmerge.experts import resolve_source
-from divmerge.export import check_target, coefficient_stats, export_merged
-from divmerge.export_causal_lm import export_causal_lm
-from divmerge.module import DivMergeModule
+from divmerge.experts.sources import resolve_source
+from divmerge.export import EXPORTERS, check_target, coefficient_stats
+from divmerge.lightning.checkpoint_io import SafeCheckpointIO, check_checkpoint
+from divmerge.lightning.module import DivMergeModule
 
 
 def parse_export_args(argv: list[str], default_config: Path) -> tuple[argparse.Namespace, list[str]]:
@@ -69,7 +68,7 @@ def run_export(
     else:
         summary["method_options"] = dict(module.hparams.method_options or {})
     params = module.eval_params()
-    export = export_causal_lm if module.generative else export_merged  # causal LMs have no heads
+    export = EXPORTERS[module.engine.family.name]  # e.g. causal LMs have no heads
     out = export(merged, params, base_source, options.out_dir, summary, overwrite=options.overwrite)
     print(f"divmerge: exported {module.describe()} of {merged.task_names} to {out}")
     return out

@@ -16,20 +16,20 @@ import torch
 from torch import Tensor
 from transformers import AutoModelForCausalLM
 
+from divmerge.core.merged_model import MergedModel
 from divmerge.errors import DivMergeError
-from divmerge.experts import resolve_source
-from divmerge.export import (
+from divmerge.experts.sources import resolve_source
+from divmerge.export.common import (
     CARD_FILE,
     EXPORT_FILE,
     FORMAT_VERSION,
-    _jsonable,
-    _load_base_config,
-    _load_tokenizer,
-    _relative_files,
     atomic_dir,
     check_target,
+    load_base_config,
+    load_tokenizer,
+    relative_files,
 )
-from divmerge.functional import MergedModel
+from divmerge.export.model_card import jsonable
 
 
 def export_causal_lm(
@@ -58,8 +58,8 @@ def export_causal_lm(
     out = Path(out_dir).expanduser().absolute()
     check_target(out, overwrite, base_source, summary)
     source = resolve_source(base_source)
-    config = _load_base_config(source, base_source)
-    tokenizer = _load_tokenizer(source, base_source)
+    config = load_base_config(source, base_source)
+    tokenizer = load_tokenizer(source, base_source)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     dense = merged.dense_params(params)  # LoRA adapter experts' low-rank updates folded into the weights
@@ -83,9 +83,9 @@ def export_causal_lm(
             "base_source": base_source,
             "task_names": list(merged.task_names),
             "tasks": {},  # no per-task heads: the merged model answers every task
-            "summary": _jsonable(summary),
+            "summary": jsonable(summary),
         }
-        info["files"] = sorted([*_relative_files(tmp), EXPORT_FILE])
+        info["files"] = sorted([*relative_files(tmp), EXPORT_FILE])
         (tmp / EXPORT_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return out
 

@@ -1,7 +1,8 @@
 """Merge coefficients: the only trainable tensors in divmerge.
 
-One table ``c`` of shape (T, G): T experts (tasks) by G groups of parameter tensors. The granularity
-decides the groups:
+One table ``c`` of shape (T, G): T experts (tasks) by G groups of parameter tensors. The coefficient
+space (``granularity``) decides the groups; each space is one file of this package and one line of
+``SPACES``:
 
 - ``task``: G = 1, one coefficient per task (task arithmetic with a learned lambda per task).
 - ``layer``: G = number of merged parameter tensors, one coefficient per task per tensor
@@ -10,18 +11,28 @@ decides the groups:
   (embeddings, pooler, final norm) in its own group.
 """
 
-import re
 from collections.abc import Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from divmerge.core.coefficients.base import CoefficientSpace
+from divmerge.core.coefficients.block import BlockSpace
+from divmerge.core.coefficients.layer import LayerSpace
+from divmerge.core.coefficients.task import TaskSpace
 from divmerge.errors import DivMergeError
 
-Granularity = Literal["task", "layer", "block"]
-GRANULARITIES: tuple[str, ...] = ("task", "layer", "block")
-_BLOCK = re.compile(r"\.(\d+)\.")
+SPACES: dict[str, CoefficientSpace] = {"task": TaskSpace(), "layer": LayerSpace(), "block": BlockSpace()}
+Granularity = Literal["task", "layer", "block"]  # the keys of SPACES, for --help
+GRANULARITIES: tuple[str, ...] = tuple(SPACES)
+
+
+def get_space(granularity: str) -> CoefficientSpace:
+    """The coefficient space registered under ``granularity``, with one clear error for unknown names."""
+    if granularity not in SPACES:
+        raise DivMergeError(f"Unknown granularity {granularity!r}: use one of {list(GRANULARITIES)}.")
+    return SPACES[granularity]
 
 
 def group_tensors(names: Sequence[str], granularity: Granularity) -> list[int]:
@@ -29,25 +40,13 @@ def group_tensors(names: Sequence[str], granularity: Granularity) -> list[int]:
 
     Args:
         names: Names of the merged parameter tensors, in merge order.
-        granularity: ``task``, ``layer`` or ``block``.
+        granularity: A key of ``SPACES`` (``task``, ``layer`` or ``block``).
 
     Returns:
         For each name, the index of its group (column of the coefficient table).
 
     """
-    if granularity == "task":
-        return [0] * len(names)
-    if granularity == "layer":
-        return list(range(len(names)))
-    if granularity == "block":
-        keys: dict[str, int] = {}
-        groups = []
-        for name in names:
-            match = _BLOCK.search(name)
-            key = f"block{match.group(1)}" if match else name
-            groups.append(keys.setdefault(key, len(keys)))
-        return groups
-    raise DivMergeError(f"Unknown granularity {granularity!r}: use one of {list(GRANULARITIES)}.")
+    return get_space(granularity).groups(names)
 
 
 class MergeCoefficients(nn.Module):
@@ -56,7 +55,7 @@ class MergeCoefficients(nn.Module):
     Args:
         num_tasks: Number of experts T.
         names: Names of the merged tensors (defines the groups).
-        granularity: ``task``, ``layer`` or ``block``.
+        granularity: A key of ``SPACES``: ``task``, ``layer`` or ``block``.
         init: Initial value of every coefficient; None means 1/T (DivMerge, Algorithm 1).
         clamp: Optional (low, high) bounds applied in the forward pass; None leaves them unconstrained.
 
@@ -77,7 +76,8 @@ class MergeCoefficients(nn.Module):
             raise DivMergeError(f"Coefficient clamp {clamp} must be (low, high) with low < high.")
         self.granularity = granularity
         self.clamp = clamp
-        groups = group_tensors(names, granularity)
+        self.space = get_space(granularity)
+        groups = self.space.groups(names)
         self.group_of = dict(zip(names, groups, strict=True))
         num_groups = max(groups) + 1 if groups else 1
         value = 1.0 / num_tasks if init is None else float(init)
@@ -91,13 +91,7 @@ class MergeCoefficients(nn.Module):
 
     def group_labels(self) -> list[str]:
         """One label per group (column): the tensor name, the block, or ``all`` for task-wise."""
-        if self.granularity == "task":
-            return ["all"]
-        labels: dict[int, str] = {}
-        for name, group in self.group_of.items():
-            match = _BLOCK.search(name) if self.granularity == "block" else None
-            labels.setdefault(group, f"block {match.group(1)}" if match else name)
-        return [labels[g] for g in sorted(labels)]
+        return self.space.labels(list(self.group_of), list(self.group_of.values()))
 
     def column(self, table: Tensor, name: str) -> Tensor:
         """Coefficients of one tensor across tasks, shape (T,)."""

@@ -8,14 +8,12 @@ Experts are the base model all-MiniLM-L6-v2 fully fine-tuned on one task with a 
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import functools
 import hashlib
 import importlib.util
 import json
-import logging
 import os
 import random
 import shutil
@@ -23,12 +21,16 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch  # noqa: F401  (importing it sets its loggers to INFO: before quiet() lowers them)
+
 from divmerge.errors import DivMergeError
+from divmerge.experts.sources import default_cache_dir
+from divmerge.quiet import quiet
 
 DEMO_TASKS: tuple[str, ...] = ("rt", "sms_spam", "trec", "bbc", "tweet_sent", "imdb")
 """The demo task names, in the order the demo uses them."""
@@ -388,19 +390,6 @@ def demo_expert(name: str) -> tuple[str, ExpertRecipe]:
     return name, ExpertRecipe()
 
 
-def default_cache_dir() -> Path:
-    """Return the cache directory: ``$DIVMERGE_CACHE`` if set, else ``~/.cache/divmerge``.
-
-    Returns:
-        The cache directory (not created).
-
-    """
-    env = os.environ.get("DIVMERGE_CACHE")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "divmerge"
-
-
 @functools.lru_cache(maxsize=8)
 def _file_sha256(path: Path, size: int, mtime_ns: int) -> str:
     """Hash a file; ``size`` and ``mtime_ns`` are only part of the cache key."""
@@ -499,30 +488,6 @@ def _make_expert_module(model: Any, lr: float) -> Any:
             return torch.optim.AdamW(self.model.parameters(), lr=lr)
 
     return _ExpertModule()
-
-
-@contextlib.contextmanager
-def _quiet(enabled: bool) -> Iterator[None]:
-    """Silence transformers' and Lightning's info logs and download bars while active, if enabled."""
-    if not enabled:
-        yield
-        return
-    import lightning.pytorch  # noqa: F401  (importing it sets its loggers to INFO; override after)
-    from transformers.utils import logging as hf_logging
-
-    loggers = [logging.getLogger(n) for n in ("transformers", "lightning.pytorch", "lightning.fabric")]
-    levels = [logger.level for logger in loggers]
-    bars = hf_logging.is_progress_bar_enabled()
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def _train_expert(name: str, recipe: ExpertRecipe, out_dir: Path, progress: bool) -> None:
@@ -666,7 +631,7 @@ def build_expert(
         )
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
-        with _quiet(not progress):
+        with quiet(not progress):
             _train_expert(name, recipe, tmp, progress)
         # mkdtemp (and safetensors) create owner-only entries; the cache is meant to be shared.
         for entry in (tmp, *tmp.iterdir()):

@@ -3,7 +3,7 @@
 An adapter expert is the configured base model with the adapter applied (peft ``PeftModel``): a sequence
 classifier (task_type SEQ_CLS) or a causal LM (task_type CAUSAL_LM). Its plain LoRA layers on
 ``nn.Linear`` / ``Conv1D`` modules of the merged part (a classifier's backbone; all of a causal LM) are
-kept as factors (A, s * B), never densified (see ``divmerge.lora``). Everything else the adapter changes
+kept as factors (A, s * B), never densified (see ``divmerge.core.lora``). Everything else the adapter changes
 is returned as ordinary weights of a plain Hugging Face model, i.e. densified: LoRA on other layer types
 (embeddings, convolutions, ``nn.MultiheadAttention``, ``target_parameters``), LoRA variants that are not
 a plain low-rank sum (DoRA and the others in peft's ``lora_variants``, ``lora_bias``), LoRA layers inside
@@ -26,7 +26,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from divmerge.errors import DivMergeError
+from divmerge.errors import DivMergeError, first_line
 
 if TYPE_CHECKING:  # peft is imported where adapters are loaded: importing it costs seconds
     from peft import PeftConfig
@@ -53,12 +53,6 @@ def adapter_task_type(path: str | Path) -> str | None:
     except (OSError, ValueError):
         return None
     return config.get("task_type") if isinstance(config, dict) else None
-
-
-def _first_line(err: BaseException) -> str:
-    """The first line of an error, and its second when the first ends in a colon (a heading)."""
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()] or [type(err).__name__]
-    return " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
 
 
 def _num_labels(config: "PeftConfig", base_path: str, weights: dict[str, Tensor], task: str) -> int:
@@ -167,7 +161,7 @@ def load_adapter(
         config = PeftConfig.from_pretrained(path)
     except (OSError, ValueError, TypeError) as err:
         raise DivMergeError(
-            f"Could not read the adapter of {task!r} at {path!r} ({_first_line(err)}): point to a directory "
+            f"Could not read the adapter of {task!r} at {path!r} ({first_line(err)}): point to a directory "
             "written by PeftModel.save_pretrained."
         ) from err
     if config.peft_type != "LORA":
@@ -195,7 +189,7 @@ def load_adapter(
         peft_model = PeftModel.from_pretrained(model, path, adapter_name=_ADAPTER)
     except (RuntimeError, ValueError, KeyError) as err:
         raise DivMergeError(
-            f"Adapter {task!r} does not fit the configured base {base_source!r} ({_first_line(err)}): it was "
+            f"Adapter {task!r} does not fit the configured base {base_source!r} ({first_line(err)}): it was "
             f"trained on another base model ({config.base_model_name_or_path!r} in its {ADAPTER_CONFIG}); "
             "set model.base to the adapter's base."
         ) from err

@@ -3,15 +3,14 @@
 A causal-LM expert (``AutoModelForCausalLM``) is merged whole: every weight, the LM head included, with
 tied input/output embeddings merged once (as one tensor). There is no per-task head. An expert may also
 be a peft LoRA adapter (task_type CAUSAL_LM) over the base: its plain LoRA layers stay factored
-(``divmerge.lora``, added by forward hooks in :func:`forward`), its other changes are densified
-(``divmerge.adapters``). The expert's teacher output is its greedy answer to each prompt plus the
+(``divmerge.core.lora``, added by forward hooks in :func:`forward`), its other changes are densified
+(``divmerge.experts.adapters``). The expert's teacher output is its greedy answer to each prompt plus the
 (coarsened) distribution of every answer position (DivMerge, arXiv 2509.02108, Algorithm 1); see
-:mod:`divmerge.generative` for the math.
+:mod:`divmerge.families.generation` for the math.
 """
 
-import hashlib
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -23,21 +22,15 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreT
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils import ModelOutput
 
-from divmerge import lora
-from divmerge.adapters import adapter_task_type, is_adapter, load_adapter
+from divmerge.core import lora
+from divmerge.core.merge import accumulate_over_tasks
+from divmerge.core.merged_model import MergedModel
+from divmerge.data import Rows, TaskSpec
 from divmerge.errors import DivMergeError
-from divmerge.experts import (
-    ExpertSet,
-    _load,
-    add_adapter_changes,
-    append_adapter_rows,
-    factors_digest,
-    resolve_source,
-    stack_lora,
-    tensor_digest,
-)
-from divmerge.functional import MergedModel, accumulate_over_tasks
-from divmerge.generative import Decoded, answer_divergence, exact_match, greedy_decode
+from divmerge.experts.adapters import adapter_task_type, is_adapter
+from divmerge.experts.sources import resolve_source
+from divmerge.families.base import ModelFamily, Teacher
+from divmerge.families.generation import Decoded, answer_divergence, exact_match, greedy_decode
 from divmerge.objectives import Objective
 
 CAUSAL_LM_CLASSES = frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
@@ -72,110 +65,10 @@ def vocab_size(model: PreTrainedModel) -> int:
     return int(model.get_input_embeddings().weight.shape[0])
 
 
-def load_causal_lm_experts(
-    base: str, experts: Mapping[str, str], held_out: Mapping[str, str] | None = None
-) -> ExpertSet:
-    """Load a causal-LM base and experts; every weight is merged (tied embeddings once).
-
-    Experts are loaded one at a time, so peak memory is base + task vectors + one expert. A peft LoRA
-    adapter expert keeps its plain LoRA factors stacked in ``lora`` (adapter-sized); only its densified
-    changes get task-vector rows (``dense_rows``), as for classifiers (``divmerge.experts.load_experts``).
-
-    Args:
-        base: Source of the pretrained causal LM the experts were fine-tuned from.
-        experts: Task name -> causal-LM expert source (a full fine-tune or a LoRA adapter over ``base``),
-            in task order.
-        held_out: Must be empty: held-out tasks need a classification head.
-
-    Returns:
-        The expert set, with ``generative`` set, an empty ``prefix`` (names are full parameter names)
-        and no heads.
-
-    """
-    if held_out:
-        raise DivMergeError(
-            "Held-out tasks need classification experts (their head scores the task); remove "
-            "model.held_out when merging causal-LM experts."
-        )
-    if not is_causal_lm(base):
-        raise DivMergeError(
-            f"The experts are causal LMs but the base {base!r} is not (its config lists "
-            f"{architectures(base)}): set model.base to the causal LM they were fine-tuned from."
-        )
-    base_model = _load(AutoModelForCausalLM, base, "the base model")
-    theta0 = {n: p.detach() for n, p in base_model.named_parameters()}  # tied tensors appear once
-    names = [n for n, p in theta0.items() if p.is_floating_point()]
-    base_vocab = vocab_size(base_model)
-    task_names = list(experts)
-    paths = {task: resolve_source(source) for task, source in experts.items()}
-    full = [t for t, task in enumerate(task_names) if not is_adapter(paths[task])]  # stored rows
-    stacked = {n: theta0[n].new_empty((len(full), *theta0[n].shape)) for n in names}
-    adapter_rows: dict[str, list[tuple[int, Tensor]]] = {}  # adapters' densified changes: (task, tau)
-    lora_parts: dict[str, list[tuple[int, Tensor, Tensor]]] = {}  # module -> (task, A, s * B)
-    skeletons, expert_digests = [], []
-    digest = hashlib.sha256()
-    for t, task in enumerate(task_names):
-        if t in full and not is_causal_lm(experts[task]):  # load_adapter checks an adapter's task_type
-            raise DivMergeError(
-                f"Expert {task!r} is not a causal LM (its config lists {architectures(experts[task])}) but "
-                f"the others are: merge experts of one kind (all causal LMs or all classifiers)."
-            )
-        if t in full:
-            model, factors = _load(AutoModelForCausalLM, experts[task], f"expert {task!r}"), {}
-        else:
-            model, factors = load_adapter(
-                task, paths[task], resolve_source(base), base, base_model, "CAUSAL_LM"
-            )
-        params = _expert_params(task, model, theta0, base_vocab, base_model.config.model_type)
-        if t in full:
-            for n in names:
-                torch.sub(params[n], theta0[n], out=stacked[n][full.index(t)])  # tau_t: (*shape)
-        else:
-            add_adapter_changes(t, params, {n: theta0[n] for n in names}, factors, adapter_rows, lora_parts)
-        one = hashlib.sha256(f"{model.config.model_type}|causal-lm|".encode())
-        for n in names:
-            one.update(f"{n}:{tensor_digest(params[n])}|".encode())
-        one.update(factors_digest(factors).encode())
-        expert_digests.append(one.hexdigest())
-        digest.update(f"{task}|{one.hexdigest()}|".encode())
-        model.requires_grad_(False).to("meta").eval()
-        model.tie_weights()  # moving to meta unties; functional_call then needs the shared name once
-        skeletons.append(model)
-    base_digest = hashlib.sha256()
-    for n in names:
-        base_digest.update(f"{n}:{tensor_digest(theta0[n])}|".encode())
-    digest.update(base_digest.digest())
-    dense_rows = append_adapter_rows(stacked, full, adapter_rows) if len(full) < len(task_names) else {}
-    return ExpertSet(
-        task_names=task_names,
-        names=names,
-        base={n: theta0[n] for n in names},
-        task_vectors=stacked,
-        buffers={n: b.detach() for n, b in base_model.named_buffers()},
-        heads=[{} for _ in task_names],
-        skeletons=skeletons,
-        prefix="",
-        num_labels=[base_vocab] * len(task_names),
-        fingerprint=digest.hexdigest()[:16],
-        task_digests=[
-            hashlib.sha256(f"{base_digest.hexdigest()}|{d}".encode()).hexdigest()[:16] for d in expert_digests
-        ],
-        sources={"base": base, **experts},
-        dense_rows=dense_rows,
-        lora={m: stack_lora(parts) for m, parts in lora_parts.items()},
-        generative=True,
-    )
-
-
 def _expert_params(
-    task: str, model: PreTrainedModel, theta0: Mapping[str, Tensor], base_vocab: int, base_type: str
+    task: str, model: PreTrainedModel, theta0: Mapping[str, Tensor], base_vocab: int
 ) -> dict[str, Tensor]:
-    """An expert's parameters, checked against the base: model type, vocabulary, names and shapes."""
-    if model.config.model_type != base_type:
-        raise DivMergeError(
-            f"Expert {task!r} is a {model.config.model_type!r} model but the base is {base_type!r}: every "
-            "expert must be fine-tuned from the configured base."
-        )
+    """An expert's parameters, checked against the base: vocabulary, names and shapes."""
     if vocab_size(model) != base_vocab:
         raise DivMergeError(
             f"Expert {task!r} has a vocabulary of {vocab_size(model)} tokens but the base has {base_vocab}: "
@@ -446,7 +339,7 @@ def step_loss(
 ) -> tuple[Tensor, dict[int, Tensor]]:
     """The training loss sum_t teacher_forced_loss_t, one task's forward+backward at a time.
 
-    Gradients accumulate on the merged tensors (``functional.accumulate_over_tasks``), so activation
+    Gradients accumulate on the merged tensors (``divmerge.core.merge.accumulate_over_tasks``), so activation
     memory is one task's batch whatever the number of tasks.
 
     Args:
@@ -508,3 +401,166 @@ def update_generation_metric(metric: Metric, predictions: Sequence[str], referen
         metric.update(exact_match(predictions, references))
     else:  # corpus-level text metrics take several references per prediction
         metric.update(list(predictions), [[r] for r in references])
+
+
+class CausalLM(ModelFamily):
+    """Causal LMs (``AutoModelForCausalLM``) that answer prompts by generating text.
+
+    Args:
+        max_new_tokens: Most tokens generated per answer (teacher cache and evaluation).
+        teacher_top_k: Cache each answer position's distribution as the expert's top-k probabilities plus
+            the remaining mass (None: full-vocabulary distributions).
+        generation_metric: How generated answers are scored against the references.
+    """
+
+    name: ClassVar[str] = "causal_lm"
+    task_kind: ClassVar[str] = "generative"
+    base_class: ClassVar[type] = AutoModelForCausalLM
+    expert_class: ClassVar[type] = AutoModelForCausalLM
+    adapter_task_type = "CAUSAL_LM"
+    digest_tag: ClassVar[str] = "causal-lm"
+
+    def __init__(
+        self,
+        max_new_tokens: int = 16,
+        teacher_top_k: int | None = None,
+        generation_metric: str = "exact_match",
+    ) -> None:
+        self.max_new_tokens = max_new_tokens
+        self.teacher_top_k = teacher_top_k
+        self.generation_metric = generation_metric
+        self.eos_id = self.pad_id = 0
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> "CausalLM":
+        """Read ``max_new_tokens``, ``teacher_top_k`` and ``generation_metric``."""
+        return cls(options["max_new_tokens"], options["teacher_top_k"], options["generation_metric"])
+
+    @staticmethod
+    def detect(source: str) -> bool:
+        """Whether ``source`` holds a causal LM or a peft adapter of one (see :func:`is_causal_lm`)."""
+        return is_causal_lm(source)
+
+    def check_sources(self, base: str, experts: Mapping[str, str], held_out: Mapping[str, str]) -> None:
+        """No held-out tasks; the base and every full expert must be causal LMs."""
+        if held_out:
+            raise DivMergeError(
+                "Held-out tasks need classification experts (their head scores the task); remove "
+                "model.held_out when merging causal-LM experts."
+            )
+        if not is_causal_lm(base):
+            raise DivMergeError(
+                f"The experts are causal LMs but the base {base!r} is not (its config lists "
+                f"{architectures(base)}): set model.base to the causal LM they were fine-tuned from."
+            )
+        for task, source in experts.items():
+            if not is_adapter(resolve_source(source)) and not is_causal_lm(source):
+                raise DivMergeError(
+                    f"Expert {task!r} is not a causal LM (its config lists {architectures(source)}) but "
+                    f"the others are: merge experts of one kind (all causal LMs or all classifiers)."
+                )
+
+    def split(
+        self, task: str, model: PreTrainedModel, base: PreTrainedModel, theta0: Mapping[str, Tensor]
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Every weight is merged (tied embeddings once); a causal LM has no head of its own."""
+        return _expert_params(task, model, theta0, vocab_size(base)), {}
+
+    def prefix(self, model: PreTrainedModel) -> str:
+        """The whole model is merged: names are full parameter names."""
+        return ""
+
+    def num_outputs(self, model: PreTrainedModel) -> int:
+        """The vocabulary size."""
+        return vocab_size(model)
+
+    def to_skeleton(self, model: PreTrainedModel) -> None:
+        """Meta device, with tied weights re-tied (moving to meta unties them)."""
+        super().to_skeleton(model)
+        model.tie_weights()  # functional_call then needs the shared name once
+
+    def check_tasks(self, specs: Sequence[TaskSpec], backbone_pass: str) -> None:
+        """Generative tasks only, trained one task at a time."""
+        wrong = [spec.name for spec in specs if spec.kind != self.task_kind]
+        if wrong:
+            raise DivMergeError(
+                f"Tasks {wrong} are classification tasks but the experts are causal LMs: set "
+                "`kind: generative` and a prompt_template on each."
+            )
+        if backbone_pass != "per_task":
+            raise DivMergeError(
+                "Causal-LM experts are trained one task at a time: use backbone_pass: per_task."
+            )
+
+    def bind(self, tokenizer: PreTrainedTokenizerBase, num_outputs: int) -> None:
+        """Keep the tokenizer and its EOS / padding ids (a tokenizer without EOS is refused here)."""
+        super().bind(tokenizer, num_outputs)
+        self.eos_id, self.pad_id = eos_token_id(tokenizer, num_outputs), tokenizer.pad_token_id
+
+    def teacher_key(self, split: str) -> str:
+        """Generation settings: answers only for evaluation splits, plus the top-k for training."""
+        if split != "unlabelled":  # evaluation keeps the answers only
+            return f"-g{self.max_new_tokens}answers"
+        return f"-g{self.max_new_tokens}k{self.teacher_top_k or 'full'}"
+
+    def teacher(
+        self,
+        merged: MergedModel,
+        task: int,
+        table: Tensor,
+        batches: Iterable[Mapping[str, Tensor]],
+        size: int,
+        split: str,
+    ) -> Teacher:
+        """The expert's greedy answers, with answer distributions for the training split."""
+        return build_teacher(
+            merged,
+            task,
+            batches,
+            size,
+            self.eos_id,
+            self.pad_id,
+            self.max_new_tokens,
+            self.teacher_top_k,
+            keep_distributions=split == "unlabelled",
+        )
+
+    def step_loss(
+        self,
+        merged: MergedModel,
+        objective: Objective,
+        batches: Mapping[int, Mapping[str, Tensor]],
+        teachers: Mapping[int, Teacher],
+        backbone_pass: str,
+    ) -> tuple[Tensor, dict[int, Tensor]]:
+        """Teacher-forced divergence on the experts' answers, one task's forward+backward at a time."""
+        inputs = {t: {k: b[k] for k in ("input_ids", "attention_mask")} for t, b in batches.items()}
+        return step_loss(merged, objective, inputs, teachers, self.pad_id)
+
+    def new_metric(self, num_outputs: int) -> Metric:
+        """The configured generation metric."""
+        return generation_metric(self.generation_metric)
+
+    def eval_update(
+        self,
+        merged: MergedModel,
+        task: int,
+        metrics: Mapping[str, Metric],
+        batch: Mapping[str, Tensor],
+        params: Mapping[str, Mapping[str, Tensor]],
+        teacher: Teacher,
+        rows: Rows,
+    ) -> None:
+        """Score the answers generated by the merged model, the expert (cached) and the reference merge."""
+        assert self.tokenizer is not None and rows.answers is not None
+        references = [rows.answers[i] for i in batch["idx"].cpu().tolist()]
+
+        def answers(p: Mapping[str, Tensor]) -> list[str]:
+            out = generate(merged, p, prompts_of(batch), self.eos_id, self.pad_id, self.max_new_tokens)
+            return decode_answers(self.tokenizer, out.tokens, out.lengths)
+
+        update_generation_metric(metrics["merged"], answers(params["merged"]), references)
+        expert = decode_answers(self.tokenizer, teacher["tokens"], teacher["lengths"])
+        update_generation_metric(metrics["expert"], expert, references)
+        if "reference" in params:
+            update_generation_metric(metrics["reference"], answers(params["reference"]), references)

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from divmerge.baselines import STATIC_METHODS, StaticMethod, static_merge, tensor_seed
 from divmerge.errors import DivMergeError
+from divmerge.static import STATIC_METHODS, StaticMethod, static_merge, tensor_seed
 
 SHAPES = {
     "embeddings.word_embeddings.weight": (11, 6),

@@ -1,0 +1,168 @@
+"""The merged model: theta(l) = theta_0(l) + sum_t c[t, g(l)] * tau_t(l), family-agnostic.
+
+Holds the frozen base, the stacked task vectors (dense, LoRA factors, or sharded columns), the coefficient
+table and the experts' forward code (meta-device skeletons); ``merged_params`` gives the merged tensors
+under the experts' naming, for ``torch.func.functional_call`` by a model family (``divmerge.families``).
+"""
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from divmerge.core import lora
+from divmerge.core.coefficients import Granularity, MergeCoefficients
+from divmerge.core.expert_set import ExpertSet
+from divmerge.core.merge import FrozenTensors, WeightedSum
+from divmerge.core.sharding import is_sharded, shard_stacks, sharded_weighted_sum
+
+
+class MergedModel(nn.Module):
+    """Base model + learnable combination of task vectors, evaluated functionally per task.
+
+    Args:
+        experts: The loaded expert set (base, stacked task vectors, heads, skeletons).
+        granularity: Coefficient granularity: ``task``, ``layer`` or ``block``.
+        init: Initial coefficient value; None means 1/T.
+        clamp: Optional (low, high) bounds on the coefficients.
+        task_vector_dtype: Storage dtype of the task vectors (bf16/fp16 halve their memory); the merge
+            itself is computed in float32 with float32 coefficients. LoRA factors keep their dtype.
+
+    LoRA adapter experts are merged without densifying (``divmerge.lora``): a LoRA module's merged
+    tensors are its weight (theta_0 plus the full experts' weighted task vectors) and the stacked factors
+    ``<m>@lora_A`` (R, in), ``<m>@lora_B`` (out, R) scaled by that weight's coefficients.
+    """
+
+    def __init__(
+        self,
+        experts: ExpertSet,
+        granularity: Granularity = "layer",
+        init: float | None = None,
+        clamp: tuple[float, float] | None = None,
+        task_vector_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.task_names = list(experts.task_names)
+        self.all_tasks = experts.all_tasks  # heads/skeletons index: merged tasks, then held-out ones
+        self.names = list(experts.names)
+        self.prefix = experts.prefix
+        self.coefficients = MergeCoefficients(len(self.task_names), self.names, granularity, init, clamp)
+        self.base = FrozenTensors(experts.base)
+        self.task_vectors = FrozenTensors(
+            {n: t.to(task_vector_dtype) for n, t in experts.task_vectors.items()}
+        )
+        self.dense_rows = dict(experts.dense_rows)  # name -> task of each stored row, when not all T
+        self.lora_a = FrozenTensors({m: s.a for m, s in experts.lora.items()})  # (R, in)
+        self.lora_b = FrozenTensors({m: s.b for m, s in experts.lora.items()})  # (out, R)
+        self.lora_task = FrozenTensors({m: s.task for m, s in experts.lora.items()})  # (R,)
+        self.buffers_ = FrozenTensors({self.full_name(n): b for n, b in experts.buffers.items()})
+        self.heads = nn.ModuleList(FrozenTensors(h) for h in experts.heads)
+        # Plain list, not a ModuleList: the meta skeletons must not appear in parameters()/state_dict().
+        self._skeletons = list(experts.skeletons)
+
+    def full_name(self, name: str) -> str:
+        """A merged tensor's name inside an expert: ``<prefix>.<name>`` (just ``name`` without a prefix)."""
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def skeleton(self, task: int) -> nn.Module:
+        """Expert ``task``'s module on the meta device (its forward code, for ``functional_call``)."""
+        return self._skeletons[task]
+
+    def merged_params(self, table: Tensor | None = None) -> dict[str, Tensor]:
+        """Merged backbone tensors under the expert's naming (``<prefix>.<name>``).
+
+        Args:
+            table: Coefficients (T, G) to merge with; None uses the learned ones.
+
+        Returns:
+            Name -> merged tensor (and the LoRA modules' ``@lora_A`` / ``@lora_B`` factors, see the class
+            docstring); differentiable w.r.t. the coefficients.
+
+        """
+        table = self.coefficients() if table is None else table
+        merged = {}
+        with torch.autocast(device_type=table.device.type, enabled=False):  # merge in full precision
+            for name in self.names:
+                coef = self.coefficients.column(table, name)  # (T,)
+                rows = self.dense_rows.get(name)  # None: all T tasks
+                if rows == []:  # only adapters' low-rank updates (or nothing) change this tensor
+                    merged[self.full_name(name)] = self.base[name]
+                    continue
+                tau = self.task_vectors[name]  # (rows, *shape), or a column-sharded DTensor (rows, numel)
+                merge = sharded_weighted_sum if is_sharded(tau) else WeightedSum.apply
+                merged[self.full_name(name)] = merge(
+                    coef if rows is None else coef[rows], self.base[name], tau
+                )
+            for m, b in self.lora_b.items():
+                coef = self.coefficients.column(table, f"{m}.weight")  # (T,)
+                merged[self.full_name(m) + lora.LORA_A] = self.lora_a[m]  # (R, in)
+                b_merged = lora.merged_b(b, self.lora_task[m], coef)  # (out, R)
+                merged[self.full_name(m) + lora.LORA_B] = b_merged
+        return merged
+
+    def shard(self, mesh: DeviceMesh) -> None:
+        """Keep only this rank's column slice of every stacked task vector (see ``divmerge.sharding``).
+
+        From then on ``merged_params`` is a collective: every rank of ``mesh`` must call it alike.
+
+        Args:
+            mesh: The 1-D mesh of ranks to shard over (Lightning's data-parallel mesh).
+
+        """
+        self.task_vectors = FrozenTensors(shard_stacks(dict(self.task_vectors.items()), mesh))
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the task vectors are sharded across ranks."""
+        return any(is_sharded(t) for _, t in self.task_vectors.items())
+
+    def dense_params(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Merged tensors with every LoRA module's low-rank update added to its weight (for export).
+
+        Args:
+            params: Output of ``merged_params``.
+
+        Returns:
+            Name -> dense merged tensor, named like ``merged_params`` without the LoRA entries.
+        """
+        return lora.fold(params, self._skeletons[0])
+
+    def dense_task_vectors(self) -> dict[str, Tensor]:
+        """Task vectors stacked over all T tasks, (T, *shape), LoRA updates densified (for static merges).
+
+        A tensor every expert stores densely is returned as stored (no copy); others are materialised.
+        """
+        lora_of = {f"{m}.weight": m for m in self.lora_b}
+        out = {}
+        for name in self.names:
+            tau = self.task_vectors[name]  # (len(rows), *shape)
+            rows = self.dense_rows.get(name, list(range(len(self.task_names))))
+            if name not in self.dense_rows and name not in lora_of:
+                out[name] = tau
+                continue
+            full = tau.new_zeros((len(self.task_names), *tau.shape[1:]))  # (T, *shape)
+            full[rows] = tau
+            if name in lora_of:
+                m = lora_of[name]
+                module = self._skeletons[0].get_submodule(self.full_name(m))
+                a, b, task = self.lora_a[m], self.lora_b[m], self.lora_task[m]
+                for t in task.unique().tolist():
+                    cols = task == t  # (R,) this task's rank columns
+                    full[t] += lora.delta(module, a[cols], b[:, cols]).to(full.dtype)  # (*shape)
+            out[name] = full
+        return out
+
+    def one_hot_table(self, task: int) -> Tensor:
+        """Coefficients that select expert ``task`` alone (1 for it, 0 for the others)."""
+        table = torch.zeros_like(self.coefficients.weight)
+        table[task] = 1.0
+        return table
+
+    def base_table(self) -> Tensor:
+        """All-zero coefficients: the base backbone (how held-out tasks are normalised)."""
+        return torch.zeros_like(self.coefficients.weight)
+
+    def constant_table(self, value: float) -> Tensor:
+        """Coefficients equal to ``value`` everywhere (task arithmetic with lambda = value)."""
+        return torch.full_like(self.coefficients.weight, value)

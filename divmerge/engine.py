@@ -1,0 +1,402 @@
+"""The merge engine, Lightning-free: build the merged model, its teachers, the step loss and evaluation.
+
+Every caller uses it: the LightningModule (``divmerge.lightning.module``), export and the benchmarks.
+
+    tau_t      = theta_t - theta_0
+    theta(l)   = theta_0(l) + sum_t c[t, g(l)] * tau_t(l)
+    step loss  = sum_t mean_{x in batch_t} D(expert_t(.|x) || merged(.|x))     (DivMerge, arXiv 2509.02108)
+
+with expert outputs read from the teacher cache, computed once per task split.
+"""
+
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from divmerge import static
+from divmerge.core.coefficients import Granularity, get_space
+from divmerge.core.merged_model import MergedModel
+from divmerge.data import Rows, TaskDataset, TaskSpec
+from divmerge.errors import DivMergeError
+from divmerge.experts.sources import default_cache_dir
+from divmerge.families import detect_family, load_experts
+from divmerge.families.base import ModelFamily, Teacher
+from divmerge.families.classification import BackbonePass
+from divmerge.objectives import get_objective
+from divmerge.teachers import cache_path, get_or_compute, load_cached
+
+LEARNED = "divmerge"
+"""The ``method`` name of a learned merge; every other method name is a static merge."""
+TaskVectorDtype = Literal["float32", "bfloat16", "float16"]
+Split = Literal["unlabelled", "val", "test"]
+
+
+def check_method(name: str, options: Mapping[str, Any], learned_ok: bool = True) -> None:
+    """Fail early on an unknown merge method or options it does not take (static ones: ``divmerge.static``).
+
+    Args:
+        name: ``divmerge`` (learned) or a static method's name.
+        options: The method's options.
+        learned_ok: Whether the learned merge is allowed here (not as a reference).
+    """
+    if name == LEARNED and learned_ok:
+        if options:
+            raise DivMergeError(
+                f"method_options {sorted(options)} only apply to static methods: remove them."
+            )
+        return
+    if name not in static.STATIC_METHODS:
+        valid = ([LEARNED] if learned_ok else []) + sorted(static.STATIC_METHODS)
+        raise DivMergeError(f"Unknown merge method {name!r}: use one of {valid}.")
+    static.check_method(name, options)
+
+
+def check_trainable(method: str) -> None:
+    """Refuse ``fit`` for a static merge, which has nothing to learn."""
+    if method != LEARNED:
+        raise DivMergeError(
+            f"Method {method!r} is a static merge with nothing to train: run `python train.py test "
+            f"--model.method {method}` (or validate) instead of fit."
+        )
+
+
+class TaskData(Protocol):
+    """What the engine reads of the data (``divmerge.lightning.datamodule.MergeDataModule`` has it)."""
+
+    tasks: list[TaskSpec]
+
+    @property
+    def task_names(self) -> list[str]:
+        """Task names, in order."""
+        ...
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The base model's tokenizer."""
+        ...
+
+    def rows(self, task: str) -> dict[str, Rows]:
+        """The task's rows by split."""
+        ...
+
+    def label_names(self, task: str) -> tuple[str, ...] | None:
+        """The task's class names, if known."""
+        ...
+
+    def dataset(self, task: str, split: Split) -> TaskDataset:
+        """The task split's tokenized dataset."""
+        ...
+
+    def eval_loader(self, task: str, split: Split) -> DataLoader:
+        """The task split in order, for teachers and evaluation."""
+        ...
+
+
+class Merger:
+    """Learned (or static) merging of T experts of one base, independent of any training framework.
+
+    Args:
+        base: Source of the pretrained base model the experts were fine-tuned from.
+        experts: Task name -> expert source, in task order.
+        held_out: Held-out task name -> a classifier whose head scores that task on the merged backbone.
+        granularity: Coefficient space (``divmerge.core.coefficients.SPACES``).
+        objective: Divergence (``divmerge.objectives.OBJECTIVES``).
+        init: Initial coefficient value; None means 1/T.
+        clamp: Optional (low, high) bounds for the coefficients.
+        task_vector_dtype: Storage dtype of the task vectors.
+        backbone_pass: ``per_task`` or ``joint`` (see ``divmerge.families.classification.step_loss``).
+        family_options: The model family's settings (``max_new_tokens``, ``teacher_top_k``,
+            ``generation_metric``; each family reads its own).
+        cache_dir: Teacher cache directory; None means $DIVMERGE_CACHE or ~/.cache/divmerge.
+    """
+
+    def __init__(
+        self,
+        base: str,
+        experts: Mapping[str, str],
+        held_out: Mapping[str, str] | None = None,
+        granularity: Granularity = "layer",
+        objective: str = "js",
+        init: float | None = None,
+        clamp: tuple[float, float] | None = None,
+        task_vector_dtype: TaskVectorDtype = "float32",
+        backbone_pass: BackbonePass = "per_task",
+        family_options: Mapping[str, Any] | None = None,
+        cache_dir: str | Path | None = None,
+    ) -> None:
+        if not experts:
+            raise DivMergeError("No experts given: list them under model.experts as `task_name: path`.")
+        get_space(granularity)
+        if backbone_pass not in ("per_task", "joint"):
+            raise DivMergeError(f"backbone_pass must be 'per_task' or 'joint', not {backbone_pass!r}.")
+        self.base = base
+        self.experts = dict(experts)
+        self.held_out = list(held_out or {})
+        self.held_out_sources = dict(held_out or {})
+        self.granularity = granularity
+        self.objective_name = objective
+        self.objective = get_objective(objective)
+        self.init, self.clamp = init, clamp
+        self.task_vector_dtype = task_vector_dtype
+        self.backbone_pass = backbone_pass
+        self.family_options = dict(family_options or {})
+        self.cache_dir = str(cache_dir or default_cache_dir())
+        self.merged: MergedModel | None = None
+        self.family: ModelFamily | None = None
+        self.fingerprint: str | None = None
+        self.task_digests: list[str] = []
+        self.num_labels: dict[str, int] = {}
+        self.teachers: dict[tuple[str, str], Teacher] = {}
+
+    # ------------------------------------------------------------------ building
+    @property
+    def task_names(self) -> list[str]:
+        """Task (expert) names in order."""
+        return list(self.experts)
+
+    @property
+    def all_tasks(self) -> list[str]:
+        """Merged tasks then held-out tasks: the index order of heads in the merged model."""
+        return [*self.task_names, *self.held_out]
+
+    def sources(self) -> list[str]:
+        """Every model source: base, experts, held-out classifiers."""
+        return [self.base, *self.experts.values(), *self.held_out_sources.values()]
+
+    def build(self) -> MergedModel:
+        """Load base and experts and create the coefficients (once)."""
+        if self.merged is None:
+            dtype = getattr(torch, self.task_vector_dtype)
+            family = detect_family(self.experts).from_options(self.family_options)
+            experts = load_experts(self.base, self.experts, self.held_out_sources, dtype, family)
+            self.merged = MergedModel(
+                experts, self.granularity, self.init, self.clamp, task_vector_dtype=dtype
+            )
+            self.family = family
+            self.fingerprint = experts.fingerprint
+            self.task_digests = experts.task_digests
+            self.num_labels = dict(zip(experts.all_tasks, experts.num_labels, strict=True))
+        return self.merged
+
+    def new_metrics(self) -> nn.ModuleDict:
+        """Per task, fresh ``merged`` / ``expert`` / ``reference`` metrics of the experts' family."""
+        self.build()
+        assert self.family is not None
+        return nn.ModuleDict(
+            {
+                task: nn.ModuleDict({k: self.family.new_metric(n) for k in ("merged", "expert", "reference")})
+                for task, n in self.num_labels.items()
+            }
+        )
+
+    # ------------------------------------------------------------------ data and teachers
+    def check_data(self, data: TaskData) -> None:
+        """Refuse data that does not fit the experts: task names, kinds, class counts; bind the tokenizer."""
+        if sorted(data.task_names) != sorted(self.all_tasks):
+            raise DivMergeError(
+                f"Data tasks {data.task_names} and experts {self.all_tasks} differ: give every task an "
+                "expert under model.experts (or model.held_out) with the same name."
+            )
+        self.build()
+        assert self.family is not None
+        self.family.check_tasks(data.tasks, self.backbone_pass)
+        self.family.bind(data.tokenizer, self.num_labels[self.task_names[0]])
+        for task in self.all_tasks:
+            names = data.label_names(task)
+            if names is not None and len(names) != self.num_labels[task]:
+                raise DivMergeError(
+                    f"Task {task!r} has {len(names)} classes {list(names)} but its expert outputs "
+                    f"{self.num_labels[task]}: check label_names or the expert."
+                )
+
+    def _check_labels(self, task: str, split: str, labels: list[int] | None) -> None:
+        if labels and not 0 <= min(labels) <= max(labels) < self.num_labels[task]:
+            raise DivMergeError(
+                f"Task {task!r} {split} labels span {min(labels)}..{max(labels)} but its expert has "
+                f"{self.num_labels[task]} classes: labels must be class ids 0..{self.num_labels[task] - 1}."
+            )
+
+    def teacher_paths(self, data: TaskData, splits: Sequence[str]) -> dict[tuple[str, str], Path]:
+        """The cache file of every (task, split) to learn or evaluate on (held-out tasks: no unlabelled).
+
+        Args:
+            data: The task data (``check_data`` passed).
+            splits: Splits wanted, e.g. ``("unlabelled", "val")``.
+
+        Returns:
+            (task, split) -> cache path, keyed by the expert's and the data's digests.
+        """
+        assert self.family is not None
+        wanted = [(task, split) for task in self.task_names for split in splits]
+        wanted += [(task, split) for task in self.held_out for split in splits if split != "unlabelled"]
+        paths = {}
+        for task, split in wanted:
+            ds = data.dataset(task, split)
+            self._check_labels(task, split, ds.labels)
+            digest = ds.digest() + self.family.teacher_key(split)
+            t = self.all_tasks.index(task)
+            paths[task, split] = cache_path(self.cache_dir, task, split, self.task_digests[t], digest)
+        return paths
+
+    @torch.no_grad()
+    def compute_teacher(self, data: TaskData, task: str, split: str, device: torch.device) -> Teacher:
+        """Expert outputs on one task split: the merged model with one-hot coefficients.
+
+        For a held-out task the "expert" is the base backbone (all-zero coefficients) with its head.
+        """
+        merged = self.build()
+        assert self.family is not None
+        t = self.all_tasks.index(task)
+        table = merged.one_hot_table(t) if task in self.task_names else merged.base_table()
+        size = len(data.dataset(task, split))  # type: ignore[arg-type]
+        loader = data.eval_loader(task, split)  # type: ignore[arg-type]
+        return self.family.teacher(merged, t, table.to(device), loader, size, split)
+
+    def build_teachers(
+        self, data: TaskData, paths: Mapping[tuple[str, str], Path], device: torch.device
+    ) -> list:
+        """Compute every missing cache file (call on one rank); returns the (task, split) built."""
+        built = []
+        for (task, split), path in paths.items():
+            if len(data.dataset(task, split)):  # type: ignore[arg-type]
+                _, new = get_or_compute(
+                    path, lambda task=task, split=split: self.compute_teacher(data, task, split, device)
+                )
+                if new:
+                    built.append((task, split, path))
+        return built
+
+    def load_teachers(self, data: TaskData, paths: Mapping[tuple[str, str], Path]) -> None:
+        """Read the cached teachers of ``paths`` (every rank), refusing a cache this rank cannot see."""
+        for key, path in paths.items():
+            if len(data.dataset(*key)):  # type: ignore[arg-type]
+                cached = load_cached(path)
+                if cached is None:
+                    raise DivMergeError(
+                        f"Teacher cache {path} is missing on this rank: use a shared cache_dir."
+                    )
+                self.teachers[key] = cached
+
+    # ------------------------------------------------------------------ training
+    def step_loss(self, batch: Mapping[str, Mapping[str, Tensor]]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Sum over tasks of the mean divergence between expert (cached) and merged outputs.
+
+        Args:
+            batch: Task name -> its collated unlabelled batch (``input_ids``, ``attention_mask``, ``idx``);
+                held-out tasks are skipped (evaluation only).
+
+        Returns:
+            The loss to call ``backward()`` on, and each task's detached loss by task name.
+        """
+        merged = self.build()
+        assert self.family is not None
+        batch = {task: b for task, b in batch.items() if task in self.experts}
+        index = {task: self.task_names.index(task) for task in batch}
+        teachers = {
+            index[task]: self.family.teacher_rows(self.teachers[task, "unlabelled"], b["idx"].cpu())
+            for task, b in batch.items()
+        }  # task -> the batch's rows of its teacher cache
+        inputs = {index[task]: b for task, b in batch.items()}
+        loss, per_task = self.family.step_loss(merged, self.objective, inputs, teachers, self.backbone_pass)
+        return loss, {task: per_task[index[task]] for task in batch}
+
+    # ------------------------------------------------------------------ merged tensors
+    def static_params(self, method: str, options: Mapping[str, Any] | None = None) -> dict[str, Tensor]:
+        """Merged backbone tensors of a static merge (LoRA adapters densified), named as ``merged_params``."""
+        merged = self.build()
+        out = static.static_merge(
+            method, dict(merged.base.items()), merged.dense_task_vectors(), **dict(options or {})
+        )
+        return {merged.full_name(name): tensor for name, tensor in out.items()}
+
+    def learned_params(self, table: Tensor | None = None) -> dict[str, Tensor]:
+        """Detached merged tensors of the learned coefficients (or of ``table``)."""
+        with torch.no_grad():
+            return {k: v.detach() for k, v in self.build().merged_params(table).items()}
+
+    def params(self, method: str, options: Mapping[str, Any] | None = None) -> dict[str, Tensor]:
+        """The merged tensors of ``method``: the learned coefficients (``divmerge``) or a static merge."""
+        if method == LEARNED:
+            return self.learned_params()
+        return self.static_params(method, options)
+
+    def reference_params(
+        self, method: str, options: Mapping[str, Any] | None = None
+    ) -> dict[str, Tensor] | None:
+        """A reference merge's tensors (None where sharded task vectors cannot give them).
+
+        With sharded task vectors only the linear references (``task_arithmetic``, ``average``) are
+        computed, through the sharded merge with constant coefficients.
+        """
+        merged = self.build()
+        if not merged.sharded:
+            return self.static_params(method, options)
+        constant = {
+            "task_arithmetic": float((options or {}).get("lambda_", static.TA_LAMBDA)),
+            "average": 1 / len(self.task_names),
+        }
+        if method not in constant:
+            return None
+        return self.learned_params(merged.constant_table(constant[method]))
+
+    # ------------------------------------------------------------------ evaluation
+    def eval_update(
+        self,
+        metrics: Mapping[str, Any],
+        task: str,
+        split: str,
+        batch: Mapping[str, Tensor],
+        params: Mapping[str, Mapping[str, Tensor]],
+        rows: Rows,
+    ) -> None:
+        """Score one evaluation batch of ``task`` with the merged (and reference) tensors and the expert.
+
+        Args:
+            metrics: The task's ``merged`` / ``expert`` / ``reference`` metrics (``new_metrics()[task]``).
+            task: Task name.
+            split: ``val`` or ``test``.
+            batch: Collated batch (``input_ids``, ``attention_mask``, ``idx``, ``labels``).
+            params: ``merged`` (and optionally ``reference``) merged tensors.
+            rows: The task split's rows.
+        """
+        merged = self.build()
+        assert self.family is not None
+        teacher = self.family.teacher_rows(self.teachers[task, split], batch["idx"].cpu())
+        self.family.eval_update(merged, self.all_tasks.index(task), metrics, batch, params, teacher, rows)
+
+    def evaluate(
+        self, data: TaskData, split: str, params: Mapping[str, Mapping[str, Tensor]], tasks: Iterable[str]
+    ) -> dict[str, dict[str, float]]:
+        """Score whole task splits (outside Lightning): per task, ``merged`` / ``expert`` (/ ``reference``).
+
+        Args:
+            data: The task data, teachers of ``split`` loaded.
+            split: ``val`` or ``test``.
+            params: ``merged`` (and optionally ``reference``) merged tensors.
+            tasks: Tasks to score.
+
+        Returns:
+            Task -> metric name -> value.
+        """
+        metrics = self.new_metrics()
+        out = {}
+        with torch.no_grad():
+            for task in tasks:
+                rows = data.rows(task)[split]
+                for batch in data.eval_loader(task, split):  # type: ignore[arg-type]
+                    self.eval_update(metrics[task], task, split, batch, params, rows)
+                out[task] = {
+                    k: float(m.compute()) for k, m in metrics[task].items() if k in params or k == "expert"
+                }
+        return out
+
+    def describe(self, method: str) -> str:
+        """The merge method in words, e.g. ``layer-wise js merge`` or ``static ties merge``."""
+        if method != LEARNED:
+            return f"static {method} merge"
+        return f"{self.granularity}-wise {self.objective_name} merge"

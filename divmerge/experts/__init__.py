@@ -1,0 +1,1 @@
+"""Family-agnostic expert loading: sources, peft adapters, and the one loader loop."""

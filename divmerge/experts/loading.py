@@ -1,0 +1,247 @@
+"""ONE loader loop for every model family: base + experts -> an ``ExpertSet`` with stacked task vectors.
+
+The loop is family-agnostic: a model family (``divmerge.families``) passes an :class:`ExpertKind` that
+says how to load its models and which of an expert's tensors are merged. Experts are loaded one at a
+time, so peak memory is base + task vectors + one expert. An expert may be a peft LoRA adapter
+directory over the base (``divmerge.experts.adapters``): its plain LoRA factors are kept stacked
+(adapter-sized) and only its other, densified changes get task-vector rows (``dense_rows``).
+"""
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from divmerge.core.expert_set import ExpertSet, tensor_digest
+from divmerge.core.lora import LoraStack
+from divmerge.errors import DivMergeError
+from divmerge.experts.adapters import AdapterTaskType, is_adapter, load_adapter
+from divmerge.experts.sources import load_pretrained, resolve_source
+
+
+class ExpertKind(Protocol):
+    """What the loader loop needs to know of a model family.
+
+    Attributes:
+        name: The family's name (recorded in ``ExpertSet.family``).
+        base_class: transformers auto class of the base (the part that is merged).
+        expert_class: transformers auto class of a full expert.
+        adapter_task_type: peft task type of its adapter experts.
+        digest_tag: Tag of a merged expert in the fingerprint (kept stable: checkpoints record it).
+    """
+
+    name: str
+    base_class: type
+    expert_class: type
+    adapter_task_type: AdapterTaskType
+    digest_tag: str
+
+    def check_sources(self, base: str, experts: Mapping[str, str], held_out: Mapping[str, str]) -> None:
+        """Refuse sources this family cannot merge, before anything heavy is loaded."""
+        ...
+
+    def split(
+        self, task: str, model: PreTrainedModel, base: PreTrainedModel, theta0: Mapping[str, Tensor]
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """(merged tensors by base name, the expert's own unmerged tensors by full name), checked."""
+        ...
+
+    def prefix(self, model: PreTrainedModel) -> str:
+        """Attribute path of the merged part inside an expert ('' when the whole model is merged)."""
+        ...
+
+    def num_outputs(self, model: PreTrainedModel) -> int:
+        """Size of an expert's output (classes, or vocabulary)."""
+        ...
+
+    def to_skeleton(self, model: PreTrainedModel) -> None:
+        """Turn a loaded expert into forward code on the meta device, in place."""
+        ...
+
+
+def load_expert_set(
+    kind: ExpertKind,
+    base: str,
+    experts: Mapping[str, str],
+    held_out: Mapping[str, str] | None = None,
+    task_vector_dtype: torch.dtype | None = None,
+) -> ExpertSet:
+    """Load the base and every expert, validate them and compute stacked task vectors.
+
+    Args:
+        kind: The model family's loading rules.
+        base: Source of the pretrained base model (see ``resolve_source``).
+        experts: Task name -> expert source (a full fine-tune or a LoRA adapter), in task order.
+        held_out: Task name -> classifier whose HEAD evaluates a held-out task (its merged part is not
+            merged); listed after the experts in ``heads`` / ``skeletons`` / ``num_labels``.
+        task_vector_dtype: Dtype the stacked task vectors are stored in (each tau_t is computed in the
+            base's dtype, then rounded into the stack: a bf16 stack never holds a float32 copy); None
+            keeps the base's dtype.
+
+    Returns:
+        The expert set.
+
+    """
+    if not experts:
+        raise DivMergeError("No experts given: list them under model.experts as `task_name: path`.")
+    held_out = dict(held_out or {})
+    task_names = list(experts)
+    clash = sorted(set(task_names) & set(held_out))
+    if clash:
+        raise DivMergeError(f"Tasks {clash} are both experts and held out: list each task in one of them.")
+    kind.check_sources(base, experts, held_out)
+    base_model = load_pretrained(kind.base_class, base, "the base model")
+    theta0 = {n: p.detach() for n, p in base_model.named_parameters()}  # tied tensors appear once
+    base_type = base_model.config.model_type
+    sources = {**dict(experts), **held_out}
+    paths = {task: resolve_source(source) for task, source in sources.items()}
+    full = [t for t, task in enumerate(task_names) if not is_adapter(paths[task])]  # stored rows
+    adapter_rows: dict[str, list[tuple[int, Tensor]]] = {}  # adapters' densified changes: (task, tau)
+    lora_parts: dict[str, list[tuple[int, Tensor, Tensor]]] = {}  # module -> (task, A, s * B)
+    names: list[str] | None = None
+    stacked: dict[str, Tensor] = {}
+    heads, skeletons, num_labels, prefix, expert_digests = [], [], [], "", []
+    digest = hashlib.sha256()
+    for t, task in enumerate([*task_names, *held_out]):
+        if is_adapter(paths[task]):
+            model, factors = load_adapter(
+                task, paths[task], resolve_source(base), base, base_model, kind.adapter_task_type
+            )
+        else:
+            model, factors = load_pretrained(kind.expert_class, sources[task], f"expert {task!r}"), {}
+        if model.config.model_type != base_type:
+            raise DivMergeError(
+                f"Expert {task!r} is a {model.config.model_type!r} model but the base is {base_type!r}: "
+                "every expert must be fine-tuned from the configured base."
+            )
+        merged_part, own = kind.split(task, model, base_model, theta0)
+        if names is None:
+            names = [n for n in theta0 if n in merged_part and theta0[n].is_floating_point()]
+            prefix = kind.prefix(model)
+            stacked = {
+                n: theta0[n].new_empty((len(full), *theta0[n].shape), dtype=task_vector_dtype) for n in names
+            }
+        else:
+            differing = sorted(set(names) ^ {n for n, v in merged_part.items() if v.is_floating_point()})
+            if differing:
+                raise DivMergeError(
+                    f"Expert {task!r} and expert {task_names[0]!r} differ in backbone tensor "
+                    f"{prefix}.{differing[0]}: experts must share one architecture."
+                )
+        merged_task = t < len(task_names)
+        if merged_task and t in full:
+            for n in names:
+                torch.sub(merged_part[n], theta0[n], out=stacked[n][full.index(t)])  # tau_t: (*shape)
+        elif merged_task:
+            add_adapter_changes(
+                t, merged_part, {n: theta0[n] for n in names}, factors, adapter_rows, lora_parts
+            )
+        heads.append({k: v.clone() for k, v in own.items()})
+        num_labels.append(kind.num_outputs(model))
+        one = hashlib.sha256(
+            f"{model.config.model_type}|{kind.digest_tag if merged_task else 'held-out head'}|".encode()
+        )
+        for n in names if merged_task else []:  # a held-out classifier contributes its head only
+            one.update(f"{n}:{tensor_digest(merged_part[n])}|".encode())
+        if merged_task:
+            one.update(factors_digest(factors).encode())
+        for n, v in own.items():
+            one.update(f"{n}:{tensor_digest(v)}|".encode())
+        expert_digests.append(one.hexdigest())
+        digest.update(f"{task}|{one.hexdigest()}|".encode())
+        kind.to_skeleton(model)
+        skeletons.append(model)
+    assert names is not None
+    dense_rows = append_adapter_rows(stacked, full, adapter_rows) if len(full) < len(task_names) else {}
+    base_digest = hashlib.sha256()
+    for n in names:
+        base_digest.update(f"{n}:{tensor_digest(theta0[n])}|".encode())
+    digest.update(base_digest.digest())
+    base_buffers = {n: b.detach() for n, b in base_model.named_buffers()}
+    return ExpertSet(
+        task_names=task_names,
+        names=names,
+        base={n: theta0[n] for n in names},
+        task_vectors=stacked,
+        buffers=base_buffers,
+        heads=heads,
+        skeletons=skeletons,
+        prefix=prefix,
+        num_labels=num_labels,
+        fingerprint=digest.hexdigest()[:16],
+        task_digests=[
+            hashlib.sha256(f"{base_digest.hexdigest()}|{d}".encode()).hexdigest()[:16] for d in expert_digests
+        ],
+        sources={"base": base, **sources},
+        held_out=list(held_out),
+        dense_rows=dense_rows,
+        lora={m: stack_lora(parts) for m, parts in lora_parts.items()},
+        family=kind.name,
+    )
+
+
+def add_adapter_changes(
+    task: int,
+    params: Mapping[str, Tensor],
+    theta0: Mapping[str, Tensor],
+    factors: Mapping[str, tuple[Tensor, Tensor]],
+    dense_parts: dict[str, list[tuple[int, Tensor]]],
+    lora_parts: dict[str, list[tuple[int, Tensor, Tensor]]],
+) -> None:
+    """Record what adapter expert ``task`` changes: densified tensors and plain LoRA factors.
+
+    Args:
+        task: The adapter expert's task index.
+        params: Its merged tensors (adapter applied, plain LoRA layers removed), by ``theta0``'s names.
+        theta0: The base's merged tensors.
+        factors: Its plain LoRA factors: module -> (A (r, in), s * B (out, r)).
+        dense_parts: Name -> (task, tau (*shape)), appended to for each tensor the adapter changed.
+        lora_parts: Module -> (task, A, s * B), appended to for each factored module.
+    """
+    for n, base in theta0.items():
+        if not torch.equal(params[n], base):
+            dense_parts.setdefault(n, []).append((task, params[n] - base))  # (*shape)
+    for m, (a, b) in factors.items():
+        lora_parts.setdefault(m, []).append((task, a, b))
+
+
+def append_adapter_rows(
+    stacked: dict[str, Tensor], full: list[int], dense_parts: Mapping[str, list[tuple[int, Tensor]]]
+) -> dict[str, list[int]]:
+    """Append the adapters' few densified task-vector rows to the full experts' stacks, in place.
+
+    Args:
+        stacked: Name -> the full experts' task vectors (len(full), *shape); rows are appended.
+        full: Task index of each full expert (the stacks' rows, in order).
+        dense_parts: Name -> (task, tau (*shape)) of the adapters that changed that tensor.
+
+    Returns:
+        ``ExpertSet.dense_rows``: per name, the task of each row of its stack.
+    """
+    dense_rows = {}
+    for n in stacked:
+        extra = dense_parts.get(n, [])
+        if extra:
+            rows = torch.stack([tau for _, tau in extra]).to(stacked[n].dtype)  # (extra, *shape)
+            stacked[n] = torch.cat([stacked[n], rows])  # (len(full) + extra, *shape)
+        dense_rows[n] = full + [t for t, _ in extra]
+    return dense_rows
+
+
+def factors_digest(factors: Mapping[str, tuple[Tensor, Tensor]]) -> str:
+    """The part of an expert's digest that covers its plain LoRA factors (empty without any)."""
+    return "".join(
+        f"{m}@lora:{tensor_digest(a)}:{tensor_digest(b)}|" for m, (a, b) in sorted(factors.items())
+    )
+
+
+def stack_lora(parts: Sequence[tuple[int, Tensor, Tensor]]) -> LoraStack:
+    """Stack (task, A (r_t, in), s_t * B_t (out, r_t)) of several adapters along the rank."""
+    return LoraStack(
+        a=torch.cat([a for _, a, _ in parts]),  # (R, in)
+        b=torch.cat([b for _, _, b in parts], dim=1),  # (out, R)
+        task=torch.cat([torch.full((a.shape[0],), t, dtype=torch.long) for t, a, _ in parts]),  # (R,)
+    )

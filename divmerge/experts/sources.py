@@ -1,0 +1,101 @@
+"""Where models come from: a config source (directory, hub id, ``scheme:name``) -> something to load.
+
+Schemes such as ``zoo:`` (the offline demo, ``divmerge.zoo``) are registered from above with
+:func:`register_scheme`, so this layer knows nothing of them.
+"""
+
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+
+from divmerge.errors import DivMergeError, first_line
+from divmerge.experts.adapters import ADAPTER_CONFIG, is_adapter
+
+_LOCAL_PREFIXES = ("/", "./", "../", "~")
+_SCHEME = re.compile(r"^([a-z][a-z0-9_]*:)(?!//)")
+SchemeResolver = Callable[[str, bool], str]
+"""(name after the scheme, build) -> a local path or hub id."""
+_SCHEMES: dict[str, SchemeResolver] = {}
+
+
+def register_scheme(prefix: str, resolver: SchemeResolver) -> None:
+    """Make sources ``<prefix><name>`` resolve through ``resolver`` (e.g. ``zoo:`` for the demo).
+
+    Args:
+        prefix: The scheme with its colon, e.g. ``"zoo:"``.
+        resolver: (name, build) -> local path or hub id; ``build`` asks it to create a missing model.
+    """
+    _SCHEMES[prefix] = resolver
+
+
+def default_cache_dir() -> Path:
+    """Return the cache directory: ``$DIVMERGE_CACHE`` if set, else ``~/.cache/divmerge``.
+
+    Returns:
+        The cache directory (not created).
+
+    """
+    env = os.environ.get("DIVMERGE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "divmerge"
+
+
+def resolve_source(source: str, build: bool = False) -> str:
+    """Turn a config source into something ``from_pretrained`` loads.
+
+    Args:
+        source: A local directory (a model or a peft adapter), a hub id, or ``<scheme>:<name>`` for a
+            registered scheme (``zoo:minilm``, the packaged demo base; ``zoo:<task>``, the demo expert for
+            that task; ``zoo:lora/<task>``, its LoRA adapter twin).
+        build: For a scheme that builds models (the demo zoo), build a missing one.
+
+    Returns:
+        A local path or hub id.
+
+    """
+    scheme = _SCHEME.match(source)
+    if scheme and scheme.group(1) in _SCHEMES:
+        return _SCHEMES[scheme.group(1)](source[scheme.end() :], build)
+    if scheme and not Path(source).expanduser().exists():
+        raise DivMergeError(
+            f"Source {source!r} has the scheme {scheme.group(1)!r}, which nothing registered: use a "
+            f"directory or hub id, or one of {sorted(_SCHEMES)} (import divmerge.zoo for zoo:)."
+        )
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir() or not ((path / "config.json").is_file() or is_adapter(path)):
+            raise DivMergeError(
+                f"{source!r} is not a Hugging Face model or peft adapter directory (no config.json or "
+                f"{ADAPTER_CONFIG}): point to the folder written by save_pretrained."
+            )
+        return str(path)
+    if source.startswith(_LOCAL_PREFIXES) or os.sep in source.strip(os.sep).replace("/", "", 1):
+        raise DivMergeError(f"Model directory {source!r} does not exist: fix the path in the config.")
+    return source  # a hub id
+
+
+def load_pretrained(loader: type, source: str, what: str) -> PreTrainedModel:
+    """Load a model in float32 with one clear error instead of transformers' tracebacks.
+
+    Args:
+        loader: A transformers auto class (``AutoModel``, ``AutoModelForCausalLM``, ...).
+        source: Its source (see :func:`resolve_source`).
+        what: How to name it in an error, e.g. ``"expert 'rt'"``.
+
+    Returns:
+        The loaded model.
+    """
+    try:
+        return loader.from_pretrained(resolve_source(source), dtype=torch.float32)
+    except DivMergeError:
+        raise
+    except (OSError, ValueError, KeyError) as err:
+        raise DivMergeError(
+            f"Could not load {what} from {source!r} ({first_line(err)}): give a local model directory, or a "
+            "hub id with network access (unset HF_HUB_OFFLINE)."
+        ) from err

@@ -1,0 +1,171 @@
+"""The model-family interface: everything that differs between, say, classifiers and causal LMs.
+
+A family says how its experts load (the :class:`~divmerge.experts.loading.ExpertKind` rules), what an
+expert's cached output is (the teacher), how the merged model's divergence to it is computed on a
+batch (the task loss), and how an evaluation batch is scored (the metric). The engine
+(``divmerge.engine``) holds one family object and never asks which family it is.
+"""
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, ClassVar
+
+from torch import Tensor
+from torchmetrics import Metric
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from divmerge.core.merged_model import MergedModel
+from divmerge.data import Rows, TaskSpec
+from divmerge.experts.adapters import AdapterTaskType
+from divmerge.objectives import Objective
+
+Teacher = Tensor | dict[str, Tensor]
+"""A task split's cached expert outputs: log-probabilities (N, C), or a dict of per-example tensors."""
+
+
+class ModelFamily(ABC):
+    """One model family: loading rules, teacher, task loss and metric.
+
+    Class attributes (the loading rules read by ``divmerge.experts.loading.load_expert_set``):
+        name: Registry name, recorded in ``ExpertSet.family`` and used to pick an exporter.
+        task_kind: The ``TaskSpec.kind`` of the tasks this family serves.
+        base_class / expert_class: transformers auto classes of the base and of a full expert.
+        adapter_task_type: peft task type of its adapter experts.
+        digest_tag: Tag of a merged expert in the fingerprint (stable: checkpoints record it).
+    """
+
+    name: ClassVar[str]
+    task_kind: ClassVar[str]
+    base_class: ClassVar[type]
+    expert_class: ClassVar[type]
+    adapter_task_type: ClassVar[AdapterTaskType]
+    digest_tag: ClassVar[str]
+
+    tokenizer: PreTrainedTokenizerBase | None = None
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> "ModelFamily":
+        """Build the family from the run's family settings (``max_new_tokens``, ...); default: none used."""
+        return cls()
+
+    # ------------------------------------------------------------------ detection and loading
+    @staticmethod
+    @abstractmethod
+    def detect(source: str) -> bool:
+        """Whether an expert source (directory, hub id, adapter) belongs to this family."""
+
+    def check_sources(self, base: str, experts: Mapping[str, str], held_out: Mapping[str, str]) -> None:  # noqa: B027 (optional hook)
+        """Refuse sources this family cannot merge, before anything heavy is loaded (default: none)."""
+
+    @abstractmethod
+    def split(
+        self, task: str, model: PreTrainedModel, base: PreTrainedModel, theta0: Mapping[str, Tensor]
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """(merged tensors by base name, the expert's own unmerged tensors by full name), checked."""
+
+    @abstractmethod
+    def prefix(self, model: PreTrainedModel) -> str:
+        """Attribute path of the merged part inside an expert ('' when the whole model is merged)."""
+
+    @abstractmethod
+    def num_outputs(self, model: PreTrainedModel) -> int:
+        """Size of an expert's output (classes, or vocabulary)."""
+
+    def to_skeleton(self, model: PreTrainedModel) -> None:
+        """Turn a loaded expert into forward code on the meta device, in place."""
+        model.requires_grad_(False).to("meta").eval()
+
+    # ------------------------------------------------------------------ data
+    def check_tasks(self, specs: Sequence[TaskSpec], backbone_pass: str) -> None:  # noqa: B027 (optional hook)
+        """Refuse tasks (or settings) this family cannot serve, before any teacher is built.
+
+        Args:
+            specs: The data's task specs.
+            backbone_pass: ``per_task`` or ``joint`` (see the engine).
+        """
+
+    def bind(self, tokenizer: PreTrainedTokenizerBase, num_outputs: int) -> None:
+        """Give the family the base tokenizer (read by families that decode text)."""
+        self.tokenizer = tokenizer
+
+    def teacher_key(self, split: str) -> str:
+        """Settings the cached teacher of ``split`` depends on beyond data and experts ('' if none)."""
+        return ""
+
+    # ------------------------------------------------------------------ teacher, loss, metric
+    @abstractmethod
+    def teacher(
+        self,
+        merged: MergedModel,
+        task: int,
+        table: Tensor,
+        batches: Iterable[Mapping[str, Tensor]],
+        size: int,
+        split: str,
+    ) -> Teacher:
+        """Expert outputs on one task split, in dataset order.
+
+        Args:
+            merged: The merged model, on the device to run on.
+            task: Index into ``merged.all_tasks``.
+            table: Coefficients (T, G) that reproduce the expert (one-hot; all-zero for a held-out task).
+            batches: Collated evaluation batches (``input_ids``, ``attention_mask``, ``idx``).
+            size: Number of examples N.
+            split: ``unlabelled``, ``val`` or ``test``.
+        """
+
+    @staticmethod
+    def teacher_rows(teacher: Teacher, idx: Tensor) -> Teacher:
+        """The rows ``idx`` (B,) of a cached teacher."""
+        if isinstance(teacher, Tensor):
+            return teacher[idx]
+        return {k: v[idx] for k, v in teacher.items()}
+
+    @abstractmethod
+    def step_loss(
+        self,
+        merged: MergedModel,
+        objective: Objective,
+        batches: Mapping[int, Mapping[str, Tensor]],
+        teachers: Mapping[int, Teacher],
+        backbone_pass: str,
+    ) -> tuple[Tensor, dict[int, Tensor]]:
+        """The training loss sum_t D(expert_t || merged) over several tasks' batches.
+
+        Args:
+            merged: The merged model.
+            objective: Divergence between expert log-probabilities and merged logits, per row.
+            batches: Task index -> collated inputs (``input_ids``, ``attention_mask``, each (B_t, L_t)).
+            teachers: Task index -> the batch's rows of that task's teacher cache.
+            backbone_pass: ``per_task`` or ``joint``.
+
+        Returns:
+            The loss to call ``backward()`` on (value: the summed task losses) and each task's detached loss.
+        """
+
+    @abstractmethod
+    def new_metric(self, num_outputs: int) -> Metric:
+        """A fresh evaluation metric for a task whose expert has ``num_outputs`` outputs."""
+
+    @abstractmethod
+    def eval_update(
+        self,
+        merged: MergedModel,
+        task: int,
+        metrics: Mapping[str, Metric],
+        batch: Mapping[str, Tensor],
+        params: Mapping[str, Mapping[str, Tensor]],
+        teacher: Teacher,
+        rows: Rows,
+    ) -> None:
+        """Score one evaluation batch.
+
+        Args:
+            merged: The merged model.
+            task: Index into ``merged.all_tasks``.
+            metrics: ``merged`` / ``expert`` / ``reference`` metrics of the task.
+            batch: Collated batch (``input_ids``, ``attention_mask``, ``idx``; ``labels`` when labelled).
+            params: ``merged`` (and, when computed, ``reference``) merged tensors.
+            teacher: The batch's rows of the task split's teacher cache (the expert's outputs).
+            rows: The task split's rows (references of generated answers).
+        """

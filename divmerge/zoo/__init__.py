@@ -1,0 +1,78 @@
+"""The offline demo: tasks and experts built from data and a base model shipped inside PyPI packages.
+
+A plugin on top of divmerge: importing it registers the ``zoo:`` scheme for model sources
+(``zoo:minilm``, ``zoo:<task>``, ``zoo:lora/<task>``) and for task data (``zoo:<task>``).
+"""
+
+from pathlib import Path
+
+from divmerge.data import Rows, register_data_scheme
+from divmerge.errors import DivMergeError
+from divmerge.experts.sources import default_cache_dir, register_scheme
+from divmerge.zoo.demo import (
+    DEMO_TASKS,
+    EXPERT_META_FILE,
+    LORA_PREFIX,
+    LORA_RECIPE,
+    ZOO_PREFIX,
+    ExpertRecipe,
+    LabelledTexts,
+    base_model_path,
+    build_expert,
+    demo_expert,
+    demo_split,
+    expert_dir,
+    load_demo_task,
+)
+
+
+def resolve_model(name: str, build: bool = False) -> str:
+    """``zoo:<name>`` as a local path: the packaged base (``minilm``) or a demo expert.
+
+    Args:
+        name: ``minilm``, ``<task>`` or ``lora/<task>``.
+        build: Fine-tune the demo expert if it is not cached yet.
+
+    Returns:
+        The model directory.
+    """
+    if name == "minilm":
+        return str(base_model_path())
+    task, recipe = demo_expert(name)
+    load_demo_task(task)  # unknown names fail here with the list of valid ones
+    path = build_expert(task, recipe) if build else expert_dir(task, recipe)
+    if not Path(path).is_dir():
+        raise DivMergeError(
+            f"Demo expert {ZOO_PREFIX + name!r} is not built yet: run `python train.py fit` once (its "
+            "prepare_data step builds it) or call divmerge.zoo.build_expert."
+        )
+    return str(path)
+
+
+def read_task(name: str) -> Rows:
+    """``zoo:<task>`` data: the demo task's held-out pool (rows the experts never trained on)."""
+    _, pool = demo_split(name)
+    return Rows(list(pool.texts), list(pool.labels), tuple(pool.label_names))
+
+
+register_scheme(ZOO_PREFIX, resolve_model)
+register_data_scheme(ZOO_PREFIX, read_task)
+
+__all__ = [
+    "DEMO_TASKS",
+    "EXPERT_META_FILE",
+    "LORA_PREFIX",
+    "LORA_RECIPE",
+    "ZOO_PREFIX",
+    "ExpertRecipe",
+    "LabelledTexts",
+    "base_model_path",
+    "build_expert",
+    "default_cache_dir",
+    "demo_expert",
+    "demo_split",
+    "expert_dir",
+    "load_demo_task",
+    "read_task",
+    "resolve_model",
+]
