@@ -4,6 +4,7 @@ Without ``--config`` the built-in offline demo (configs/demo4.yaml) runs: it bui
 on first use, learns layer-wise JS merge coefficients and prints the per-task accuracy table.
 """
 
+import divmerge.zoo  # noqa: F401  (the offline demo: registers the zoo: scheme)
 from divmerge.lightning.cli import DEMO_CONFIG, DivMergeCLI, main, make_cli, with_default_config
 
 __all__ = ["DEMO_CONFIG", "DivMergeCLI", "main", "make_cli", "with_default_config"]

@@ -28,26 +28,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-MB = 1e6
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._measure import MB, peak_rss_mb, reset_peak, rss_mb  # noqa: E402
+
 MERGEKIT = {"wall_s": 20.9, "peak_mb": 1660.0}  # mergekit 0.1.5, TIES of the 6 demo experts (issue 5)
-
-
-def _status_mb(field: str) -> float:
-    """A ``/proc/self/status`` memory field (VmRSS, VmHWM) in MB."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024 / MB
-    return 0.0
-
-
-def _reset_peak() -> bool:
-    """Reset this process's VmHWM to its current RSS (Linux ``clear_refs``); False where unsupported."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
 
 
 def worker(argv: list[str]) -> dict[str, Any]:
@@ -76,12 +61,12 @@ def worker(argv: list[str]) -> dict[str, Any]:
 
         def build_and_mark() -> Any:
             merged = build()
-            marks.setdefault("rss_after_load_mb", _status_mb("VmRSS"))
-            marks.setdefault("load_peak_mb", _status_mb("VmHWM"))
+            marks.setdefault("rss_after_load_mb", rss_mb())
+            marks.setdefault("load_peak_mb", peak_rss_mb())
             marks.setdefault(
                 "backbone_mb", sum(t.numel() * t.element_size() for _, t in merged.base.items()) / MB
             )
-            marks.setdefault("hwm_reset", _reset_peak())  # from here VmHWM is the export phase's own peak
+            marks.setdefault("hwm_reset", reset_peak())  # from here VmHWM is the export phase's own peak
             return merged
 
         module.build = build_and_mark
@@ -90,7 +75,7 @@ def worker(argv: list[str]) -> dict[str, Any]:
     transformers.logging.set_verbosity_error()
     options, overrides = parse_export_args(argv, train.DEMO_CONFIG)
     run_export(options, build_module, overrides)
-    export_peak = _status_mb("VmHWM")
+    export_peak = peak_rss_mb()
     return {**marks, "export_peak_mb": export_peak, "peak_mb": max(export_peak, marks["load_peak_mb"])}
 
 

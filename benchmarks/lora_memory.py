@@ -37,13 +37,11 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from benchmarks._measure import MB, peak_rss_mb, rss_mb  # noqa: E402
 from benchmarks.step_cost import (  # noqa: E402  (sets the offline environment first)
-    MB,
     format_table,
     make_batches,
     make_divmerge_step,
-    peak_rss_mb,
-    rss_mb,
     teacher_logprobs,
     time_steps,
 )

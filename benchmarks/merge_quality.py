@@ -6,7 +6,7 @@ guided merging stays strong as k grows while static merges degrade.
 
 Methods:
 
-- static (no training, ``divmerge.baselines.static_merge`` with its default options): ``average``,
+- static (no training, ``divmerge.static.static_merge`` with its default options): ``average``,
   ``task_arithmetic`` (lambda 0.3), ``ties`` (density 0.2, lambda 1), ``dare`` (p 0.5, seed 0, then task
   arithmetic with lambda 0.3);
 - learned ``<objective>-<granularity>``: objective ``js`` (DivMerge), ``kl`` or ``entropy`` (AdaMerging),
@@ -63,14 +63,12 @@ from divmerge.core.coefficients import GRANULARITIES
 from divmerge.core.expert_set import ExpertSet
 from divmerge.core.merged_model import MergedModel
 from divmerge.data import TaskDataset, TaskSpec
+from divmerge.engine import Merger
 from divmerge.errors import DivMergeError
 from divmerge.evaluation import TaskResult, anp
-from divmerge.families import load_experts
-from divmerge.families.classification import step_loss, task_logits
 from divmerge.lightning.datamodule import MergeDataModule
-from divmerge.objectives import OBJECTIVES, get_objective
-from divmerge.static import STATIC_METHODS, static_merge
-from divmerge.teachers import cache_path, compute_logprobs, get_or_compute
+from divmerge.objectives import OBJECTIVES
+from divmerge.static import STATIC_METHODS
 from divmerge.zoo import DEMO_TASKS, default_cache_dir
 
 PROG = "merge_quality"
@@ -160,12 +158,11 @@ class Costs:
 
 @dataclass
 class Prepared:
-    """Everything the merges of one benchmark run share: experts, data, teachers, expert accuracy."""
+    """Everything the merges of one benchmark run share: the engine (experts + teachers), data, accuracy."""
 
-    experts: ExpertSet
+    merger: Merger
     dm: MergeDataModule
     test_batches: dict[str, list[Batch]]
-    teachers: dict[tuple[str, str], Tensor]
     expert_acc: dict[str, float]
 
 
@@ -471,21 +468,6 @@ def make_datamodule(settings: Settings) -> MergeDataModule:
     )
 
 
-def check_labels(experts: ExpertSet, dm: MergeDataModule) -> None:
-    """Refuse test labels that are not class ids of the task's expert."""
-    for t, task in enumerate(experts.task_names):
-        n = experts.num_labels[t]
-        names = dm.label_names(task)
-        if names is not None and len(names) != n:
-            raise DivMergeError(f"Task {task!r} has {len(names)} classes but its expert outputs {n}.")
-        labels = dm.dataset(task, "test").labels or []
-        if labels and not 0 <= min(labels) <= max(labels) < n:
-            raise DivMergeError(
-                f"Task {task!r} test labels span {min(labels)}..{max(labels)} but its expert has {n} "
-                f"classes: labels must be class ids 0..{n - 1}."
-            )
-
-
 def eval_batches(dm: MergeDataModule, task: str, batch_size: int) -> list[Batch]:
     """A task's test examples as padded batches, sorted by length (less padding; same accuracy)."""
     ds = dm.dataset(task, "test")
@@ -493,78 +475,27 @@ def eval_batches(dm: MergeDataModule, task: str, batch_size: int) -> list[Batch]
     return [dm.collate(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
 
 
-def build_teachers(
-    experts: ExpertSet, dm: MergeDataModule, cache_dir: str
-) -> tuple[dict[tuple[str, str], Tensor], list[str]]:
-    """Expert log-probabilities on every task's unlabelled and test inputs, through the teacher cache.
+def build_teachers(merger: Merger, dm: MergeDataModule) -> list[str]:
+    """Expert log-probabilities on every task's unlabelled and test inputs, through the engine's cache.
 
-    The expert forward is the merged model of the whole set with one-hot coefficients (exactly the
-    expert), as in ``DivMergeModule``; files are keyed by expert and data digests, so they are shared
-    across subsets, runs and with ``train.py`` runs on the same data.
+    The files are keyed by expert and data digests, so they are shared across subsets, runs and with
+    ``train.py`` runs on the same data.
 
     Args:
-        experts: The whole expert set.
+        merger: The engine over the whole expert set; its teachers are loaded.
         dm: The data.
-        cache_dir: Cache root.
 
     Returns:
-        ((task, split) -> log-probabilities (N, C), names of the files built now).
+        The names of the files built now.
 
     """
-    merged = MergedModel(experts, granularity="task")
-    teachers, built = {}, []
-    for t, task in enumerate(experts.task_names):
-        for split in ("unlabelled", "test"):
-            ds = dm.dataset(task, split)
-            path = cache_path(cache_dir, task, split, experts.task_digests[t], ds.digest())
-
-            def compute(t: int = t, task: str = task, split: str = split, ds: TaskDataset = ds) -> Tensor:
-                with torch.no_grad():
-                    params = merged.merged_params(merged.one_hot_table(t))
-
-                def forward(batch: Mapping[str, Tensor]) -> Tensor:
-                    return task_logits(
-                        merged,
-                        t,
-                        params,
-                        input_ids=batch["input_ids"],
-                        attention_mask=batch["attention_mask"],
-                    )
-
-                return compute_logprobs(forward, dm.eval_loader(task, split), len(ds))
-
-            teachers[task, split], fresh = get_or_compute(path, compute)
-            if fresh:
-                built.append(path.name)
-    return teachers, built
-
-
-def expert_accuracy(teacher: Tensor, batches: Sequence[Batch]) -> float:
-    """Accuracy of the expert (cached teacher argmax) on a task's test batches."""
-    correct = total = 0
-    for batch in batches:
-        pred = teacher[batch["idx"]].argmax(-1)  # (B,)
-        correct += int((pred == batch["labels"]).sum())
-        total += len(pred)
-    return correct / total if total else math.nan
+    paths = merger.teacher_paths(dm, ("unlabelled", "test"))
+    built = merger.build_teachers(dm, paths, torch.device("cpu"))
+    merger.load_teachers(dm, paths)
+    return [path.name for _, _, path in built]
 
 
 # ------------------------------------------------------------------------------------------- merges
-
-
-def static_params(method: str, experts: ExpertSet) -> dict[str, Tensor]:
-    """A static merge of ``experts`` with the method's default options, named like ``merged_params``.
-
-    Args:
-        method: A key of ``STATIC_METHODS``.
-        experts: The (subset) expert set.
-
-    Returns:
-        ``<prefix>.<name>`` -> merged tensor.
-
-    """
-    out = static_merge(method, experts.base, experts.task_vectors)
-    return {f"{experts.prefix}.{name}": tensor for name, tensor in out.items()}
 
 
 def sample_batches(
@@ -581,46 +512,13 @@ def sample_batches(
     return batches
 
 
-def train_step(
-    merged: MergedModel,
-    objective: str,
-    teachers: Sequence[Tensor],
-    batches: Mapping[int, Batch],
-) -> Tensor:
-    """Summed loss over every task's batch, as the training step computes it (``step_loss``).
-
-    Each task's forward and backward to the merged tensors run inside; call ``.backward()`` on the
-    result to finish the coefficients' gradient.
-
-    Args:
-        merged: The subset's merged model.
-        objective: A name in ``OBJECTIVES`` (per-example divergence to the teacher), or ``CEILING``
-            (cross-entropy to the batch's labels; ``teachers`` unused).
-        teachers: Per subset task, unlabelled teacher log-probabilities (N_t, C_t).
-        batches: Subset task index -> batch with ``input_ids``, ``attention_mask``, ``idx`` (and
-            ``labels`` for ``CEILING``).
-
-    Returns:
-        The scalar loss.
-
-    """
-    inputs = {t: {k: b[k] for k in ("input_ids", "attention_mask")} for t, b in batches.items()}
-    if objective == CEILING:
-
-        def task_loss(t: int, logits: Tensor) -> Tensor:
-            return torch.nn.functional.cross_entropy(logits, batches[t]["labels"])
-    else:
-        divergence = get_objective(objective)
-
-        def task_loss(t: int, logits: Tensor) -> Tensor:
-            return divergence(teachers[t][batches[t]["idx"]], logits).mean()
-
-    loss, _ = step_loss(merged, merged.merged_params(), inputs, task_loss)
-    return loss
+def cross_entropy(labels: Tensor, logits: Tensor) -> Tensor:
+    """Per-example cross-entropy to class labels (B,): the ``CEILING`` objective's "divergence"."""
+    return torch.nn.functional.cross_entropy(logits, labels, reduction="none")  # (B,)
 
 
 def learned_merge(
-    experts: ExpertSet,
+    experts: ExpertSet | Merger,
     method: str,
     unlabelled: Sequence[TaskDataset],
     teachers: Sequence[Tensor],
@@ -631,11 +529,11 @@ def learned_merge(
     seed: int = 0,
     init: float | None = None,
 ) -> tuple[MergedModel, dict[str, Tensor]]:
-    """Learn merge coefficients for ``experts``: divergence to the cached teachers (or, for a ceiling,
-    cross-entropy to the labels of the data drawn from).
+    """Learn merge coefficients with the engine's training step: divergence to the cached teachers (or,
+    for a ceiling, cross-entropy to the labels of the data drawn from).
 
     Args:
-        experts: The (subset) expert set.
+        experts: The (subset) expert set, or an engine over it (left untouched: a copy learns).
         method: ``<objective>-<granularity>``, e.g. ``js-layer``, or ``ceiling-<granularity>``.
         unlabelled: Per subset task, the dataset drawn from: its unlabelled inputs (its labelled test
             inputs for a ceiling).
@@ -654,48 +552,51 @@ def learned_merge(
     """
     objective, granularity = method.rsplit("-", 1)
     torch.manual_seed(seed)
-    merged = MergedModel(experts, granularity=granularity, init=init)  # type: ignore[arg-type]
-    optimizer = torch.optim.Adam(merged.coefficients.parameters(), lr=lr)
+    ceiling = objective == CEILING
+    settings = {
+        "granularity": granularity,
+        "objective": cross_entropy if ceiling else objective,
+        "init": init,
+    }
+    if isinstance(experts, Merger):
+        merger = experts.subset(experts.task_names, **settings)
+    else:
+        merger = Merger.from_expert_set(experts, **settings)
+    split = "test" if ceiling else "unlabelled"
+    merger.teachers = {
+        (task, split): torch.tensor(data.labels) if ceiling else teacher
+        for task, data, teacher in itertools.zip_longest(merger.task_names, unlabelled, teachers)
+    }
+    coefficients = merger.build().coefficients
+    optimizer = torch.optim.Adam(coefficients.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         batches = sample_batches(unlabelled, collate, batch_per_task, generator)
-        loss = train_step(merged, objective, teachers, batches)
+        loss, _ = merger.step_loss({merger.task_names[t]: b for t, b in batches.items()}, split)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
-    with torch.no_grad():
-        params = {k: v.detach() for k, v in merged.merged_params().items()}
-    return merged, params
+    return merger.build(), merger.learned_params()
 
 
-@torch.no_grad()
 def evaluate(
-    merged: MergedModel, params: Mapping[str, Tensor], batches: Sequence[Sequence[Batch]]
+    merger: Merger, params: Mapping[str, Tensor], batches: Mapping[str, Sequence[Batch]]
 ) -> list[float]:
-    """Test accuracy of merged tensors on every task of the subset.
+    """Test accuracy of merged tensors on every task of the subset, with the engine's evaluation.
 
     Args:
-        merged: A MergedModel of the subset (provides the heads and the forward code).
+        merger: The subset's engine (its test teachers loaded).
         params: Merged backbone tensors (``merged_params`` naming).
         batches: Per subset task, its labelled test batches.
 
     Returns:
-        Per subset task, the accuracy.
+        Per subset task (in ``merger.task_names`` order), the accuracy.
 
     """
-    accuracies = []
-    for t, task_batches in enumerate(batches):
-        correct = total = 0
-        for batch in task_batches:
-            logits = task_logits(
-                merged, t, params, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            )
-            correct += int((logits.argmax(-1) == batch["labels"]).sum())
-            total += len(batch["labels"])
-        accuracies.append(correct / total if total else math.nan)
-    return accuracies
+    scores = merger.evaluate(batches, "test", {"merged": params})
+    return [scores[task]["merged"] for task in merger.task_names]
 
 
 # ------------------------------------------------------------------------------------------ reports
@@ -791,30 +692,27 @@ def calibrate(settings: Settings, prep: Prepared) -> Costs:
     learned = [m for m in settings.methods if not is_static(m)]
     steps: dict[int, float] = {}
     if learned:
-        objective_name, granularity = learned[0].rsplit("-", 1)
         for k in sorted({settings.min_k, settings.max_k}):
             tasks = settings.tasks[:k]
-            merged = MergedModel(prep.experts.subset(tasks), granularity=granularity)  # type: ignore[arg-type]
-            generator = torch.Generator().manual_seed(settings.seed)
-            teacher = [prep.teachers[t, "unlabelled"] for t in tasks]
             data = training_data(prep, learned[0], tasks)
+            teachers = [prep.merger.teachers[t, "unlabelled"] for t in tasks]
+            sub = prep.merger.subset(tasks)
             for _ in range(2):  # the first step warms up
                 start = time.perf_counter()
-                sample = sample_batches(data, prep.dm.collate, settings.batch_per_task, generator)
-                train_step(merged, objective_name, teacher, sample).backward()
+                learned_merge(sub, learned[0], data, teachers, prep.dm.collate, 1, settings.batch_per_task)
                 steps[k] = time.perf_counter() - start
-    sub = prep.experts.subset(settings.tasks[: settings.min_k])
-    merged = MergedModel(sub, granularity="task")
-    with torch.no_grad():
-        params = merged.merged_params()
-    longest = prep.test_batches[settings.tasks[0]][-1]  # the longest inputs: a conservative estimate
-    evaluate(merged, params, [[longest]])
+    sub = prep.merger.subset(settings.tasks[: settings.min_k], granularity="task")
+    params = sub.learned_params()
+    longest = {settings.tasks[0]: [prep.test_batches[settings.tasks[0]][-1]]}  # a conservative estimate
+    evaluate(sub.subset(settings.tasks[:1]), params, longest)
     start = time.perf_counter()
-    evaluate(merged, params, [[longest]])
-    costs = Costs(steps or {2: 0.0}, (time.perf_counter() - start) / len(longest["labels"]))
+    evaluate(sub.subset(settings.tasks[:1]), params, longest)
+    costs = Costs(
+        steps or {2: 0.0}, (time.perf_counter() - start) / len(longest[settings.tasks[0]][0]["labels"])
+    )
     for method in (m for m in settings.methods if is_static(m)):
         start = time.perf_counter()
-        static_params(method, sub)
+        sub.static_params(method)
         costs.static_per_task[method] = (time.perf_counter() - start) / settings.min_k
     return costs
 
@@ -854,20 +752,21 @@ def prepare(settings: Settings, phases: dict[str, float], quiet: bool = False) -
 
     """
     t0 = time.perf_counter()
-    experts = load_experts(settings.base, settings.experts)
+    merger = Merger(settings.base, settings.experts, cache_dir=settings.cache_dir)
+    merger.build()
     phases["load experts"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     dm = make_datamodule(settings)
+    merger.check_data(dm)
     for task in settings.tasks:
         dm.dataset(task, "unlabelled")
         dm.dataset(task, "test")
-    check_labels(experts, dm)
     test_batches = {task: eval_batches(dm, task, settings.eval_batch_size) for task in settings.tasks}
     phases["data"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    teachers, built = build_teachers(experts, dm, settings.cache_dir)
+    built = build_teachers(merger, dm)
     phases["teacher cache"] = time.perf_counter() - t0
     if not quiet:
         print(
@@ -875,10 +774,8 @@ def prepare(settings: Settings, phases: dict[str, float], quiet: bool = False) -
             f"{2 * len(settings.tasks) - len(built)}, in {fmt_seconds(phases['teacher cache'])}",
             flush=True,
         )
-    expert_acc = {
-        task: expert_accuracy(teachers[task, "test"], test_batches[task]) for task in settings.tasks
-    }
-    return Prepared(experts, dm, test_batches, teachers, expert_acc)
+    scores = merger.evaluate(test_batches, "test", {})
+    return Prepared(merger, dm, test_batches, {task: scores[task]["expert"] for task in settings.tasks})
 
 
 def training_data(prep: Prepared, method: str, tasks: Sequence[str]) -> list[TaskDataset]:
@@ -903,17 +800,16 @@ def merge_and_score(
         The result row: k, tasks, method, ANP, per-task accuracies, merge / eval seconds.
 
     """
-    sub = prep.experts.subset(list(tasks))
+    sub = prep.merger.subset(list(tasks))
     start = time.perf_counter()
     if is_static(method):
-        params = static_params(method, sub)
-        merged = MergedModel(sub, granularity="task")
+        params = sub.static_params(method)
     else:
-        merged, params = learned_merge(
+        _, params = learned_merge(
             sub,
             method,
             training_data(prep, method, tasks),
-            [prep.teachers[t, "unlabelled"] for t in tasks],
+            [prep.merger.teachers[t, "unlabelled"] for t in tasks],
             prep.dm.collate,
             settings.steps,
             settings.batch_per_task,
@@ -923,7 +819,7 @@ def merge_and_score(
         )
     merge_s = time.perf_counter() - start
     start = time.perf_counter()
-    accuracies = evaluate(merged, params, [prep.test_batches[t] for t in tasks])
+    accuracies = evaluate(sub, params, {t: prep.test_batches[t] for t in tasks})
     eval_s = time.perf_counter() - start
     results = [
         TaskResult(t, len(prep.dm.dataset(t, "test")), prep.expert_acc[t], acc)

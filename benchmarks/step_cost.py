@@ -9,7 +9,7 @@ Two measurements, printed as markdown tables and written to ``<out_dir>/step_cos
      examples (forward + cross-entropy + backward + AdamW over every weight; dropout off, so the network
      computes exactly what the merged backbone computes), with torch's default AdamW and, as a stricter
      reference, ``AdamW(foreach=True)`` (several times faster on CPU), ``plain(foreach)``;
-   * ``divmerge``: the training step's code (``MergedModel.step_loss``, default ``per_task`` backbone
+   * ``divmerge``: the training step's code (``divmerge.engine.Merger.step_loss``, ``per_task`` backbone
      passes): ``merged_params()`` + per task forward, JS to the cached teacher and backward to the merged
      tensors + the merge's backward + Adam on the coefficients (teachers precomputed once, as the teacher
      cache does);
@@ -42,7 +42,6 @@ import gc
 import hashlib
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -62,19 +61,25 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
+from benchmarks._measure import MB, peak_rss_mb, rss_mb  # noqa: E402
 from divmerge.core.expert_set import ExpertSet  # noqa: E402
 from divmerge.core.merged_model import MergedModel  # noqa: E402
+from divmerge.engine import Merger  # noqa: E402
 from divmerge.errors import DivMergeError  # noqa: E402
 from divmerge.experts.sources import resolve_source  # noqa: E402
 from divmerge.families import load_experts  # noqa: E402
-from divmerge.families.classification import BackbonePass, step_loss, task_logits  # noqa: E402
+from divmerge.families.classification import (  # noqa: E402
+    BackbonePass,
+    Classification,
+    step_loss,
+    task_logits,
+)
 from divmerge.objectives import js_divergence  # noqa: E402
 
 PROG = "step_cost"
 DEMO_BASE = "zoo:minilm"
 DEFAULT_TASKS = ("rt", "sms_spam", "trec", "bbc", "tweet_sent", "imdb")
 SYNTH_SEP = "~"  # synthetic expert names: "<source task>~<index>"
-MB = 1e6  # reported megabytes are 10^6 bytes; the targets' GB are 10^9 bytes
 
 Batches = dict[int, dict[str, Tensor]]
 MEMORY_LEGEND = (
@@ -84,35 +89,6 @@ MEMORY_LEGEND = (
     "T x batch_size rows too); task_vector: one expert's task vector at the storage dtype; d_<x>: increase "
     "of <x> per added expert."
 )
-
-
-# --------------------------------------------------------------------------- memory probes
-def _proc_status_kb(field: str) -> int:
-    """A ``/proc/self/status`` field in kB (0 where /proc is unavailable)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def rss_mb() -> float:
-    """Current resident set size of this process, MB."""
-    return _proc_status_kb("VmRSS") * 1024 / MB
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process image so far, MB.
-
-    ``VmHWM`` (the high-water mark of this process's memory map), falling back to ``ru_maxrss`` only
-    where ``/proc`` is missing: Linux carries ``ru_maxrss`` over from the parent across fork + exec, so a
-    subprocess started by a big parent would report the parent's peak.
-    """
-    hwm_kb = _proc_status_kb("VmHWM")
-    return (hwm_kb or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024 / MB
 
 
 # --------------------------------------------------------------------------- experts and data
@@ -384,24 +360,21 @@ def make_divmerge_step(
         batches: Task index -> inputs.
         teachers: Cached expert log-probabilities per task, or None for the naive step.
         lr: Adam learning rate.
-        backbone_pass: ``per_task`` or ``joint`` (see ``MergedModel.step_loss``).
+        backbone_pass: ``per_task`` or ``joint`` (see ``divmerge.families.classification.step_loss``).
 
     Returns:
         A closure running one step and returning the loss.
 
     """
     optimizer = torch.optim.Adam(merged.coefficients.parameters(), lr=lr)
+    engine = Merger.for_model(merged, Classification(), backbone_pass=backbone_pass)
+    rows = {merged.task_names[t]: {**b, "idx": torch.arange(len(b["input_ids"]))} for t, b in batches.items()}
 
     def step() -> float:
         targets = teachers if teachers is not None else teacher_logprobs(merged, batches)
+        engine.teachers = {(merged.task_names[t], "unlabelled"): v for t, v in targets.items()}
         optimizer.zero_grad(set_to_none=True)
-        loss, _ = step_loss(
-            merged,
-            merged.merged_params(),
-            batches,
-            lambda t, student: js_divergence(targets[t], student).mean(),
-            backbone_pass,
-        )
+        loss, _ = engine.step_loss(rows)  # the training step's own code
         loss.backward()
         optimizer.step()
         return float(loss.detach())

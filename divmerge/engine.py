@@ -20,14 +20,15 @@ from transformers import PreTrainedTokenizerBase
 
 from divmerge import static
 from divmerge.core.coefficients import Granularity, get_space
+from divmerge.core.expert_set import ExpertSet
 from divmerge.core.merged_model import MergedModel
 from divmerge.data import Rows, TaskDataset, TaskSpec
 from divmerge.errors import DivMergeError
 from divmerge.experts.sources import default_cache_dir
-from divmerge.families import detect_family, load_experts
+from divmerge.families import FAMILIES, detect_family, load_experts
 from divmerge.families.base import ModelFamily, Teacher
 from divmerge.families.classification import BackbonePass
-from divmerge.objectives import get_objective
+from divmerge.objectives import Objective, get_objective
 from divmerge.teachers import cache_path, get_or_compute, load_cached
 
 LEARNED = "divmerge"
@@ -105,7 +106,8 @@ class Merger:
         experts: Task name -> expert source, in task order.
         held_out: Held-out task name -> a classifier whose head scores that task on the merged backbone.
         granularity: Coefficient space (``divmerge.core.coefficients.SPACES``).
-        objective: Divergence (``divmerge.objectives.OBJECTIVES``).
+        objective: Divergence: a name in ``divmerge.objectives.OBJECTIVES``, or a per-example function
+            (teacher rows, merged logits) -> (B,).
         init: Initial coefficient value; None means 1/T.
         clamp: Optional (low, high) bounds for the coefficients.
         task_vector_dtype: Storage dtype of the task vectors.
@@ -121,7 +123,7 @@ class Merger:
         experts: Mapping[str, str],
         held_out: Mapping[str, str] | None = None,
         granularity: Granularity = "layer",
-        objective: str = "js",
+        objective: str | Objective = "js",
         init: float | None = None,
         clamp: tuple[float, float] | None = None,
         task_vector_dtype: TaskVectorDtype = "float32",
@@ -139,14 +141,17 @@ class Merger:
         self.held_out = list(held_out or {})
         self.held_out_sources = dict(held_out or {})
         self.granularity = granularity
-        self.objective_name = objective
-        self.objective = get_objective(objective)
+        self.objective_name = (
+            objective if isinstance(objective, str) else getattr(objective, "__name__", "custom")
+        )
+        self.objective = get_objective(objective) if isinstance(objective, str) else objective
         self.init, self.clamp = init, clamp
         self.task_vector_dtype = task_vector_dtype
         self.backbone_pass = backbone_pass
         self.family_options = dict(family_options or {})
         self.cache_dir = str(cache_dir or default_cache_dir())
         self.merged: MergedModel | None = None
+        self.expert_set: ExpertSet | None = None
         self.family: ModelFamily | None = None
         self.fingerprint: str | None = None
         self.task_digests: list[str] = []
@@ -173,15 +178,97 @@ class Merger:
         if self.merged is None:
             dtype = getattr(torch, self.task_vector_dtype)
             family = detect_family(self.experts).from_options(self.family_options)
-            experts = load_experts(self.base, self.experts, self.held_out_sources, dtype, family)
-            self.merged = MergedModel(
-                experts, self.granularity, self.init, self.clamp, task_vector_dtype=dtype
-            )
-            self.family = family
-            self.fingerprint = experts.fingerprint
-            self.task_digests = experts.task_digests
-            self.num_labels = dict(zip(experts.all_tasks, experts.num_labels, strict=True))
+            self._attach(load_experts(self.base, self.experts, self.held_out_sources, dtype, family), family)
+        assert self.merged is not None
         return self.merged
+
+    def _attach(self, experts: ExpertSet, family: ModelFamily) -> None:
+        """Make ``experts`` this merger's expert set: the merged model, its family and digests."""
+        dtype = getattr(torch, self.task_vector_dtype)
+        self.expert_set = experts
+        self.merged = MergedModel(experts, self.granularity, self.init, self.clamp, task_vector_dtype=dtype)
+        self.family = family
+        self.fingerprint = experts.fingerprint
+        self.task_digests = experts.task_digests
+        self.num_labels = dict(zip(experts.all_tasks, experts.num_labels, strict=True))
+
+    @classmethod
+    def from_expert_set(
+        cls, experts: ExpertSet, family: ModelFamily | None = None, **settings: Any
+    ) -> "Merger":
+        """A merger over an expert set that is already loaded (no loading; for benchmarks and subsets).
+
+        Args:
+            experts: The expert set (``ExpertSet.family`` names its family).
+            family: The family object to use (default: a fresh one of ``experts.family``).
+            **settings: Other ``Merger`` arguments (``granularity``, ``objective``, ``init``, ...).
+
+        Returns:
+            The merger, built.
+        """
+        sources = experts.sources
+        merger = cls(
+            sources.get("base", ""),
+            {t: sources.get(t, "") for t in experts.task_names},
+            {t: sources.get(t, "") for t in experts.held_out},
+            **settings,
+        )
+        merger._attach(experts, family or FAMILIES[experts.family].from_options(merger.family_options))
+        return merger
+
+    @classmethod
+    def for_model(cls, merged: MergedModel, family: ModelFamily, **settings: Any) -> "Merger":
+        """A merger around an existing merged model (no expert set: no subsets, no fingerprint).
+
+        For measurements that build the merged model themselves (``benchmarks/step_cost.py``).
+
+        Args:
+            merged: The merged model.
+            family: Its model family.
+            **settings: Other ``Merger`` arguments (``objective``, ``backbone_pass``, ...).
+
+        Returns:
+            The merger; fill ``teachers`` before calling ``step_loss``.
+        """
+        merger = cls("", dict.fromkeys(merged.task_names, ""), **settings)
+        merger.merged, merger.family = merged, family
+        return merger
+
+    def subset(
+        self,
+        tasks: Sequence[str],
+        granularity: Granularity | None = None,
+        objective: str | Objective | None = None,
+        init: float | None = None,
+    ) -> "Merger":
+        """A merger of some of this one's experts, sharing the loaded tensors and the loaded teachers.
+
+        Args:
+            tasks: Task names, a non-empty subset of ``task_names`` (in the order wanted).
+            granularity: Coefficient space of the new merger (default: this one's).
+            objective: Its objective, a name in ``OBJECTIVES`` or a per-example function
+                (teacher rows, merged logits) -> (B,) (default: this one's).
+            init: Initial coefficient value; None means 1/k.
+
+        Returns:
+            The new merger, built (no loading).
+        """
+        self.build()
+        assert self.expert_set is not None
+        sub = Merger.from_expert_set(
+            self.expert_set.subset(list(tasks)),  # unknown or no tasks fail here
+            self.family,
+            granularity=granularity or self.granularity,
+            objective=self.objective if objective is None else objective,
+            init=init,
+            clamp=self.clamp,
+            task_vector_dtype=self.task_vector_dtype,
+            backbone_pass=self.backbone_pass,
+            family_options=self.family_options,
+            cache_dir=self.cache_dir,
+        )
+        sub.teachers = {key: value for key, value in self.teachers.items() if key[0] in tasks}
+        return sub
 
     def new_metrics(self) -> nn.ModuleDict:
         """Per task, fresh ``merged`` / ``expert`` / ``reference`` metrics of the experts' family."""
@@ -283,12 +370,15 @@ class Merger:
                 self.teachers[key] = cached
 
     # ------------------------------------------------------------------ training
-    def step_loss(self, batch: Mapping[str, Mapping[str, Tensor]]) -> tuple[Tensor, dict[str, Tensor]]:
+    def step_loss(
+        self, batch: Mapping[str, Mapping[str, Tensor]], split: str = "unlabelled"
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Sum over tasks of the mean divergence between expert (cached) and merged outputs.
 
         Args:
-            batch: Task name -> its collated unlabelled batch (``input_ids``, ``attention_mask``, ``idx``);
+            batch: Task name -> its collated batch of ``split`` (``input_ids``, ``attention_mask``, ``idx``);
                 held-out tasks are skipped (evaluation only).
+            split: Whose teacher rows ``idx`` index (``unlabelled`` in training).
 
         Returns:
             The loss to call ``backward()`` on, and each task's detached loss by task name.
@@ -298,7 +388,7 @@ class Merger:
         batch = {task: b for task, b in batch.items() if task in self.experts}
         index = {task: self.task_names.index(task) for task in batch}
         teachers = {
-            index[task]: self.family.teacher_rows(self.teachers[task, "unlabelled"], b["idx"].cpu())
+            index[task]: self.family.teacher_rows(self.teachers[task, split], b["idx"].cpu())
             for task, b in batch.items()
         }  # task -> the batch's rows of its teacher cache
         inputs = {index[task]: b for task, b in batch.items()}
@@ -370,29 +460,32 @@ class Merger:
         self.family.eval_update(merged, self.all_tasks.index(task), metrics, batch, params, teacher, rows)
 
     def evaluate(
-        self, data: TaskData, split: str, params: Mapping[str, Mapping[str, Tensor]], tasks: Iterable[str]
+        self,
+        batches: Mapping[str, Iterable[Mapping[str, Tensor]]],
+        split: str,
+        params: Mapping[str, Mapping[str, Tensor]],
+        rows: Mapping[str, Rows] | None = None,
     ) -> dict[str, dict[str, float]]:
-        """Score whole task splits (outside Lightning): per task, ``merged`` / ``expert`` (/ ``reference``).
+        """Score whole task splits outside Lightning: per task, ``merged`` / ``expert`` (/ ``reference``).
 
         Args:
-            data: The task data, teachers of ``split`` loaded.
-            split: ``val`` or ``test``.
+            batches: Task -> its collated batches of ``split`` (any order; each example once).
+            split: ``val`` or ``test`` (teachers of that split loaded).
             params: ``merged`` (and optionally ``reference``) merged tensors.
-            tasks: Tasks to score.
+            rows: Task -> the split's rows (needed by families that score generated text).
 
         Returns:
             Task -> metric name -> value.
         """
         metrics = self.new_metrics()
         out = {}
+        empty = Rows([], None, None)
         with torch.no_grad():
-            for task in tasks:
-                rows = data.rows(task)[split]
-                for batch in data.eval_loader(task, split):  # type: ignore[arg-type]
-                    self.eval_update(metrics[task], task, split, batch, params, rows)
-                out[task] = {
-                    k: float(m.compute()) for k, m in metrics[task].items() if k in params or k == "expert"
-                }
+            for task, task_batches in batches.items():
+                for batch in task_batches:
+                    self.eval_update(metrics[task], task, split, batch, params, (rows or {}).get(task, empty))
+                names = ["expert", *params]
+                out[task] = {name: float(metrics[task][name].compute()) for name in names}
         return out
 
     def describe(self, method: str) -> str:

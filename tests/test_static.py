@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from divmerge.errors import DivMergeError
-from divmerge.static import STATIC_METHODS, StaticMethod, static_merge, tensor_seed
+from divmerge.static import STATIC_METHODS, StaticMethod, check_method, static_merge, tensor_seed
 
 SHAPES = {
     "embeddings.word_embeddings.weight": (11, 6),
@@ -285,3 +285,66 @@ def test_bad_tensors_raise_clear_errors():
         static_merge("average", base, {**tvs, name: tvs[name][0]})
     with pytest.raises(DivMergeError, match="same number T"):
         static_merge("average", base, {**tvs, name: tvs[name][:1]})
+
+
+# --------------------------------------------------------------------------------------- check_method
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "words"),
+    [
+        ("soup", {}, r"^Unknown static merge method 'soup': use one of \['average', 'task_arithmetic', "),
+        (
+            "ties",
+            {"p": 0.5},
+            r"^Unknown option 'p' for static merge method 'ties' \(it takes no option 'p'\): use one of its "
+            r"options \['dens",
+        ),
+        (
+            "average",
+            {"lambda_": 0.3},
+            r"^Unknown option 'lambda_' for static merge method 'average' \(it takes no option 'lambda_'\): "
+            r"it takes no options at all\.$",
+        ),
+        ("ties", {"density": 1.5}, r"^TIES density must be in \(0, 1\].*got 1\.5"),
+        ("dare", {"p": 1.0}, r"^DARE drop probability p must be in \[0, 1\), got 1\.0"),
+        ("dare", {"then": "average"}, r"^DARE then='average' is not a combiner"),
+        ("task_arithmetic", {"lambda_": float("nan")}, r"^lambda_ must be a finite number, got nan"),
+    ],
+)
+def test_check_method_rejects_name_option_and_value(method, options, words):
+    with pytest.raises(DivMergeError, match=words):
+        check_method(method, options)
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("ties", {"k": 0.2}),
+        ("dare", {"p": 1.5}),
+        ("dare", {"density": 0.5}),
+        ("task_arithmetic", {"lambda": 0.3}),
+        ("soup", {}),
+    ],
+)
+def test_check_method_raises_what_static_merge_raises(method, options):
+    base, tvs = make(2)
+    with pytest.raises(DivMergeError) as merged:
+        static_merge(method, base, tvs, **options)
+    with pytest.raises(DivMergeError) as checked:
+        check_method(method, options)
+    assert str(checked.value) == str(merged.value)
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("average", {}),
+        ("task_arithmetic", {"lambda_": 0.5}),
+        ("ties", {}),
+        ("ties", {"density": 1, "lambda_": 2.0}),
+        ("dare", {"p": 0.0, "seed": 3, "then": "ties", "lambda_": 1.0, "density": 0.5}),
+    ],
+)
+def test_check_method_accepts_valid_options(method, options):
+    assert check_method(method, options) is None

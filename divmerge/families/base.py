@@ -165,7 +165,7 @@ class ModelFamily(ABC):
             task: Index into ``merged.all_tasks``.
             metrics: ``merged`` / ``expert`` / ``reference`` metrics of the task.
             batch: Collated batch (``input_ids``, ``attention_mask``, ``idx``; ``labels`` when labelled).
-            params: ``merged`` (and, when computed, ``reference``) merged tensors.
+            params: Name (``merged``, ``reference``) -> merged tensors to score; may be empty (expert only).
             teacher: The batch's rows of the task split's teacher cache (the expert's outputs).
             rows: The task split's rows (references of generated answers).
         """

@@ -118,15 +118,12 @@ class Classification(ModelFamily):
         teacher: Teacher,
         rows: Rows,
     ) -> None:
-        """Accuracy of the merged model, the expert (cached argmax) and the reference merge."""
+        """Accuracy of the expert (cached argmax) and of each merge in ``params`` (merged, reference)."""
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         labels = batch["labels"]
-        metrics["merged"].update(task_logits(merged, task, params["merged"], **inputs).argmax(-1), labels)
         metrics["expert"].update(teacher.argmax(-1).to(labels.device), labels)
-        if "reference" in params:
-            metrics["reference"].update(
-                task_logits(merged, task, params["reference"], **inputs).argmax(-1), labels
-            )
+        for name, tensors in params.items():  # "merged", and "reference" where computed
+            metrics[name].update(task_logits(merged, task, tensors, **inputs).argmax(-1), labels)
 
 
 def forward_tasks(

@@ -13,7 +13,6 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-import divmerge.zoo  # noqa: F401  (registers the zoo: scheme of the offline demo)
 from divmerge.engine import check_trainable
 from divmerge.errors import DivMergeError
 from divmerge.lightning.checkpoint_io import SafeCheckpointIO, check_checkpoint

@@ -13,22 +13,56 @@ import torch
 from torch import Tensor
 
 from divmerge.errors import DivMergeError
-from divmerge.static.common import (
-    DARE_P,
-    TA_LAMBDA,
-    TIES_DENSITY,
-    TIES_LAMBDA,
-    check_density,
-    check_lambda,
-    check_p,
-    check_seed,
-    check_tensors,
-    merged_tensor,
-)
-from divmerge.static.ties import ties_delta
+from divmerge.static.common import check_lambda, check_tensors, is_real, merged_tensor
+from divmerge.static.linear import TA_LAMBDA
+from divmerge.static.ties import TIES_DENSITY, TIES_LAMBDA, check_density, ties_delta
 
 DareThen = Literal["task_arithmetic", "ties"]
 DARE_THEN: tuple[str, ...] = ("task_arithmetic", "ties")
+DARE_P = 0.5  # See `dare`: a middle drop rate; Yu et al.'s p = 0.9 is for large LLMs.
+
+DARE_REFERENCE = (
+    "Yu et al., 'Language Models are Super Mario: Absorbing Abilities from Homologous Models as a "
+    "Free Lunch', ICML 2024."
+)
+
+
+def check_p(p: object) -> float:
+    """Return ``p`` as a float, or raise if it is not in [0, 1).
+
+    Args:
+        p: The DARE drop probability.
+
+    Returns:
+        ``float(p)``.
+
+    Raises:
+        DivMergeError: If ``p`` is not a number in [0, 1).
+
+    """
+    if not is_real(p) or not 0.0 <= float(p) < 1.0:
+        raise DivMergeError(
+            f"DARE drop probability p must be in [0, 1), got {p!r}: pass e.g. p={DARE_P} (p=0 drops nothing)."
+        )
+    return float(p)
+
+
+def check_seed(seed: object) -> int:
+    """Return ``seed`` as an int, or raise if it is not an integer.
+
+    Args:
+        seed: The DARE base seed.
+
+    Returns:
+        ``seed``.
+
+    Raises:
+        DivMergeError: If ``seed`` is not an int (bools excluded).
+
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise DivMergeError(f"DARE seed must be an integer, got {seed!r}: pass e.g. seed=0.")
+    return seed
 
 
 def tensor_seed(seed: int, name: str) -> int:

@@ -12,7 +12,15 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from divmerge.static.common import TA_LAMBDA, check_lambda, check_tensors, merged_tensor
+from divmerge.static.common import check_lambda, check_tensors, merged_tensor
+
+TA_LAMBDA = 0.3  # Ilharco et al. 2023 pick lambda on validation data; 0.3 is their usual optimum.
+
+AVERAGE_REFERENCE = (
+    "Wortsman et al., 'Model soups: averaging weights of multiple fine-tuned models improves "
+    "accuracy without increasing inference time', ICML 2022."
+)
+TASK_ARITHMETIC_REFERENCE = "Ilharco et al., 'Editing Models with Task Arithmetic', ICLR 2023."
 
 
 def average(base: Mapping[str, Tensor], task_vectors: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -1,7 +1,7 @@
-"""The static-merge registry: one entry per method, and the one place method options are validated.
+"""The static-merge registry: one entry per method, and the one place method names and options are checked.
 
-Adding a static method is one file in this package plus one entry in ``STATIC_METHODS``.
-Use ``static_merge(method, base, task_vectors, **options)``.
+Adding a static method is one file in this package plus one line in ``STATIC_METHODS``.
+Use ``static_merge(method, base, task_vectors, **options)``; ``STATIC_METHODS`` lists the methods.
 """
 
 from collections.abc import Callable, Mapping
@@ -10,14 +10,17 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from divmerge.errors import DivMergeError
-from divmerge.static.dare import dare
-from divmerge.static.linear import average, task_arithmetic
-from divmerge.static.ties import ties
+from divmerge.static.dare import DARE_REFERENCE, dare
+from divmerge.static.linear import AVERAGE_REFERENCE, TASK_ARITHMETIC_REFERENCE, average, task_arithmetic
+from divmerge.static.ties import TIES_REFERENCE, ties
 
 
 @dataclass(frozen=True)
 class StaticMethod:
     """A registered static merge method.
+
+    ``fn`` validates its option values before it touches a tensor (``fn({}, {}, **options)`` merges
+    nothing and checks the options alone), which is how ``check_method`` checks values.
 
     Attributes:
         name: Registry key (``static_merge``'s ``method``).
@@ -36,46 +39,19 @@ class StaticMethod:
 STATIC_METHODS: dict[str, StaticMethod] = {
     m.name: m
     for m in (
-        StaticMethod(
-            "average",
-            average,
-            "Wortsman et al., 'Model soups: averaging weights of multiple fine-tuned models improves "
-            "accuracy without increasing inference time', ICML 2022.",
-            (),
-        ),
-        StaticMethod(
-            "task_arithmetic",
-            task_arithmetic,
-            "Ilharco et al., 'Editing Models with Task Arithmetic', ICLR 2023.",
-            ("lambda_",),
-        ),
-        StaticMethod(
-            "ties",
-            ties,
-            "Yadav et al., 'TIES-Merging: Resolving Interference When Merging Models', NeurIPS 2023.",
-            ("density", "lambda_"),
-        ),
-        StaticMethod(
-            "dare",
-            dare,
-            "Yu et al., 'Language Models are Super Mario: Absorbing Abilities from Homologous Models as a "
-            "Free Lunch', ICML 2024.",
-            ("p", "seed", "then", "lambda_", "density"),
-        ),
+        StaticMethod("average", average, AVERAGE_REFERENCE, ()),
+        StaticMethod("task_arithmetic", task_arithmetic, TASK_ARITHMETIC_REFERENCE, ("lambda_",)),
+        StaticMethod("ties", ties, TIES_REFERENCE, ("density", "lambda_")),
+        StaticMethod("dare", dare, DARE_REFERENCE, ("p", "seed", "then", "lambda_", "density")),
     )
 }
 
 
-def check_method(method: str, options: Mapping[str, object]) -> None:
-    """Validate a static method's name, option names and option values, without merging.
-
-    Args:
-        method: A key of ``STATIC_METHODS``.
-        options: The method's options.
-    """
-    if method not in STATIC_METHODS:
-        raise DivMergeError(f"Unknown static merge method {method!r}: use one of {list(STATIC_METHODS)}.")
-    spec = STATIC_METHODS[method]
+def _lookup(name: str, options: Mapping[str, object]) -> StaticMethod:
+    """The registered method ``name``, after checking that it exists and takes every option named."""
+    if name not in STATIC_METHODS:
+        raise DivMergeError(f"Unknown static merge method {name!r}: use one of {list(STATIC_METHODS)}.")
+    spec = STATIC_METHODS[name]
     unknown = sorted(set(options) - set(spec.options))
     if unknown:
         hint = "; lambda is spelled lambda_" if "lambda" in unknown else ""
@@ -83,10 +59,26 @@ def check_method(method: str, options: Mapping[str, object]) -> None:
             f"use one of its options {list(spec.options)}" if spec.options else "it takes no options at all"
         )
         raise DivMergeError(
-            f"Unknown option {unknown[0]!r} for static merge method {method!r} (it takes no option "
+            f"Unknown option {unknown[0]!r} for static merge method {name!r} (it takes no option "
             f"{unknown[0]!r}{hint}): {valid}."
         )
-    spec.fn({}, {}, **options)  # no tensors: only the option values are checked
+    return spec
+
+
+def check_method(name: str, options: Mapping[str, object]) -> None:
+    """Validate a static method's name, option names and option values, without merging.
+
+    The checks and messages are ``static_merge``'s, so a config can be checked before any model loads.
+
+    Args:
+        name: A key of ``STATIC_METHODS``.
+        options: The method's options (see ``STATIC_METHODS[name].options``).
+
+    Raises:
+        DivMergeError: On an unknown method, an option the method does not take, or a bad option value.
+
+    """
+    _lookup(name, options).fn({}, {}, **options)  # no tensors: only the option values are checked
 
 
 def static_merge(
@@ -103,6 +95,8 @@ def static_merge(
     Returns:
         Merged tensors (theta_0 + merged task vector), same names and shapes as ``base``.
 
+    Raises:
+        DivMergeError: As ``check_method``, or on mismatched tensors.
+
     """
-    check_method(method, options)
-    return STATIC_METHODS[method].fn(base, task_vectors, **options)
+    return _lookup(method, options).fn(base, task_vectors, **options)

@@ -13,16 +13,35 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from divmerge.static.common import (
-    TIES_DENSITY,
-    TIES_LAMBDA,
-    check_density,
-    check_lambda,
-    check_tensors,
-    merged_tensor,
-)
+from divmerge.errors import DivMergeError
+from divmerge.static.common import check_lambda, check_tensors, is_real, merged_tensor
 
 CHUNK = 1 << 18  # entries per column block of TIES' per-entry steps (T x CHUNK floats a temporary)
+TIES_LAMBDA = 1.0  # Yadav et al. 2023: lambda = 1 is the recommended setting with the disjoint mean.
+TIES_DENSITY = 0.2  # Yadav et al. 2023: keep the top-20% magnitudes of each task vector.
+
+TIES_REFERENCE = "Yadav et al., 'TIES-Merging: Resolving Interference When Merging Models', NeurIPS 2023."
+
+
+def check_density(density: object) -> float:
+    """Return ``density`` as a float, or raise if it is not in (0, 1].
+
+    Args:
+        density: The TIES trim density (also DARE's, with ``then="ties"``).
+
+    Returns:
+        ``float(density)``.
+
+    Raises:
+        DivMergeError: If ``density`` is not a number in (0, 1].
+
+    """
+    if not is_real(density) or not 0.0 < float(density) <= 1.0:
+        raise DivMergeError(
+            f"TIES density must be in (0, 1] (the fraction of each task vector kept), got {density!r}: "
+            f"pass e.g. density={TIES_DENSITY}."
+        )
+    return float(density)
 
 
 def _trim_thresholds(flat: Tensor, density: float) -> Tensor | None:
