@@ -11,7 +11,7 @@ import yaml
 import train
 from divmerge.engine import Merger
 from divmerge.families.classification import task_logits
-from tests.tiny import cpu_trainer, make_expert
+from tests.tiny import SimulatedKillError, cpu_trainer, make_expert
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -318,3 +318,47 @@ def test_held_out_task_is_reported_apart(tmp_path, tiny, capsys):
     report = json.loads(next((tmp_path / "run").rglob("report_test.json")).read_text())
     assert report["tasks"][1]["held_out"] and report["held_out_anp"] == report["held_out_anp"]  # finite
     assert report["anp"] == report["tasks"][0]["normalised"]  # ANP covers the held-in task only
+
+
+def test_help_lists_every_registered_name(capsys):
+    """--help names every objective, static merge method and coefficient space (the registries' keys)."""
+    from divmerge.core.coefficients import SPACES
+    from divmerge.objectives import OBJECTIVES
+    from divmerge.static import STATIC_METHODS
+
+    with pytest.raises(SystemExit):
+        train.main(["fit", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # unwrap
+    for name in [*OBJECTIVES, *STATIC_METHODS, *SPACES]:
+        assert f"``{name}``" in out or f"{{{name}," in out or f",{name}}}" in out or f",{name}," in out, name
+
+
+@pytest.mark.parametrize("kill_after", [5, 6, 7])  # checkpoints at steps 4, 5 (mid-epoch) and 6 (epoch end)
+def test_resume_from_a_mid_epoch_checkpoint_is_exact(tmp_path, tiny, kill_after):
+    """Kill at any step, resume with --ckpt_path last: the uninterrupted run's coefficients and Adam state."""
+
+    def config(root: Path) -> str:
+        root.mkdir()
+        path = Path(write_config(root, tiny, epochs=4))
+        cfg = yaml.safe_load(path.read_text())
+        cfg["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 1
+        cfg["data"]["tasks"][1]["num_unlabelled"] = 8  # 2 batches against 3: the shorter task cycles
+        path.write_text(yaml.safe_dump(cfg))
+        return str(path)
+
+    straight, split = config(tmp_path / "straight"), config(tmp_path / "split")
+    train.main(["fit", "--config", straight])
+    crash = f'{{"class_path": "tests.tiny.CrashAtStep", "init_args": {{"step": {kill_after}}}}}'
+    with pytest.raises(SimulatedKillError):
+        train.main(["fit", "--config", split, "--trainer.callbacks+", crash])
+    last = tmp_path / "split" / "run" / "ckpt" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == kill_after - 1
+    train.main(["fit", "--config", split, "--ckpt_path", "last"])
+    want = torch.load(tmp_path / "straight" / "run" / "ckpt" / "last.ckpt", weights_only=True)
+    got = torch.load(last, weights_only=True)
+    assert got["global_step"] == want["global_step"] == 12
+    key = "merged.coefficients.weight"
+    assert (got["state_dict"][key] - want["state_dict"][key]).abs().max() < 1e-6
+    for name in ("exp_avg", "exp_avg_sq"):
+        ours, theirs = (s["optimizer_states"][0]["state"][0][name] for s in (got, want))
+        assert (ours - theirs).abs().max() < 1e-6, name

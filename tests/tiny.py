@@ -130,3 +130,18 @@ class StopAfterEpochs(Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if trainer.current_epoch + 1 >= self.epochs:
             trainer.should_stop = True
+
+
+class SimulatedKillError(RuntimeError):
+    """Raised by CrashAtStep: the process 'dies' after a training step, before that step's checkpoint."""
+
+
+class CrashAtStep(Callback):
+    """Simulates kill -9 right after optimizer step ``step`` (checkpoint callbacks run after this one)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise SimulatedKillError(f"killed after step {self.step}")

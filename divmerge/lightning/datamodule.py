@@ -4,14 +4,14 @@ from functools import cached_property
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.utilities import CombinedLoader
 from torch import Tensor
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from divmerge.data import SPLITS, Rows, Split, TaskDataset, TaskSpec, check_task, load_rows, split_rows
 from divmerge.errors import DivMergeError
 from divmerge.experts.sources import resolve_source
+from divmerge.lightning.resumable import ResumableTaskBatches
 
 
 class MergeDataModule(L.LightningDataModule):
@@ -132,26 +132,30 @@ class MergeDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
         )
 
-    def train_dataloader(self) -> CombinedLoader:
-        """Per step: ``batch_size_per_task`` unlabelled inputs of every task, as {task: batch}."""
+    def train_dataloader(self) -> ResumableTaskBatches:
+        """Per step: ``batch_size_per_task`` unlabelled inputs of every task, as {task: batch}.
+
+        Resumable at any step (``divmerge.lightning.resumable``): a mid-epoch checkpoint continues with
+        exactly the batches an uninterrupted run draws.
+        """
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        loaders = {}
-        for i, task in enumerate(self.task_names):
-            ds = self.dataset(task, "unlabelled")
-            # The order depends only on (seed, epoch), so a resumed run replays it; under DDP rank r takes
-            # every world-th index, so the ranks' batches together equal the one-process batch of
-            # batch_size_per_task x world inputs. Lightning keeps a DistributedSampler and calls set_epoch.
-            sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=self.seed + i)
-            loaders[task] = DataLoader(
-                ds,
-                batch_size=self.batch_size_per_task,
-                sampler=sampler,
-                collate_fn=self.collate,
-                num_workers=self.num_workers,
-                drop_last=False,
-            )
-        return CombinedLoader(loaders, mode="max_size_cycle")
+
+        def resume_at() -> int:  # steps already done in this epoch: > 0 only when resuming mid-epoch
+            if trainer is None or not trainer.fit_loop.restarting:
+                return 0
+            return trainer.fit_loop.epoch_loop.batch_progress.current.completed
+
+        return ResumableTaskBatches(
+            {task: self.dataset(task, "unlabelled") for task in self.task_names},
+            self.batch_size_per_task,
+            self.collate,
+            world,
+            rank,
+            self.seed,
+            resume_at,
+            self.num_workers,
+        )
 
     def eval_tasks(self, split: Split) -> list[str]:
         """Tasks with labelled examples in ``split``; position i is evaluation dataloader_idx i."""
