@@ -352,7 +352,9 @@ class Merger:
         for (task, split), path in paths.items():
             if len(data.dataset(task, split)):  # type: ignore[arg-type]
                 _, new = get_or_compute(
-                    path, lambda task=task, split=split: self.compute_teacher(data, task, split, device)
+                    path,
+                    lambda task=task, split=split: self.compute_teacher(data, task, split, device),
+                    len(data.dataset(task, split)),  # type: ignore[arg-type]
                 )
                 if new:
                     built.append((task, split, path))
@@ -362,7 +364,7 @@ class Merger:
         """Read the cached teachers of ``paths`` (every rank), refusing a cache this rank cannot see."""
         for key, path in paths.items():
             if len(data.dataset(*key)):  # type: ignore[arg-type]
-                cached = load_cached(path)
+                cached = load_cached(path, len(data.dataset(*key)))  # type: ignore[arg-type]
                 if cached is None:
                     raise DivMergeError(
                         f"Teacher cache {path} is missing on this rank: use a shared cache_dir."

@@ -4,8 +4,14 @@ Expert outputs never change during a merge, so they are computed before training
 keyed by (expert digest, data digest) and reloaded by later runs; a training step then costs one
 forward+backward of the merged model. The expert forward is the merged model with one-hot
 coefficients, which reproduces the expert exactly, so experts are never loaded twice.
+
+Each file holds the outputs and a SHA-256 of their bytes, checked on every read, with the number of
+rows expected: a file that was truncated, replaced or edited is rebuilt, never used. Files are
+loaded as data only (``weights_only=True``) and written with the user's umask, so a team can share
+one cache directory.
 """
 
+import hashlib
 import logging
 import os
 import tempfile
@@ -18,7 +24,7 @@ from torch import Tensor
 from divmerge.errors import DivMergeError
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: outputs stored with their SHA-256
 
 
 def cache_path(cache_dir: str | Path, task: str, split: str, expert_digest: str, data_digest: str) -> Path:
@@ -66,44 +72,93 @@ def compute_logprobs(
     return out
 
 
-def save_atomic(tensor: Tensor, path: Path) -> None:
-    """Write a tensor so that the final path never holds a partial file."""
+def content_digest(value: Tensor | Mapping[str, Tensor]) -> str:
+    """SHA-256 of a tensor's (or a dict of tensors') shape, dtype and bytes."""
+    h = hashlib.sha256()
+    items = sorted(value.items()) if isinstance(value, Mapping) else [("", value)]
+    for key, tensor in items:
+        tensor = tensor.detach().cpu().contiguous()
+        h.update(f"{key}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        h.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return h.hexdigest()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save_atomic(value: Tensor | Mapping[str, Tensor], path: Path) -> None:
+    """Write cached outputs with their digest so that the final path never holds a partial file.
+
+    Args:
+        value: A tensor, or a dict of tensors.
+        path: The cache file; created with the user's umask (shared caches stay readable).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
     try:
-        torch.save(tensor, tmp)
+        torch.save({"outputs": value, "sha256": content_digest(value)}, tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def load_cached(path: Path) -> Tensor | None:
-    """Load a cached tensor; None when absent or unreadable (it is then rebuilt)."""
+def _rows(value: Tensor | Mapping[str, Tensor]) -> int:
+    return len(value) if isinstance(value, Tensor) else len(next(iter(value.values())))
+
+
+def load_cached(path: Path, rows: int | None = None) -> Tensor | dict[str, Tensor] | None:
+    """Load cached outputs; None when absent, unreadable, altered or of the wrong size (then rebuilt).
+
+    Args:
+        path: The cache file.
+        rows: Number of examples the outputs must cover (None: not checked).
+
+    Returns:
+        The outputs, or None.
+    """
     if not path.is_file():
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        value = stored["outputs"]
+        intact = stored["sha256"] == content_digest(value)
     except Exception:  # a corrupt cache file is rebuilt, not fatal
         log.warning("Teacher cache file %s is unreadable; rebuilding it.", path)
         return None
+    if not intact:
+        log.warning("Teacher cache file %s does not match its digest (altered); rebuilding it.", path)
+        return None
+    if rows is not None and _rows(value) != rows:
+        log.warning(
+            "Teacher cache file %s covers %d examples, not %d; rebuilding it.", path, _rows(value), rows
+        )
+        return None
+    return value
 
 
-def get_or_compute(path: Path, compute: Callable[[], Tensor]) -> tuple[Tensor, bool]:
-    """Return the cached tensor at ``path``, computing and storing it first if needed.
+def get_or_compute(
+    path: Path, compute: Callable[[], Tensor | dict[str, Tensor]], rows: int | None = None
+) -> tuple[Tensor | dict[str, Tensor], bool]:
+    """Return the cached outputs at ``path``, computing and storing them first if needed.
 
     Args:
         path: Cache file.
-        compute: Builds the tensor.
+        compute: Builds the outputs.
+        rows: Number of examples the outputs must cover (None: not checked).
 
     Returns:
-        (tensor, whether it was computed now).
+        (outputs, whether they were computed now).
 
     """
-    cached = load_cached(path)
+    cached = load_cached(path, rows)
     if cached is not None:
         return cached, False
-    tensor = compute()
-    save_atomic(tensor, path)
-    return tensor, True
+    value = compute()
+    save_atomic(value, path)
+    return value, True
