@@ -1,4 +1,4 @@
-"""The teacher cache: a file that was altered, truncated or resized is rebuilt; shared caches stay readable."""
+"""The teacher cache: altered, truncated or resized files are rebuilt; shared caches stay readable."""
 
 import os
 import stat
