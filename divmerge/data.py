@@ -5,6 +5,7 @@ unlabelled parts. Labels are only read for val and test: merging never sees a la
 """
 
 import hashlib
+import logging
 import string
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from torch.utils.data import Dataset
 from divmerge.errors import DivMergeError
 
 Split = Literal["unlabelled", "val", "test"]
+log = logging.getLogger(__name__)
 SPLITS: tuple[str, ...] = ("unlabelled", "val", "test")
 _READERS = {
     ".csv": pd.read_csv,
@@ -168,9 +170,20 @@ def _read_table(spec: TaskSpec) -> pd.DataFrame:
                 f"Task {spec.name!r}: cannot read {path.suffix!r} files; use one of {sorted(_READERS)}."
             )
         try:
-            return reader(path)
+            table = reader(path)
         except (ValueError, OSError, pd.errors.ParserError) as err:
-            raise DivMergeError(f"Task {spec.name!r}: could not parse {spec.source!r} ({err}).") from err
+            hint = ""
+            if path.suffix.lower() == ".json" and "Trailing data" in str(err):
+                hint = "; it looks like JSON lines (one object per line): name it .jsonl"
+            raise DivMergeError(
+                f"Task {spec.name!r}: could not parse {spec.source!r} ({err}){hint}."
+            ) from err
+        if path.suffix.lower() == ".csv" and len(table.columns) == 1 and "\t" in str(table.columns[0]):
+            raise DivMergeError(
+                f"Task {spec.name!r}: {spec.source!r} reads as one column {str(table.columns[0])!r}: it "
+                "looks tab-separated; name it .tsv."
+            )
+        return table
     import datasets
 
     try:
@@ -184,6 +197,20 @@ def _read_table(spec: TaskSpec) -> pd.DataFrame:
 
 def _labels(spec: TaskSpec, column: pd.Series) -> tuple[list[int], tuple[str, ...] | None]:
     names = tuple(spec.label_names) if spec.label_names else None
+    missing = int(column.isna().sum())
+    if missing:
+        raise DivMergeError(
+            f"Task {spec.name!r}: {missing} of {len(column)} rows have no label in {spec.label_column!r}: "
+            "fill them in, or drop those rows from the file."
+        )
+    if pd.api.types.is_float_dtype(column):
+        if not (column == column.round()).all():
+            bad = sorted({float(v) for v in column if v != round(v)})[:5]
+            raise DivMergeError(
+                f"Task {spec.name!r}: labels in {spec.label_column!r} must be class ids 0..C-1 (or class "
+                f"names with label_names), got fractional values {bad}."
+            )
+        column = column.astype(int)
     if pd.api.types.is_integer_dtype(column):
         return column.astype(int).tolist(), names
     if names is None:
@@ -219,7 +246,16 @@ def load_rows(spec: TaskSpec) -> Rows:
             f"Task {spec.name!r}: text column {spec.text_column!r} is not in {spec.source!r} "
             f"(columns: {list(table.columns)}); set text_column."
         )
+    empty = int(table[spec.text_column].isna().sum())
     table = table[table[spec.text_column].notna()]
+    if empty:
+        log.warning(
+            "divmerge: task %r: dropped %d of %d rows with no text in %r.",
+            spec.name,
+            empty,
+            empty + len(table),
+            spec.text_column,
+        )
     if table.empty:
         raise DivMergeError(
             f"Task {spec.name!r} has no examples in {spec.source!r}; point it to data with rows."

@@ -9,6 +9,8 @@ Every caller uses it: the LightningModule (``divmerge.lightning.module``), expor
 with expert outputs read from the teacher cache, computed once per task split.
 """
 
+import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -57,6 +59,24 @@ def check_method(name: str, options: Mapping[str, Any], learned_ok: bool = True)
     static.check_method(name, options)
 
 
+def check_writable_dir(path: Path, what: str) -> None:
+    """Refuse a directory that cannot be created or written (a file in the way, no permission).
+
+    Args:
+        path: The directory (it need not exist yet).
+        what: How to name it in the error, e.g. ``"model.cache_dir"``.
+    """
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is None:
+        return
+    if not existing.is_dir():
+        raise DivMergeError(f"{what} {str(path)!r} is under {str(existing)!r}, a file: choose a directory.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DivMergeError(
+            f"{what} {str(path)!r} is not writable ({str(existing)!r}): choose a writable directory."
+        )
+
+
 def check_trainable(method: str) -> None:
     """Refuse ``fit`` for a static merge, which has nothing to learn."""
     if method != LEARNED:
@@ -70,6 +90,7 @@ class TaskData(Protocol):
     """What the engine reads of the data (``divmerge.lightning.datamodule.MergeDataModule`` has it)."""
 
     tasks: list[TaskSpec]
+    max_length: int
 
     @property
     def task_names(self) -> list[str]:
@@ -134,6 +155,8 @@ class Merger:
         if not experts:
             raise DivMergeError("No experts given: list them under model.experts as `task_name: path`.")
         get_space(granularity)
+        if init is not None and not math.isfinite(init):
+            raise DivMergeError(f"model.init is {init}: give a finite number, or leave it unset for 1/T.")
         if backbone_pass not in ("per_task", "joint"):
             raise DivMergeError(f"backbone_pass must be 'per_task' or 'joint', not {backbone_pass!r}.")
         self.base = base
@@ -150,6 +173,7 @@ class Merger:
         self.backbone_pass = backbone_pass
         self.family_options = dict(family_options or {})
         self.cache_dir = str(cache_dir or default_cache_dir())
+        check_writable_dir(Path(self.cache_dir), "model.cache_dir (the teacher cache)")
         self.merged: MergedModel | None = None
         self.expert_set: ExpertSet | None = None
         self.family: ModelFamily | None = None
@@ -292,6 +316,12 @@ class Merger:
         self.build()
         assert self.family is not None
         self.family.check_tasks(data.tasks, self.backbone_pass)
+        positions = getattr(self.merged.skeleton(0).config, "max_position_embeddings", None)
+        if positions is not None and data.max_length > positions:
+            raise DivMergeError(
+                f"data.max_length is {data.max_length} but the experts read at most {positions} tokens "
+                f"(max_position_embeddings): set data.max_length to {positions} or less."
+            )
         self.family.bind(data.tokenizer, self.num_labels[self.task_names[0]])
         for task in self.all_tasks:
             names = data.label_names(task)

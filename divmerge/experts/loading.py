@@ -31,6 +31,7 @@ class ExpertKind(Protocol):
         expert_class: transformers auto class of a full expert.
         adapter_task_type: peft task type of its adapter experts.
         digest_tag: Tag of a merged expert in the fingerprint (kept stable: checkpoints record it).
+        complete_experts: Refuse a full expert that lacks some of its weights (e.g. no trained head).
     """
 
     name: str
@@ -38,6 +39,7 @@ class ExpertKind(Protocol):
     expert_class: type
     adapter_task_type: AdapterTaskType
     digest_tag: str
+    complete_experts: bool
 
     def check_sources(self, base: str, experts: Mapping[str, str], held_out: Mapping[str, str]) -> None:
         """Refuse sources this family cannot merge, before anything heavy is loaded."""
@@ -111,7 +113,10 @@ def load_expert_set(
                 task, paths[task], resolve_source(base), base, base_model, kind.adapter_task_type
             )
         else:
-            model, factors = load_pretrained(kind.expert_class, sources[task], f"expert {task!r}"), {}
+            model = load_pretrained(
+                kind.expert_class, sources[task], f"expert {task!r}", kind.complete_experts
+            )
+            factors = {}
         if model.config.model_type != base_type:
             raise DivMergeError(
                 f"Expert {task!r} is a {model.config.model_type!r} model but the base is {base_type!r}: "

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import PreTrainedModel
 
 from divmerge.errors import DivMergeError, first_line
@@ -79,23 +80,40 @@ def resolve_source(source: str, build: bool = False) -> str:
     return source  # a hub id
 
 
-def load_pretrained(loader: type, source: str, what: str) -> PreTrainedModel:
+def load_pretrained(loader: type, source: str, what: str, complete: bool = False) -> PreTrainedModel:
     """Load a model in float32 with one clear error instead of transformers' tracebacks.
 
     Args:
         loader: A transformers auto class (``AutoModel``, ``AutoModelForCausalLM``, ...).
         source: Its source (see :func:`resolve_source`).
         what: How to name it in an error, e.g. ``"expert 'rt'"``.
+        complete: Refuse a checkpoint that lacks some of the model's weights (transformers would
+            initialise them at random, e.g. the classifier of a base model given as an expert).
 
     Returns:
         The loaded model.
     """
     try:
-        return loader.from_pretrained(resolve_source(source), dtype=torch.float32)
+        model, info = loader.from_pretrained(
+            resolve_source(source), dtype=torch.float32, output_loading_info=True
+        )
     except DivMergeError:
         raise
+    except SafetensorError as err:
+        raise DivMergeError(
+            f"Could not load {what} from {source!r}: a weights file is truncated or corrupt "
+            f"({first_line(err)}); save or copy that model again."
+        ) from err
     except (OSError, ValueError, KeyError) as err:
         raise DivMergeError(
             f"Could not load {what} from {source!r} ({first_line(err)}): give a local model directory, or a "
             "hub id with network access (unset HF_HUB_OFFLINE)."
         ) from err
+    missing = sorted(info.get("missing_keys") or [])
+    if complete and missing:
+        raise DivMergeError(
+            f"{what.capitalize()} at {source!r} lacks trained weights {missing[:3]}: transformers would "
+            "initialise them at random (was the base model, or a model of another task, given as this "
+            "expert?); point to the fine-tuned model."
+        )
+    return model

@@ -78,6 +78,9 @@ def read_export_info(export_dir: str | Path) -> dict[str, Any]:
 
 def check_target(out: Path, overwrite: bool, base_source: str, summary: Mapping[str, Any]) -> None:
     """Refuse a non-empty target without ``overwrite``, and targets whose removal would destroy inputs."""
+    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise DivMergeError(f"--out_dir {str(out)!r} is under {str(blocker)!r}, a file: choose a directory.")
     if not out.exists():
         return
     if not out.is_dir():

@@ -32,6 +32,7 @@ class ModelFamily(ABC):
         base_class / expert_class: transformers auto classes of the base and of a full expert.
         adapter_task_type: peft task type of its adapter experts.
         digest_tag: Tag of a merged expert in the fingerprint (stable: checkpoints record it).
+        complete_experts: Refuse a full expert that lacks some of its weights (e.g. no trained head).
     """
 
     name: ClassVar[str]
@@ -40,6 +41,7 @@ class ModelFamily(ABC):
     expert_class: ClassVar[type]
     adapter_task_type: ClassVar[AdapterTaskType]
     digest_tag: ClassVar[str]
+    complete_experts: ClassVar[bool] = False
 
     tokenizer: PreTrainedTokenizerBase | None = None
 

@@ -39,6 +39,7 @@ class Classification(ModelFamily):
     expert_class: ClassVar[type] = AutoModelForSequenceClassification
     adapter_task_type = "SEQ_CLS"
     digest_tag: ClassVar[str] = "merged"
+    complete_experts: ClassVar[bool] = True  # a missing head would be random
 
     @staticmethod
     def detect(source: str) -> bool:

@@ -44,6 +44,10 @@ class SafeCheckpointIO(TorchCheckpointIO):
         Returns:
             The checkpoint dictionary.
         """
+        if Path(path).is_dir():
+            raise DivMergeError(
+                f"Checkpoint {str(path)!r} is a directory: pass the .ckpt file inside it (e.g. last.ckpt)."
+            )
         if not Path(path).is_file():
             raise DivMergeError(f"Checkpoint {str(path)!r} does not exist: check --ckpt_path.")
         try:

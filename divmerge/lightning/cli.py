@@ -5,20 +5,23 @@ demo (configs/demo4.yaml) runs: it builds four MiniLM experts on first use, lear
 coefficients and prints the per-task accuracy table.
 """
 
+import os
 import sys
 from pathlib import Path
 
 import transformers
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from divmerge.engine import check_trainable
-from divmerge.errors import DivMergeError
+from divmerge.errors import DivMergeError, first_line
 from divmerge.lightning.checkpoint_io import SafeCheckpointIO, check_checkpoint
 from divmerge.lightning.datamodule import MergeDataModule
 from divmerge.lightning.export_command import parse_export_args, run_export
 from divmerge.lightning.module import DivMergeModule
+from divmerge.lightning.run_dir import guarded
 from divmerge.lightning.timing import PhaseTimer
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo4.yaml"
@@ -67,12 +70,26 @@ class DivMergeCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         """Build the Trainer with a phase timer; atomic checkpoint writes unless a CheckpointIO is set."""
-        trainer = super().instantiate_trainer(**kwargs)
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except (ValueError, MisconfigurationException) as err:
+            raise DivMergeError(
+                f"Invalid trainer setting: {first_line(err)} Fix it under trainer: in the config."
+            ) from err
         self.timer = PhaseTimer()
         trainer.callbacks.append(self.timer)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = SafeCheckpointIO()
         return trainer
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run with the checkpoint directory locked (fit), removing what a bad-input failure created."""
+        dirs = [Path(cb.dirpath) for cb in self.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+        outputs = [*dirs, *([Path(self.trainer.log_dir)] if self.trainer.log_dir else [])]
+        rank0 = int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
+        lock_dir = (dirs[0] if dirs else None) if subcommand == "fit" and rank0 else None
+        with guarded(outputs if rank0 else [], lock_dir):
+            super()._run_subcommand(subcommand)
 
     def after_fit(self) -> None:
         """Report the learned merge on the test split (per-task table + ANP)."""

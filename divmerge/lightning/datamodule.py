@@ -51,6 +51,14 @@ class MergeDataModule(L.LightningDataModule):
             raise DivMergeError(f"Task names must be unique, got {names}.")
         for spec in tasks:
             check_task(spec)
+        for name, value, low in (
+            ("max_length", max_length, 1),
+            ("batch_size_per_task", batch_size_per_task, 1),
+            ("eval_batch_size", eval_batch_size, 1),
+            ("num_workers", num_workers, 0),
+        ):
+            if value < low:
+                raise DivMergeError(f"data.{name} is {value}: it must be at least {low}.")
         self.tasks = list(tasks)
         self.tokenizer_source = tokenizer
         self.max_length = max_length

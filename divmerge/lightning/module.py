@@ -5,6 +5,7 @@ training_step = sum over tasks t of mean_{x in batch_t} D(expert_t(.|x) || merge
 """
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -107,6 +108,8 @@ class DivMergeModule(L.LightningModule):
                 f"max_new_tokens ({max_new_tokens}) and teacher_top_k ({teacher_top_k}) must be at least 1 "
                 "(leave teacher_top_k unset for full distributions)."
             )
+        if not (math.isfinite(lr) and lr > 0):
+            raise DivMergeError(f"model.lr is {lr}: the learning rate must be a positive number, e.g. 0.02.")
         self.engine = Merger(
             base,
             experts,
@@ -187,6 +190,12 @@ class DivMergeModule(L.LightningModule):
                 f"{meta['fingerprint']}) than the configured one (tasks {self.task_names}, fingerprint "
                 f"{self.fingerprint}): resume with the experts it was made with, or start a fresh run "
                 "without --ckpt_path."
+            )
+        theirs, ours = meta.get("granularity"), self.hparams.granularity
+        if theirs != ours or meta.get("tensor_names") != self.build().names:
+            raise DivMergeError(
+                f"The checkpoint holds {theirs}-wise coefficients but the config asks for {ours}-wise ones: "
+                f"set model.granularity: {theirs} to use it, or start a fresh run without --ckpt_path."
             )
 
     def _datamodule(self) -> MergeDataModule:
