@@ -1,4 +1,5 @@
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -229,3 +230,16 @@ def test_coefficient_stats():
     stats = coefficient_stats(table, ["a", "b"])
     assert stats["a"] == pytest.approx({"mean": 1.0, "min": 0.0, "max": 2.0, "std": (2 / 3) ** 0.5})
     assert stats["b"] == pytest.approx({"mean": 1.0, "min": 1.0, "max": 1.0, "std": 0.0})
+
+
+def test_a_killed_exports_temporary_directory_is_cleaned_up(tmp_path):
+    from divmerge.export.common import atomic_dir
+
+    out = tmp_path / "out"
+    dead = tmp_path / ".out.tmp-999999999-deadbeef"  # a killed export's leftovers
+    live = tmp_path / f".out.tmp-{os.getpid()}-cafecafe"  # an export still running
+    dead.mkdir()
+    live.mkdir()
+    with atomic_dir(out) as tmp:
+        (tmp / "x").write_text("1")
+    assert (out / "x").is_file() and not dead.exists() and live.exists()

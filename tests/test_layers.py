@@ -10,6 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "divmerge"
 LAYERS = {
     "divmerge.errors": 0,
     "divmerge.quiet": 0,
+    "divmerge.pids": 0,
     "divmerge.objectives": 0,
     "divmerge.core": 1,
     "divmerge.static": 2,

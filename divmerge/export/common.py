@@ -16,6 +16,7 @@ from typing import Any
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
 from divmerge.errors import DivMergeError, first_line
+from divmerge.pids import pid_alive
 
 EXPORT_FILE = "divmerge_export.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -38,7 +39,11 @@ def atomic_dir(out: Path) -> Iterator[Path]:
 
     """
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    for stale in out.parent.glob(f".{out.name}.tmp-*-*"):  # left by a killed export
+        pid = stale.name.rsplit(".tmp-", 1)[1].split("-")[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()  # not mkdtemp: that makes it private (0o700), while an export should follow the umask
     try:
         yield tmp

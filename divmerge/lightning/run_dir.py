@@ -14,18 +14,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from divmerge.errors import DivMergeError
+from divmerge.pids import pid_alive
 
 LOCK_FILE = ".divmerge.lock"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
 
 
 def _topmost_new(path: Path) -> Path | None:
@@ -70,7 +61,7 @@ def _take(directory: Path) -> Path:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             pid, _, host = lock.read_text().partition(" ")
-            if host.strip() != socket.gethostname() or (pid.isdigit() and _alive(int(pid))):
+            if host.strip() != socket.gethostname() or (pid.isdigit() and pid_alive(int(pid))):
                 raise DivMergeError(
                     f"Another divmerge run (pid {pid} on {host.strip() or '?'}) is using {str(directory)!r}: "
                     f"wait for it to finish, or give this run another checkpoint directory (if that run is "
