@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from divmerge.errors import DivMergeError
+from divmerge.hub import check_available
 
 Split = Literal["unlabelled", "val", "test"]
 log = logging.getLogger(__name__)
@@ -186,6 +187,7 @@ def _read_table(spec: TaskSpec) -> pd.DataFrame:
         return table
     import datasets
 
+    check_available(spec.source, "dataset", f"task {spec.name!r}: dataset")
     try:
         return datasets.load_dataset(spec.source, spec.hub_subset, split=spec.hub_split).to_pandas()
     except Exception as err:  # datasets raises many types for a missing/offline dataset

@@ -15,6 +15,7 @@ from transformers import PreTrainedModel
 
 from divmerge.errors import DivMergeError, first_line
 from divmerge.experts.adapters import ADAPTER_CONFIG, is_adapter
+from divmerge.hub import check_available
 
 _LOCAL_PREFIXES = ("/", "./", "../", "~")
 _SCHEME = re.compile(r"^([a-z][a-z0-9_]*:)(?!//)")
@@ -77,7 +78,8 @@ def resolve_source(source: str, build: bool = False) -> str:
         return str(path)
     if source.startswith(_LOCAL_PREFIXES) or os.sep in source.strip(os.sep).replace("/", "", 1):
         raise DivMergeError(f"Model directory {source!r} does not exist: fix the path in the config.")
-    return source  # a hub id
+    check_available(source, "model", "model")
+    return source  # a hub id, cached or reachable
 
 
 def load_pretrained(loader: type, source: str, what: str, complete: bool = False) -> PreTrainedModel:
