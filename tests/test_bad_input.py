@@ -59,6 +59,16 @@ def test_read_only_cache_dir(tmp_path, tiny, capsys):
     expect_error(capsys, args, "not writable")
 
 
+def test_checkpoint_directory_under_a_file(tmp_path, tiny, capsys):
+    (tmp_path / "blocker").write_text("")
+    place = str(tmp_path / "blocker" / "ckpt")
+    config = cfg(
+        tmp_path, tiny, edit=lambda c: c["trainer"]["callbacks"][0]["init_args"].update(dirpath=place)
+    )
+    expect_error(capsys, ["fit", "--config", config], "is under")
+    assert not (tmp_path / "run").exists()
+
+
 def test_base_given_as_an_expert(tmp_path, tiny, capsys):
     experts = {"alpha": tiny["base"], "beta": tiny["experts"]["beta"]}
     config = cfg(tmp_path, tiny, edit=lambda c: c["model"].update(experts=experts))

@@ -15,7 +15,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from divmerge.engine import check_trainable
+from divmerge.engine import check_trainable, check_writable_dir
 from divmerge.errors import DivMergeError, first_line
 from divmerge.lightning.checkpoint_io import SafeCheckpointIO, check_checkpoint
 from divmerge.lightning.datamodule import MergeDataModule
@@ -88,6 +88,8 @@ class DivMergeCLI(LightningCLI):
         outputs = [*dirs, *([Path(self.trainer.log_dir)] if self.trainer.log_dir else [])]
         rank0 = int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
         lock_dir = (dirs[0] if dirs else None) if subcommand == "fit" and rank0 else None
+        for path in outputs:
+            check_writable_dir(path, "The run's log or checkpoint directory")
         with guarded(outputs if rank0 else [], lock_dir):
             super()._run_subcommand(subcommand)
 
