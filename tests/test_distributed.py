@@ -1,5 +1,6 @@
 """DDP and sharded task vectors through Lightning on CPU (gloo): 2 processes learn what one process learns."""
 
+import json
 import re
 import subprocess
 import sys
@@ -101,3 +102,22 @@ def test_sharding_refuses_distributed_checkpoints(tmp_path, tiny):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("divmerge: error: Set ModelParallelStrategy's")
     assert not list((tmp_path / "run").rglob("*.ckpt"))
+
+
+def test_evaluation_counts_every_example_once_on_uneven_processes(tmp_path, tiny):
+    """8 test examples on 3 processes: scored as on one process, not padded to 9 with a repeat."""
+    config = write_config(tmp_path, tiny, epochs=1)  # num_test 8 per task
+
+    def scores(name: str, *flags: str) -> dict:
+        cmd = [sys.executable, str(ROOT / "train.py"), "test", "--config", config, "--model.method", "ties"]
+        logs = tmp_path / name
+        cmd += ["--trainer.logger.init_args.save_dir", str(logs), *flags]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        report = json.loads(next(logs.rglob("report_test.json")).read_text())
+        return {r["task"]: (r["examples"], r["expert"], r["merged"], r["reference"]) for r in report["tasks"]}
+
+    one = scores("one")
+    three = scores("three", "--trainer.strategy", "ddp", "--trainer.devices", "3")
+    assert three == one
+    assert {n for n, *_ in one.values()} == {8}

@@ -4,6 +4,7 @@ from functools import cached_property
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
@@ -169,10 +170,29 @@ class MergeDataModule(L.LightningDataModule):
         """Tasks with labelled examples in ``split``; position i is evaluation dataloader_idx i."""
         return [t for t in self.task_names if len(self.dataset(t, split))]
 
+    def _scored_loader(self, task: str, split: Split) -> DataLoader:
+        """A task split for scoring; on several processes each example goes to exactly one of them.
+
+        Lightning's default distributed sampler pads a split that does not divide by the number of
+        processes with repeated examples, which would be scored twice; this one does not repeat.
+        """
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return self.eval_loader(task, split)
+        ds = self.dataset(task, split)
+        sampler = UnrepeatedDistributedSampler(ds, num_replicas=trainer.world_size, rank=trainer.global_rank)
+        return DataLoader(
+            ds,
+            batch_size=self.eval_batch_size,
+            sampler=sampler,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+        )
+
     def val_dataloader(self) -> list[DataLoader]:
         """One labelled loader per task of ``eval_tasks("val")``."""
-        return [self.eval_loader(t, "val") for t in self.eval_tasks("val")]
+        return [self._scored_loader(t, "val") for t in self.eval_tasks("val")]
 
     def test_dataloader(self) -> list[DataLoader]:
         """One labelled loader per task of ``eval_tasks("test")``."""
-        return [self.eval_loader(t, "test") for t in self.eval_tasks("test")]
+        return [self._scored_loader(t, "test") for t in self.eval_tasks("test")]
