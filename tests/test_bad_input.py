@@ -96,9 +96,12 @@ def test_checkpoint_of_another_granularity(tmp_path, tiny, capsys):
     config = cfg(tmp_path, tiny)
     train.main(["fit", "--config", config])
     ckpt = str(tmp_path / "run" / "ckpt" / "last.ckpt")
-    for sub in ("test", "fit"):
+    for sub in ("test", "fit", "export"):
         args = [sub, "--config", config, "--model.granularity", "task", "--ckpt_path", ckpt]
+        if sub == "export":
+            args += ["--out_dir", str(tmp_path / "out")]
         expect_error(capsys, args, "layer-wise coefficients but the config asks for task-wise")
+    assert not (tmp_path / "out").exists()
 
 
 def write_table(tmp_path: Path, tiny: dict, name: str, edit) -> str:
