@@ -96,21 +96,35 @@ def measure(export_args: list[str], threads: int | None) -> dict[str, Any]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(export_args)]
+    worker = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(export_args)]
+    # A small launcher forks the worker: Linux carries a forking process's peak RSS into its child's
+    # ru_maxrss, so forking straight from a big caller (a test session) would overstate the worker's.
+    cmd = [sys.executable, "-c", _LAUNCHER, *worker]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=ROOT)
-        _, status, usage = os.wait4(proc.pid, 0)
+        code = subprocess.run(cmd, stdout=out, stderr=err, env=env, cwd=ROOT, check=False).returncode
         wall = time.perf_counter() - start
-        code = os.waitstatus_to_exitcode(status)
-        proc.returncode = code  # reaped by wait4: stop Popen from waiting again
         out.seek(0)
         err.seek(0)
-        lines = [ln for ln in out.read().splitlines() if ln.startswith("{")]
-        if code != 0 or not lines:
+        printed = out.read().splitlines()
+        lines = [ln for ln in printed if ln.startswith("{")]
+        maxrss = [int(ln.split()[1]) for ln in printed if ln.startswith(_MAXRSS)]
+        if code != 0 or not lines or not maxrss:
             tail = " | ".join(err.read().strip().splitlines()[-3:])
             raise RuntimeError(f"export {export_args} failed (exit {code}): {tail}")
-    return {**json.loads(lines[-1]), "wall_s": wall, "child_maxrss_mb": usage.ru_maxrss * 1024 / MB}
+    return {**json.loads(lines[-1]), "wall_s": wall, "child_maxrss_mb": maxrss[-1] * 1024 / MB}
+
+
+_MAXRSS = "WORKER_MAXRSS_KB"
+_LAUNCHER = f"""
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print("{_MAXRSS}", usage.ru_maxrss, flush=True)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
 
 
 def format_rows(rows: Sequence[dict[str, Any]]) -> str:

@@ -5,6 +5,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.utilities import CombinedLoader
 from torch import Tensor
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
@@ -141,7 +142,7 @@ class MergeDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
         )
 
-    def train_dataloader(self) -> ResumableTaskBatches:
+    def train_dataloader(self) -> CombinedLoader:
         """Per step: ``batch_size_per_task`` unlabelled inputs of every task, as {task: batch}.
 
         Resumable at any step (``divmerge.lightning.resumable``): a mid-epoch checkpoint continues with
@@ -155,7 +156,7 @@ class MergeDataModule(L.LightningDataModule):
                 return 0
             return trainer.fit_loop.epoch_loop.batch_progress.current.completed
 
-        return ResumableTaskBatches(
+        batches = ResumableTaskBatches(
             {task: self.dataset(task, "unlabelled") for task in self.task_names},
             self.batch_size_per_task,
             self.collate,
@@ -165,6 +166,7 @@ class MergeDataModule(L.LightningDataModule):
             resume_at,
             self.num_workers,
         )
+        return CombinedLoader(batches, mode="max_size_cycle")  # one iterable: its steps are the epoch
 
     def eval_tasks(self, split: Split) -> list[str]:
         """Tasks with labelled examples in ``split``; position i is evaluation dataloader_idx i."""
