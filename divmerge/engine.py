@@ -306,13 +306,17 @@ class Merger:
         )
 
     # ------------------------------------------------------------------ data and teachers
-    def check_data(self, data: TaskData) -> None:
-        """Refuse data that does not fit the experts: task names, kinds, class counts; bind the tokenizer."""
-        if sorted(data.task_names) != sorted(self.all_tasks):
+    def check_task_names(self, names: Sequence[str]) -> None:
+        """Refuse data whose tasks are not exactly the experts' (and held-out tasks')."""
+        if sorted(names) != sorted(self.all_tasks):
             raise DivMergeError(
-                f"Data tasks {data.task_names} and experts {self.all_tasks} differ: give every task an "
+                f"Data tasks {list(names)} and experts {self.all_tasks} differ: give every task an "
                 "expert under model.experts (or model.held_out) with the same name."
             )
+
+    def check_data(self, data: TaskData) -> None:
+        """Refuse data that does not fit the experts: task names, kinds, class counts; bind the tokenizer."""
+        self.check_task_names(data.task_names)
         self.build()
         assert self.family is not None
         self.family.check_tasks(data.tasks, self.backbone_pass)

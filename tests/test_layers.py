@@ -61,10 +61,6 @@ def test_imports_run_one_way(name, path):
     assert not upward, f"{name} (layer {layer(name)}) imports higher layers: {upward}"
 
 
-def test_the_check_can_fail():
-    assert layer("divmerge.lightning.module") > layer("divmerge.engine") > layer("divmerge.core.merge")
-
-
 def test_no_model_family_flag_outside_families():
     """Only families/ may tell model families apart (by name or by causal-LM specifics)."""
     offenders = []

@@ -174,11 +174,7 @@ class DivMergeModule(L.LightningModule):
         """Check that ``dm`` is a MergeDataModule with exactly one task per expert."""
         if not isinstance(dm, MergeDataModule):
             raise DivMergeError("DivMergeModule needs a MergeDataModule: pass data= / --data to the trainer.")
-        if sorted(dm.task_names) != sorted(self.all_tasks):
-            raise DivMergeError(
-                f"Data tasks {dm.task_names} and experts {self.all_tasks} differ: give every task an "
-                "expert under model.experts (or model.held_out) with the same name."
-            )
+        self.engine.check_task_names(dm.task_names)
         return dm
 
     def check_checkpoint_meta(self, meta: dict[str, Any]) -> None:
