@@ -1,5 +1,7 @@
 """The LightningDataModule: unlabelled inputs of every task for merging, labelled inputs for evaluation."""
 
+import functools
+import math
 from functools import cached_property
 from typing import Any
 
@@ -10,8 +12,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from divmerge.data import SPLITS, Rows, Split, TaskDataset, TaskSpec, check_task, load_rows, split_rows
+from divmerge.data import SPLITS, Rows, Split, TaskDataset, TaskSpec, check_task, load_splits
 from divmerge.errors import DivMergeError
+from divmerge.experts.classes import expert_class_names
 from divmerge.experts.sources import resolve_source
 from divmerge.lightning.resumable import ResumableTaskBatches
 
@@ -23,7 +26,16 @@ class MergeDataModule(L.LightningDataModule):
     step from the union of the tasks); shorter tasks cycle.
 
     Args:
-        tasks: The tasks, one per expert.
+        tasks: The tasks, one per expert. Keys of each entry (default in brackets): name [required: the
+            expert's name]; source [none: one file, demo task or hub dataset, cut into test / val /
+            unlabelled]; unlabelled, val, test [none: a split's own file, or a split name of a hub source;
+            a split without one is cut from source]; text_column [text]; label_column [label];
+            label_names [the expert's config.json id2label; else a list, or a .txt / .json file];
+            num_unlabelled [256, or all of a smaller own file]; num_val [200, or all of a smaller own
+            file]; num_test [all rows of an own test file, else 500; a source under 956 rows is cut
+            52% / 21% / 27% into test / val / unlabelled]; hub_split [train]; hub_subset [none]; kind
+            [classification, or generative]; prompt_template and answer_column [none: generative
+            tasks]. Sizes divmerge chooses are printed. Each key in full: ``--data.tasks.help TaskSpec``.
         tokenizer: Tokenizer source; linked to ``model.base`` by train.py.
         max_length: Tokens per input: longer inputs are truncated (generative prompts on the left, so they
             keep the end their answer follows).
@@ -32,6 +44,8 @@ class MergeDataModule(L.LightningDataModule):
         eval_batch_size: Batch size for validation/test and for building the teacher cache.
         seed: Seed of the split shuffle and of the per-epoch training order.
         num_workers: DataLoader worker processes.
+        experts: Linked to ``model.experts`` (and ``model.held_out``) by train.py: a task whose labels are
+            strings and that sets no ``label_names`` takes its class names from its expert's config.json.
 
     """
 
@@ -44,6 +58,7 @@ class MergeDataModule(L.LightningDataModule):
         eval_batch_size: int = 64,
         seed: int = 0,
         num_workers: int = 0,
+        experts: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         if not tasks:
@@ -68,6 +83,7 @@ class MergeDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.seed = seed
         self.num_workers = num_workers
+        self.experts = dict(experts or {})
         self._datasets: dict[tuple[str, str], TaskDataset] = {}
         self._rows: dict[str, dict[str, Rows]] = {}
 
@@ -94,12 +110,19 @@ class MergeDataModule(L.LightningDataModule):
         """The task's split rows (loaded and split once)."""
         if task not in self._rows:
             spec = self.tasks[self.task_names.index(task)]
-            self._rows[task] = split_rows(spec, load_rows(spec), self.seed)
+            expert = self.experts.get(task)
+            names = functools.partial(expert_class_names, expert) if expert else None
+            self._rows[task] = load_splits(spec, self.seed, names)
         return self._rows[task]
 
     def label_names(self, task: str) -> tuple[str, ...] | None:
         """Class names of a task, if known."""
         return self.rows(task)["test"].label_names
+
+    def steps_per_epoch(self, world_size: int = 1) -> int:
+        """Training steps per epoch on ``world_size`` processes: the longest task's batches per process."""
+        per_rank = (math.ceil(len(self.rows(t)["unlabelled"].texts) / world_size) for t in self.task_names)
+        return max(math.ceil(n / self.batch_size_per_task) for n in per_rank)
 
     def dataset(self, task: str, split: Split) -> TaskDataset:
         """Tokenised dataset of one task split (built once)."""
