@@ -11,6 +11,7 @@ LAYERS = {
     "divmerge.errors": 0,
     "divmerge.quiet": 0,
     "divmerge.pids": 0,
+    "divmerge.phases": 0,
     "divmerge.hub": 0,
     "divmerge.objectives": 0,
     "divmerge.core": 1,

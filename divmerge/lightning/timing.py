@@ -1,4 +1,4 @@
-"""Wall time per phase of a run (start-up, setup, teacher cache, training, validation, test)."""
+"""Wall time per phase of a run (start-up, expert building, setup, teacher cache, train, validation, test)."""
 
 import os
 import time
@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch import Callback
 
-TEACHER_PHASE = "teacher cache"
+from divmerge.phases import drain
 
 
 def process_age() -> float | None:
@@ -24,9 +24,10 @@ class PhaseTimer(Callback):
     """Collects wall seconds per phase; ``table()`` formats them.
 
     Phases: ``start-up`` (process start to the first setup: interpreter, imports, config), ``setup``
-    (data, experts; the module's own ``phase_seconds``, e.g. the teacher cache, are reported apart and
-    taken out of it), ``train`` (excluding validation), ``validation`` and ``test``. A phase that runs
-    several times (the setup of fit and of the test after fit) is summed.
+    (data, experts), ``train`` (excluding validation), ``validation`` and ``test``. Phases timed inside
+    those steps (``divmerge.phases``: building demo experts, the teacher cache) are reported apart and
+    taken out of the step they ran in. A phase that runs several times (the setup of fit and of the
+    test after fit) is summed. Wall times depend on what else the machine runs at the same time.
 
     """
 
@@ -43,20 +44,25 @@ class PhaseTimer(Callback):
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - self._open.pop(phase)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:  # noqa: D102
+        inner = drain()  # e.g. experts built in prepare_data, before this first hook
         age = process_age()
         if age is not None and not self.seconds:
-            self.seconds["start-up"] = age
+            self.seconds["start-up"] = age - sum(inner.values())
+        self._add(inner)
         self._begin("setup")
 
-    def _setup_done(self, pl_module: L.LightningModule) -> None:
-        self._end("setup")
-        for phase, seconds in getattr(pl_module, "phase_seconds", {}).items():
+    def _add(self, inner: dict[str, float], taken_from: str | None = None) -> None:
+        for phase, seconds in inner.items():
             self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
-            self.seconds["setup"] -= seconds
-        getattr(pl_module, "phase_seconds", {}).clear()
+            if taken_from is not None:
+                self.seconds[taken_from] -= seconds
+
+    def _setup_done(self) -> None:
+        self._end("setup")
+        self._add(drain(), taken_from="setup")
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
-        self._setup_done(pl_module)
+        self._setup_done()
         self._validation_before_fit = self.seconds.get("validation", 0.0)
         self._begin("train")
 
@@ -67,14 +73,14 @@ class PhaseTimer(Callback):
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
         if trainer.state.fn != "fit":
-            self._setup_done(pl_module)
+            self._setup_done()
         self._begin("validation")
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
         self._end("validation")
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
-        self._setup_done(pl_module)
+        self._setup_done()
         self._begin("test")
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102

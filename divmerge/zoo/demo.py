@@ -30,6 +30,7 @@ import lightning.pytorch  # noqa: F401  (importing it sets its loggers to INFO: 
 
 from divmerge.errors import DivMergeError
 from divmerge.experts.sources import default_cache_dir
+from divmerge.phases import EXPERT_PHASE, timed
 from divmerge.quiet import quiet
 
 DEMO_TASKS: tuple[str, ...] = ("rt", "sms_spam", "trec", "bbc", "tweet_sent", "imdb")
@@ -631,7 +632,7 @@ def build_expert(
         )
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
-        with quiet(not progress):
+        with quiet(not progress), timed(EXPERT_PHASE):
             _train_expert(name, recipe, tmp, progress)
         # mkdtemp (and safetensors) create owner-only entries; the cache is meant to be shared.
         for entry in (tmp, *tmp.iterdir()):
