@@ -64,7 +64,7 @@ from torch import Tensor, nn  # noqa: E402
 from benchmarks._measure import MB, peak_rss_mb, rss_mb  # noqa: E402
 from divmerge.core.expert_set import ExpertSet  # noqa: E402
 from divmerge.core.merged_model import MergedModel  # noqa: E402
-from divmerge.engine import Merger  # noqa: E402
+from divmerge.engine import DEFAULT_LR, Merger  # noqa: E402
 from divmerge.errors import DivMergeError  # noqa: E402
 from divmerge.experts.sources import resolve_source  # noqa: E402
 from divmerge.families import load_experts  # noqa: E402
@@ -350,7 +350,7 @@ def make_divmerge_step(
     merged: MergedModel,
     batches: Batches,
     teachers: Mapping[int, Tensor] | None,
-    lr: float = 1e-2,
+    lr: float = DEFAULT_LR,
     backbone_pass: BackbonePass = "per_task",
 ) -> Callable[[], float]:
     """One divmerge step closure (the training step's code); ``teachers=None`` recomputes the experts.
@@ -475,7 +475,7 @@ def make_plain_phase_step(
 
 
 def make_divmerge_phase_step(
-    merged: MergedModel, batches: Batches, teachers: Mapping[int, Tensor], lr: float = 1e-2
+    merged: MergedModel, batches: Batches, teachers: Mapping[int, Tensor], lr: float = DEFAULT_LR
 ) -> PhaseStep:
     """A divmerge step closure (per-task passes) that returns its phases' seconds.
 

@@ -35,6 +35,10 @@ from divmerge.teachers import cache_path, get_or_compute, load_cached
 
 LEARNED = "divmerge"
 """The ``method`` name of a learned merge; every other method name is a static merge."""
+DEFAULT_LR = 0.05
+"""Adam learning rate of the coefficients, everywhere (module, configs, benchmarks): at k = 6 demo tasks
+it gave ANP 90.8 against 88.0 with 0.02 (benchmarks/merge_quality.py; README "Why JS layer-wise stops
+near 91")."""
 TaskVectorDtype = Literal["float32", "bfloat16", "float16"]
 Split = Literal["unlabelled", "val", "test"]
 

@@ -36,8 +36,7 @@ def plot_coefficients(
     ax.set_xticks(ticks, labels=[group_labels[i] for i in ticks], rotation=90, fontsize=6)
     ax.set_title("learned merge coefficients (task x parameter group)")
     fig.colorbar(image, ax=ax, fraction=0.02)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # grows the canvas to fit long rotated labels
     plt.close(fig)
     return path
 

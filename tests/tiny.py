@@ -145,3 +145,14 @@ class CrashAtStep(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             raise SimulatedKillError(f"killed after step {self.step}")
+
+
+class MetricsProbe(Callback):
+    """Records, at each training epoch's end, how many data rows the CSV logger's metrics.csv holds."""
+
+    def __init__(self) -> None:
+        self.rows: list[int] = []
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        path = Path(trainer.logger.log_dir) / "metrics.csv"
+        self.rows.append(len(path.read_text().splitlines()) - 1 if path.is_file() else 0)

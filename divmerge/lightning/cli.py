@@ -5,8 +5,13 @@ demo (configs/demo4.yaml) runs: it builds four MiniLM experts on first use, lear
 coefficients and prints the per-task accuracy table.
 """
 
+import contextlib
+import logging
+import math
 import os
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import transformers
@@ -21,12 +26,19 @@ from divmerge.lightning.checkpoint_io import SafeCheckpointIO, check_checkpoint
 from divmerge.lightning.datamodule import MergeDataModule
 from divmerge.lightning.export_command import parse_export_args, run_export
 from divmerge.lightning.module import DivMergeModule
+from divmerge.lightning.progress import PlainProgress
 from divmerge.lightning.run_dir import guarded
 from divmerge.lightning.timing import PhaseTimer
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo4.yaml"
 RUN_SUBCOMMANDS = ("fit", "validate", "test")
 SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
+DEFAULT_EPOCHS = 4
+"""Training length when the config sets none: 4 epochs (the demo: 4 x 64 steps) ..."""
+MIN_DEFAULT_STEPS = 128
+"""... and at least this many optimizer steps (small unlabelled sets get more epochs)."""
+PLAIN_EVERY_S = 30.0
+"""Seconds between progress lines when stdout is not a terminal (and at each epoch's end)."""
 
 
 class DivMergeCLI(LightningCLI):
@@ -34,6 +46,7 @@ class DivMergeCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:  # noqa: D102
         parser.link_arguments("model.base", "data.tokenizer")
+        parser.link_arguments(("model.experts", "model.held_out"), "data.experts", compute_fn=_all_experts)
 
     def _parse_ckpt_path(self) -> None:
         """Check an explicit --ckpt_path before anything runs or is written.
@@ -61,6 +74,25 @@ class DivMergeCLI(LightningCLI):
     def before_fit(self) -> None:  # noqa: D102
         check_trainable(self.model.hparams.method)
         self._check_before_run()
+        self._size_training()
+
+    def _size_training(self) -> None:
+        """Give training a length that fits the data when the config sets none; log at least once per epoch.
+
+        Lightning's own default (1,000 epochs) is never what a merge wants.
+        """
+        trainer, dm = self.trainer, self.datamodule
+        steps = dm.steps_per_epoch(trainer.world_size)
+        config = self.config_init[self.subcommand]["trainer"]
+        unset = config.get("max_epochs") is None and config.get("max_steps", -1) == -1
+        if unset and not config.get("max_time"):
+            epochs = max(DEFAULT_EPOCHS, math.ceil(MIN_DEFAULT_STEPS / steps))
+            trainer.fit_loop.max_epochs = epochs
+            rank_zero_notice(
+                f"trainer.max_epochs is not set: training {epochs} epochs of {steps} steps ({epochs * steps} "
+                "steps); set trainer.max_epochs or trainer.max_steps to choose."
+            )
+        trainer.log_every_n_steps = max(1, min(trainer.log_every_n_steps, steps))
 
     def before_validate(self) -> None:  # noqa: D102
         self._check_before_run()
@@ -70,6 +102,10 @@ class DivMergeCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         """Build the Trainer with a phase timer; atomic checkpoint writes unless a CheckpointIO is set."""
+        config = self._get(self.config_init, "trainer", default={})
+        self._plain = not sys.stdout.isatty() and config.get("enable_progress_bar") is None
+        if self._plain:  # a redrawn bar is useless in a file: plain lines instead (PlainProgress)
+            kwargs.setdefault("enable_progress_bar", False)
         try:
             trainer = super().instantiate_trainer(**kwargs)
         except (ValueError, MisconfigurationException) as err:
@@ -78,9 +114,17 @@ class DivMergeCLI(LightningCLI):
             ) from err
         self.timer = PhaseTimer()
         trainer.callbacks.append(self.timer)
+        trainer.callbacks.append(PlainProgress(every_s=PLAIN_EVERY_S if self._plain else math.inf))
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = SafeCheckpointIO()
         return trainer
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: object):
+        """Default ``--verbose false`` for validate/test."""
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if "verbose" in self._subcommand_method_arguments[subcommand]:
+            parser.set_defaults(verbose=False)  # divmerge prints its own table; Lightning's truncates names
+        return parser
 
     def _run_subcommand(self, subcommand: str) -> None:
         """Run with the checkpoint directory locked (fit), removing what a bad-input failure created."""
@@ -107,7 +151,12 @@ class DivMergeCLI(LightningCLI):
 
     def _print_phases(self) -> None:
         if self.trainer.is_global_zero:
-            print(f"Wall time per phase:\n{self.timer.table()}\n", flush=True)
+            title = "Wall time per phase (this machine, as loaded during the run)"
+            print(f"{title}:\n{self.timer.table()}\n", flush=True)
+
+
+def _all_experts(experts: dict[str, str], held_out: dict[str, str] | None) -> dict[str, str]:
+    return {**experts, **(held_out or {})}
 
 
 def with_default_config(argv: list[str]) -> list[str]:
@@ -122,24 +171,67 @@ def with_default_config(argv: list[str]) -> list[str]:
     return argv
 
 
+def rank_zero_notice(message: str) -> None:
+    """One ``divmerge: ...`` line on stderr, from the first process only."""
+    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:
+        print(f"divmerge: {message}", file=sys.stderr, flush=True)
+
+
+class _DropTips(logging.Filter):
+    """Drop Lightning's advertising lines (litlogger / litmodels tips), which read like a missing setup."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """False for a tip."""
+        return not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip:")
+
+
+def quiet_libraries() -> None:
+    """Remove library noise that is not about the user's run (kept: Lightning's and divmerge's own lines)."""
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropTips) for f in logger.filters):
+            logger.addFilter(_DropTips())
+    # Lightning's CombinedLoader still calls a torch._pytree API that torch 2.13 deprecates.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    notices = logging.getLogger("divmerge")  # data sizes, class names: "divmerge: ..." lines on stderr
+    if not notices.handlers and int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("divmerge: %(message)s"))
+        notices.addHandler(handler)
+        notices.setLevel(logging.INFO)
+
+
+@contextlib.contextmanager
+def _argv(args: list[str]) -> Iterator[None]:
+    """Present ``args`` as the command line (LightningCLI warns when given both ``args`` and sys.argv)."""
+    saved = sys.argv
+    sys.argv = [saved[0] if saved else "train.py", *args]
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
 def make_cli(args: list[str], run: bool = True) -> DivMergeCLI:
     """Instantiate the LightningCLI (and run its subcommand when ``run``)."""
-    return DivMergeCLI(
-        DivMergeModule,
-        MergeDataModule,
-        args=args,
-        run=run,
-        save_config_kwargs={"overwrite": True},
-        # The coefficients exist only after setup(): the module builds its own optimizer (model.lr,
-        # model.lr_schedule) instead of LightningCLI's --optimizer, which would see no parameters.
-        auto_configure_optimizers=False,
-    )
+    with _argv(args):
+        return DivMergeCLI(
+            DivMergeModule,
+            MergeDataModule,
+            run=run,
+            save_config_kwargs={"overwrite": True},
+            seed_everything_default=0,
+            # The coefficients exist only after setup(): the module builds its own optimizer (model.lr,
+            # model.lr_schedule) instead of LightningCLI's --optimizer, which would see no parameters.
+            auto_configure_optimizers=False,
+        )
 
 
 def main(argv: list[str] | None = None) -> DivMergeCLI | Path:
     """Run the CLI; bad input ends with one line on stderr and exit code 2."""
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
+    quiet_libraries()
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         if args and args[0] == "export":

@@ -6,7 +6,6 @@ training_step = sum over tasks t of mean_{x in batch_t} D(expert_t(.|x) || merge
 
 import json
 import math
-import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,14 +19,14 @@ from torch import Tensor, nn
 
 from divmerge.core.coefficients import Granularity
 from divmerge.core.merged_model import MergedModel
-from divmerge.engine import LEARNED, Merger, TaskVectorDtype, check_method, check_trainable
+from divmerge.engine import DEFAULT_LR, LEARNED, Merger, TaskVectorDtype, check_method, check_trainable
 from divmerge.errors import DivMergeError
 from divmerge.evaluation import TaskResult, anp, format_table, write_report
 from divmerge.experts.sources import resolve_source
 from divmerge.families.causal_lm import GenerationMetric
 from divmerge.families.classification import BackbonePass
 from divmerge.lightning.datamodule import MergeDataModule
-from divmerge.lightning.timing import TEACHER_PHASE
+from divmerge.phases import TEACHER_PHASE, timed
 from divmerge.plots import plot_coefficients, plot_divergence
 
 _STAGE_SPLITS = {"fit": ("unlabelled", "val"), "validate": ("val",), "test": ("test",)}
@@ -47,12 +46,13 @@ class DivMergeModule(L.LightningModule):
             (AdaMerging).
         init: Initial coefficient value; None means 1/T.
         clamp: Optional (low, high) bounds for the coefficients; None leaves them unconstrained.
-        lr: Adam learning rate for the coefficients.
+        lr: Adam learning rate for the coefficients (0.05, the benchmark's best at 6 tasks).
         lr_schedule: ``cosine`` decays the learning rate to 0 over the run's total steps (max_epochs /
             max_steps); ``constant`` keeps it.
         method: ``divmerge`` learns the coefficients (with ``objective`` and ``granularity``); the name
-            of a static merge (``average``, ``task_arithmetic``, ``ties``, ``dare``) merges without
-            training and is evaluated by ``validate`` / ``test`` on the same code.
+            of a static merge (``average``, ``task_arithmetic``, ``ties``, ``dare``, ``tsv_m``,
+            ``iso_c``, ``iso_cts``) merges without training and is evaluated by ``validate`` / ``test``
+            on the same code.
         method_options: Options of a static ``method`` (e.g. ``{lambda_: 1.0, density: 0.2}`` for ties).
         reference: Static merge reported beside the learned one by validate/test ("reference" column).
         reference_options: Options of the reference merge (e.g. ``{lambda_: 0.3}``).
@@ -86,7 +86,7 @@ class DivMergeModule(L.LightningModule):
         objective: str = "js",
         init: float | None = None,
         clamp: tuple[float, float] | None = None,
-        lr: float = 1e-2,
+        lr: float = DEFAULT_LR,
         lr_schedule: Literal["constant", "cosine"] = "cosine",
         method: str = "divmerge",
         method_options: dict[str, float | int | str] | None = None,
@@ -109,7 +109,9 @@ class DivMergeModule(L.LightningModule):
                 "(leave teacher_top_k unset for full distributions)."
             )
         if not (math.isfinite(lr) and lr > 0):
-            raise DivMergeError(f"model.lr is {lr}: the learning rate must be a positive number, e.g. 0.02.")
+            raise DivMergeError(
+                f"model.lr is {lr}: the learning rate must be a positive number, e.g. {DEFAULT_LR}."
+            )
         self.engine = Merger(
             base,
             experts,
@@ -135,7 +137,6 @@ class DivMergeModule(L.LightningModule):
         self.metrics = nn.ModuleDict()
         self._eval_params: dict[str, dict[str, Tensor]] = {}
         self.last_results: list[TaskResult] = []
-        self.phase_seconds: dict[str, float] = {}
 
     # ---------------------------------------------------------------- building
     @property
@@ -206,14 +207,13 @@ class DivMergeModule(L.LightningModule):
         if self.shards_task_vectors:  # once sharded, a merge is a collective: no rank-0-only teachers later
             splits = ("unlabelled", "val", "test")
         paths = self.engine.teacher_paths(dm, splits)
-        started = time.perf_counter()
-        if self.trainer.is_global_zero:
-            device = self.trainer.strategy.root_device
-            merged.to(device)
-            for task, split, path in self.engine.build_teachers(dm, paths, device):
-                rank_zero_info(f"teacher cache: built {task}/{split} -> {path}")
-        self.trainer.strategy.barrier("divmerge_teacher_cache")
-        self.phase_seconds[TEACHER_PHASE] = time.perf_counter() - started  # read by divmerge.lightning.timing
+        with timed(TEACHER_PHASE):  # reported in the phase table (divmerge.lightning.timing)
+            if self.trainer.is_global_zero:
+                device = self.trainer.strategy.root_device
+                merged.to(device)
+                for task, split, path in self.engine.build_teachers(dm, paths, device):
+                    rank_zero_info(f"teacher cache: built {task}/{split} -> {path}")
+            self.trainer.strategy.barrier("divmerge_teacher_cache")
         self.engine.load_teachers(dm, paths)
 
     @property
