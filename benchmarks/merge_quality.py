@@ -8,7 +8,8 @@ Methods:
 
 - static (no training, ``divmerge.static.static_merge`` with its default options): ``average``,
   ``task_arithmetic`` (lambda 0.3), ``ties`` (density 0.2, lambda 1), ``dare`` (p 0.5, seed 0, then task
-  arithmetic with lambda 0.3);
+  arithmetic with lambda 0.3), ``tsv_m`` (1/T of each task's rank, lambda 1), ``iso_c`` (lambda 1),
+  ``iso_cts`` (common fraction 0.8, lambda 1);
 - learned ``<objective>-<granularity>``: objective ``js`` (DivMerge), ``kl`` or ``entropy`` (AdaMerging),
   granularity ``task``, ``layer`` (AdaMerging's layer-wise) or ``block``. Adam on the coefficients
   (init ``--init``, default 1/k), lr with cosine decay to 0 over ``steps``; each step draws
@@ -63,7 +64,7 @@ from divmerge.core.coefficients import GRANULARITIES
 from divmerge.core.expert_set import ExpertSet
 from divmerge.core.merged_model import MergedModel
 from divmerge.data import TaskDataset, TaskSpec
-from divmerge.engine import Merger
+from divmerge.engine import DEFAULT_LR, Merger
 from divmerge.errors import DivMergeError
 from divmerge.evaluation import TaskResult, anp
 from divmerge.lightning.datamodule import MergeDataModule
@@ -72,7 +73,7 @@ from divmerge.static import STATIC_METHODS
 from divmerge.zoo import DEMO_TASKS, default_cache_dir
 
 PROG = "merge_quality"
-STATIC = ("average", "task_arithmetic", "ties", "dare")
+STATIC = ("average", "task_arithmetic", "ties", "dare", "tsv_m", "iso_c", "iso_cts")
 LEARNED = tuple(f"{o}-{g}" for o in ("js", "kl", "entropy") for g in ("layer", "task"))
 DEFAULT_METHODS = STATIC + LEARNED
 # Defaults of the options that --quick changes: (full, quick). Full: 57 min on 2 idle cores with
@@ -85,7 +86,7 @@ SIZES: dict[str, tuple[int, int]] = {
     "num_test": (200, 64),
     "num_unlabelled": (128, 64),
 }
-LR = 0.05
+LR = DEFAULT_LR
 CEILING = "ceiling"  # the labelled test-set fit (diagnostic upper bound), see the module docstring
 
 Batch = dict[str, Tensor]

@@ -11,8 +11,10 @@ from torch import Tensor
 
 from divmerge.errors import DivMergeError
 from divmerge.static.dare import DARE_REFERENCE, dare
+from divmerge.static.iso import ISO_REFERENCE, iso_c, iso_cts
 from divmerge.static.linear import AVERAGE_REFERENCE, TASK_ARITHMETIC_REFERENCE, average, task_arithmetic
 from divmerge.static.ties import TIES_REFERENCE, ties
+from divmerge.static.tsv import TSV_REFERENCE, tsv_m
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,9 @@ STATIC_METHODS: dict[str, StaticMethod] = {
         StaticMethod("task_arithmetic", task_arithmetic, TASK_ARITHMETIC_REFERENCE, ("lambda_",)),
         StaticMethod("ties", ties, TIES_REFERENCE, ("density", "lambda_")),
         StaticMethod("dare", dare, DARE_REFERENCE, ("p", "seed", "then", "lambda_", "density")),
+        StaticMethod("tsv_m", tsv_m, TSV_REFERENCE, ("rank_fraction", "lambda_")),
+        StaticMethod("iso_c", iso_c, ISO_REFERENCE, ("lambda_",)),
+        StaticMethod("iso_cts", iso_cts, ISO_REFERENCE, ("common_fraction", "lambda_")),
     )
 }
 
