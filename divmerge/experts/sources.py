@@ -15,6 +15,7 @@ from transformers import PreTrainedModel
 
 from divmerge.errors import DivMergeError, first_line
 from divmerge.experts.adapters import ADAPTER_CONFIG, is_adapter
+from divmerge.experts.gguf import GGUF_SUFFIX, convert_gguf, is_gguf_file
 from divmerge.hub import check_available
 
 _LOCAL_PREFIXES = ("/", "./", "../", "~")
@@ -51,9 +52,12 @@ def resolve_source(source: str, build: bool = False) -> str:
     """Turn a config source into something ``from_pretrained`` loads.
 
     Args:
-        source: A local directory (a model or a peft adapter), a hub id, or ``<scheme>:<name>`` for a
-            registered scheme (``zoo:minilm``, the packaged demo base; ``zoo:<task>``, the demo expert for
-            that task; ``zoo:lora/<task>``, its LoRA adapter twin).
+        source: A local directory (a model or a peft adapter), a hub id, a GGUF file
+            (``/folder/name.gguf``, converted once into ``<cache>/gguf/``, see :mod:`divmerge.experts.gguf`;
+            a directory holding exactly one ``.gguf`` file and no ``config.json`` stands for that file), or
+            ``<scheme>:<name>`` for a registered scheme (``zoo:minilm``, the packaged demo base;
+            ``zoo:smollm2``, the packaged SmolLM2-135M-Instruct GGUF base; ``zoo:<task>``, the demo expert
+            for that task; ``zoo:lora/<task>``, its LoRA adapter twin).
         build: For a scheme that builds models (the demo zoo), build a missing one.
 
     Returns:
@@ -69,6 +73,9 @@ def resolve_source(source: str, build: bool = False) -> str:
             f"directory or hub id, or one of {sorted(_SCHEMES)} (import divmerge.zoo for zoo:)."
         )
     path = Path(source).expanduser()
+    gguf = _gguf_file(path)
+    if gguf is not None:
+        return str(convert_gguf(gguf))
     if path.exists():
         if not path.is_dir() or not ((path / "config.json").is_file() or is_adapter(path)):
             raise DivMergeError(
@@ -80,6 +87,25 @@ def resolve_source(source: str, build: bool = False) -> str:
         raise DivMergeError(f"Model directory {source!r} does not exist: fix the path in the config.")
     check_available(source, "model", "model")
     return source  # a hub id, cached or reachable
+
+
+def _gguf_file(path: Path) -> Path | None:
+    """Return the GGUF file a source path stands for, or None.
+
+    That is a ``.gguf`` path (existing or not: :func:`convert_gguf` names the problem), a GGUF file of
+    any name, or a directory without ``config.json`` holding exactly one ``.gguf`` file.
+    """
+    if path.suffix.lower() == GGUF_SUFFIX or is_gguf_file(path):
+        return path
+    if not path.is_dir() or (path / "config.json").is_file() or is_adapter(path):
+        return None
+    found = sorted(path.glob(f"*{GGUF_SUFFIX}"))
+    if len(found) > 1:
+        names = ", ".join(f.name for f in found[:3]) + (", ..." if len(found) > 3 else "")
+        raise DivMergeError(
+            f"{str(path)!r} holds {len(found)} GGUF files ({names}): give the path of one of them."
+        )
+    return found[0] if found else None
 
 
 def load_pretrained(loader: type, source: str, what: str, complete: bool = False) -> PreTrainedModel:

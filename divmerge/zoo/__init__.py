@@ -1,7 +1,7 @@
 """The offline demo: tasks and experts built from data and a base model shipped inside PyPI packages.
 
 A plugin on top of divmerge: importing it registers the ``zoo:`` scheme for model sources
-(``zoo:minilm``, ``zoo:<task>``, ``zoo:lora/<task>``) and for task data (``zoo:<task>``).
+(``zoo:minilm``, ``zoo:smollm2``, ``zoo:<task>``, ``zoo:lora/<task>``) and for task data (``zoo:<task>``).
 """
 
 from pathlib import Path
@@ -24,13 +24,15 @@ from divmerge.zoo.demo import (
     expert_dir,
     load_demo_task,
 )
+from divmerge.zoo.smollm2 import SMOLLM2_NAME, smollm2_gguf_file, smollm2_path
 
 
 def resolve_model(name: str, build: bool = False) -> str:
-    """``zoo:<name>`` as a local path: the packaged base (``minilm``) or a demo expert.
+    """``zoo:<name>`` as a local path: a packaged base (``minilm``, ``smollm2``) or a demo expert.
 
     Args:
-        name: ``minilm``, ``<task>`` or ``lora/<task>``.
+        name: ``minilm``, ``smollm2`` (converted from its GGUF file on first use), ``<task>`` or
+            ``lora/<task>``.
         build: Fine-tune the demo expert if it is not cached yet.
 
     Returns:
@@ -38,6 +40,8 @@ def resolve_model(name: str, build: bool = False) -> str:
     """
     if name == "minilm":
         return str(base_model_path())
+    if name == SMOLLM2_NAME:
+        return str(smollm2_path())
     task, recipe = demo_expert(name)
     load_demo_task(task)  # unknown names fail here with the list of valid ones
     path = build_expert(task, recipe) if build else expert_dir(task, recipe)
@@ -63,6 +67,7 @@ __all__ = [
     "EXPERT_META_FILE",
     "LORA_PREFIX",
     "LORA_RECIPE",
+    "SMOLLM2_NAME",
     "ZOO_PREFIX",
     "ExpertRecipe",
     "LabelledTexts",
@@ -75,4 +80,6 @@ __all__ = [
     "load_demo_task",
     "read_task",
     "resolve_model",
+    "smollm2_gguf_file",
+    "smollm2_path",
 ]
