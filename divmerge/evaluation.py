@@ -3,7 +3,8 @@
 ANP (average normalised performance) = mean over tasks of merged accuracy / expert accuracy, as in
 DivMerge (arXiv 2509.02108) and "What Matters for Model Merging at Scale?" (arXiv 2410.03617).
 Held-out tasks (no expert merged) are reported apart: merged accuracy / base-backbone accuracy with the
-same head, averaged over held-out tasks.
+same head, averaged over held-out tasks. A task whose expert scores 0 on it has no normalised score: it
+is left out of ANP and the table says so in one line below it (never a ``nan`` in the ANP row).
 """
 
 import json
@@ -25,8 +26,40 @@ class TaskResult:
 
     @property
     def normalised(self) -> float:
-        """Merged accuracy divided by the expert's."""
+        """Merged accuracy divided by the expert's; NaN when the expert scores 0 (see ``zero_experts``)."""
         return self.merged / self.expert if self.expert > 0 else math.nan
+
+
+def zero_experts(results: list[TaskResult]) -> list[str]:
+    """Names of the tasks whose expert (or, held out, base + head) scores 0: left out of ANP.
+
+    Args:
+        results: Per-task results.
+
+    Returns:
+        Task names, in order.
+    """
+    return [r.task for r in results if r.expert <= 0]
+
+
+def zero_expert_note(results: list[TaskResult]) -> str | None:
+    """One line naming the tasks left out of ANP because their expert scores 0, and what to check.
+
+    Args:
+        results: Per-task results.
+
+    Returns:
+        The line, or None when every expert scores above 0.
+    """
+    names = zero_experts(results)
+    if not names:
+        return None
+    listed = ", ".join(repr(n) for n in names)
+    return (
+        f"Note: the expert of {listed} scores 0 on its own task, so merged/expert is undefined and the "
+        "task is left out of ANP: check that the expert answers in the task's label words or answer format "
+        "(label_names, answer_column, prompt_template) and that it was fine-tuned for this task."
+    )
 
 
 def anp(results: list[TaskResult], reference: bool = False, held_out: bool = False) -> float:
@@ -38,14 +71,15 @@ def anp(results: list[TaskResult], reference: bool = False, held_out: bool = Fal
         held_out: Average over held-out tasks (normalised by base + head) instead of held-in ones.
 
     Returns:
-        Mean of (merged or reference) / expert accuracy; NaN without such tasks.
+        Mean of (merged or reference) / expert accuracy over the tasks whose expert scores above 0;
+        NaN without such tasks, or when a task has no (reference) score.
     """
     ratios = []
     for r in results:
-        if r.held_out != held_out:
+        if r.held_out != held_out or r.expert <= 0:
             continue
         value = r.reference if reference else r.merged
-        if value is None or r.expert <= 0:
+        if value is None:
             return math.nan
         ratios.append(value / r.expert)
     return sum(ratios) / len(ratios) if ratios else math.nan
@@ -59,7 +93,7 @@ def format_table(results: list[TaskResult], reference_name: str = "task arithmet
         reference_name: Column title of the reference merge.
 
     Returns:
-        The table as text.
+        The table as text, followed by ``zero_expert_note``'s line when some expert scores 0.
 
     """
     has_ref = all(r.reference is not None for r in results) and results
@@ -68,9 +102,8 @@ def format_table(results: list[TaskResult], reference_name: str = "task arithmet
     for r in results:
         ref = [f"{r.reference:.4f}"] if has_ref else []
         name = f"{r.task} (held-out)" if r.held_out else r.task
-        rows.append(
-            [name, str(r.examples), f"{r.expert:.4f}", *ref, f"{r.merged:.4f}", f"{r.normalised:.4f}"]
-        )
+        ratio = f"{r.normalised:.4f}" if r.expert > 0 else "n/a"
+        rows.append([name, str(r.examples), f"{r.expert:.4f}", *ref, f"{r.merged:.4f}", ratio])
     anp_row = ["ANP", "", "1.0000"] + ([f"{anp(results, True):.4f}"] if has_ref else [])
     rows.append([*anp_row, f"{anp(results):.4f}", ""])
     if any(r.held_out for r in results):  # normalised against the base backbone with the task's head
@@ -84,7 +117,13 @@ def format_table(results: list[TaskResult], reference_name: str = "task arithmet
         return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
 
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(head), sep, *(line(r) for r in rows)])
+    note = zero_expert_note(results)
+    return "\n".join([line(head), sep, *(line(r) for r in rows), *([note] if note else [])])
+
+
+def _finite(x: float) -> float | None:
+    """``x``, or None for NaN (JSON has no NaN)."""
+    return None if math.isnan(x) else x
 
 
 def write_report(results: list[TaskResult], directory: str | Path, split: str) -> Path:
@@ -103,12 +142,13 @@ def write_report(results: list[TaskResult], directory: str | Path, split: str) -
     directory.mkdir(parents=True, exist_ok=True)
     payload = {
         "split": split,
-        "anp": anp(results),
-        "reference_anp": anp(results, reference=True),
-        "held_out_anp": anp(results, held_out=True),
-        "tasks": [asdict(r) | {"normalised": r.normalised} for r in results],
+        "anp": _finite(anp(results)),
+        "reference_anp": _finite(anp(results, reference=True)),
+        "held_out_anp": _finite(anp(results, held_out=True)),
+        "left_out_of_anp": zero_experts(results),
+        "tasks": [asdict(r) | {"normalised": _finite(r.normalised)} for r in results],
     }
-    (directory / f"report_{split}.json").write_text(json.dumps(payload, indent=2))
+    (directory / f"report_{split}.json").write_text(json.dumps(payload, indent=2, allow_nan=False))
     md = directory / f"report_{split}.md"
     md.write_text(format_table(results) + "\n")
     return md
