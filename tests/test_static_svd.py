@@ -386,3 +386,24 @@ def test_bad_options_raise_the_same_clear_error_in_merge_and_check(method, optio
 )
 def test_check_method_accepts_valid_options(method, options):
     assert check_method(method, options) is None
+
+
+def test_an_svd_that_fails_to_converge_is_redone_in_float64(monkeypatch):
+    """LAPACK's float32 SVD failed on Iso-CTS's vectors of a real embedding: it is redone in float64."""
+    from divmerge.static import common
+
+    svd = torch.linalg.svd
+    calls = []
+
+    def flaky(x, full_matrices=True):
+        calls.append(x.dtype)
+        if x.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return svd(x, full_matrices=full_matrices)
+
+    x = torch.randn(6, 4)
+    want = svd(x, full_matrices=False)
+    monkeypatch.setattr(torch.linalg, "svd", flaky)
+    u, s, vh = common.nonzero_svd(x)
+    assert calls == [torch.float32, torch.float64] and u.dtype == s.dtype == vh.dtype == torch.float32
+    assert torch.allclose(s, want[1], atol=1e-5) and torch.allclose(u * s @ vh, x, atol=1e-5)
