@@ -73,6 +73,9 @@ class TaskSpec:
             ``"Sentence: {sentence}\nAnswer:"`` (``text_column`` and ``label_column`` are then unused).
         answer_column: Generative tasks: the reference answer, read for val/test only and compared by
             exact match (whitespace stripped); integer values are mapped through ``label_names``.
+        chat_template: Generative tasks: send each prompt as one user message through the tokenizer's
+            chat template (with the assistant's generation prompt), as instruct models expect; default
+            false (the prompt is tokenised as it is).
 
     """
 
@@ -92,6 +95,7 @@ class TaskSpec:
     kind: Literal["classification", "generative"] = "classification"
     prompt_template: str | None = None
     answer_column: str | None = None
+    chat_template: bool = False
 
     def size(self, split: str) -> int | None:
         """The configured number of rows of ``split`` (None: chosen from the data)."""
@@ -155,6 +159,11 @@ def check_task(spec: TaskSpec) -> None:
             "as files, or drop them to cut the demo task's rows."
         )
     if spec.kind != "generative":
+        if spec.chat_template:
+            raise DivMergeError(
+                f"Task {spec.name!r}: chat_template applies to generative tasks (kind: generative) only: "
+                "remove it, or make the task generative."
+            )
         return
     if not spec.prompt_template:
         raise DivMergeError(

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, Qwen2ForCausalLM
 
 import train
 from divmerge.core.merged_model import MergedModel
-from divmerge.data import TaskSpec, load_rows
+from divmerge.data import TaskSpec, check_task, load_rows
 from divmerge.errors import DivMergeError
 from divmerge.families import causal_lm, load_experts
 from divmerge.families.generation import (
@@ -390,3 +390,45 @@ def test_long_generative_prompts_keep_their_end(lm):
     dm = MergeDataModule([spec], tokenizer=lm["base"], max_length=8)
     ids = dm.dataset("first", "unlabelled").encodings[0]
     assert len(ids) == 8 and dm.tokenizer.decode(ids).endswith(" then")
+
+
+CHAT = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def _chat_spec(lm, **options) -> TaskSpec:
+    return TaskSpec(
+        name="first",
+        source=lm["data"]["first"],
+        kind="generative",
+        prompt_template=tiny_lm.TEMPLATE,
+        num_unlabelled=4,
+        num_val=0,
+        num_test=0,
+        **options,
+    )
+
+
+def test_chat_template_sends_each_prompt_as_a_user_message(lm):
+    plain = MergeDataModule([_chat_spec(lm)], tokenizer=lm["base"], max_length=64)
+    chat = MergeDataModule([_chat_spec(lm, chat_template=True)], tokenizer=lm["base"], max_length=64)
+    chat.tokenizer.chat_template = CHAT
+    prompts = chat.rows("first")["unlabelled"].texts
+    ids = chat.dataset("first", "unlabelled").encodings
+    want = [chat.tokenizer(f"<user>{p}<assistant>", add_special_tokens=False)["input_ids"] for p in prompts]
+    assert ids == want and ids != plain.dataset("first", "unlabelled").encodings
+    assert chat.tokenizer.decode(ids[0]).endswith(f"{prompts[0]}<assistant>")
+
+
+def test_chat_template_without_one_in_the_tokenizer_is_refused(lm):
+    dm = MergeDataModule([_chat_spec(lm, chat_template=True)], tokenizer=lm["base"], max_length=64)
+    assert not dm.tokenizer.chat_template
+    with pytest.raises(DivMergeError, match="sets chat_template: true but the base's tokenizer has no chat"):
+        dm.dataset("first", "unlabelled")
+
+
+def test_chat_template_on_a_classification_task_is_refused():
+    with pytest.raises(DivMergeError, match="chat_template applies to generative tasks"):
+        check_task(TaskSpec(name="t", source="x.csv", chat_template=True))

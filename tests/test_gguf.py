@@ -14,6 +14,7 @@ import divmerge.zoo  # noqa: F401  (registers zoo:)
 from divmerge.errors import DivMergeError
 from divmerge.experts import gguf
 from divmerge.experts.sources import resolve_source
+from divmerge.families.causal_lm import chat_prompts
 from divmerge.zoo import smollm2_gguf_file
 
 MESSAGES = [{"role": "user", "content": 'Is "A gorgeous, witty, seductive movie." positive or negative?'}]
@@ -189,3 +190,17 @@ def test_interrupted_conversion_is_never_used(tmp_path, monkeypatch):
     final.mkdir()
     (final / "config.json").write_text("{}")
     one_line_error(resolve_source, str(file), match="not a complete GGUF conversion")
+
+
+def test_chat_template_prompts_on_the_real_smollm2_tokenizer(converted):
+    """A generative task with chat_template: true asks SmolLM2 as its chat template says."""
+    tokenizer = AutoTokenizer.from_pretrained(converted["path"])
+    prompt = 'Is "A gorgeous, witty, seductive movie." positive or negative?'
+    (ids,) = chat_prompts(tokenizer, "rt", [prompt])
+    text = tokenizer.decode(ids)
+    assert text == tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+    assert text.startswith("<|im_start|>system\n") and text.endswith(
+        f"{prompt}<|im_end|>\n<|im_start|>assistant\n"
+    )

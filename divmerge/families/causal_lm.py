@@ -117,6 +117,37 @@ def eos_token_id(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> int:
     return int(eos)
 
 
+def chat_prompts(tokenizer: PreTrainedTokenizerBase, task: str, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each prompt sent as one user message through the tokenizer's chat template.
+
+    The template's text (with the assistant's generation prompt, so the model answers next) is tokenised
+    without adding special tokens again: the template writes the ones the model was trained with.
+
+    Args:
+        tokenizer: The base's tokenizer.
+        task: The task's name, for the error message.
+        prompts: The formatted prompts.
+
+    Returns:
+        Token ids per prompt.
+
+    Raises:
+        DivMergeError: If the tokenizer has no chat template.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise DivMergeError(
+            f"Task {task!r} sets chat_template: true but the base's tokenizer has no chat template: remove "
+            "chat_template (prompts are then used as written) or use the instruct model's tokenizer."
+        )
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+        )
+        for p in prompts
+    ]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
 def pad_sequences(seqs: Sequence[Tensor], pad_id: int, left: bool = False) -> tuple[Tensor, Tensor]:
     """Stack 1-D token sequences into a padded batch.
 

@@ -16,6 +16,7 @@ from divmerge.data import SPLITS, Rows, Split, TaskDataset, TaskSpec, check_task
 from divmerge.errors import DivMergeError
 from divmerge.experts.classes import expert_class_names
 from divmerge.experts.sources import resolve_source
+from divmerge.families.causal_lm import chat_prompts
 from divmerge.lightning.resumable import ResumableTaskBatches
 
 
@@ -35,7 +36,8 @@ class MergeDataModule(L.LightningDataModule):
             file]; num_test [all rows of an own test file, else 500; a source under 956 rows is cut
             52% / 21% / 27% into test / val / unlabelled]; hub_split [train]; hub_subset [none]; kind
             [classification, or generative]; prompt_template and answer_column [none: generative
-            tasks]. Sizes divmerge chooses are printed. Each key in full: ``--data.tasks.help TaskSpec``.
+            tasks]; chat_template [false: generative tasks]. Sizes divmerge chooses are printed. Each
+            key in full: ``--data.tasks.help TaskSpec``.
         tokenizer: Tokenizer source; linked to ``model.base`` by train.py.
         max_length: Tokens per input: longer inputs are truncated (generative prompts on the left, so they
             keep the end their answer follows).
@@ -136,8 +138,13 @@ class MergeDataModule(L.LightningDataModule):
         """Token ids of ``texts``, at most ``max_length`` each; a generative prompt keeps its end."""
         if not texts:  # an empty split (num_val: 0): tokenizers fail on an empty list
             return []
-        if self.tasks[self.task_names.index(task)].kind == "generative":
-            return [ids[-self.max_length :] for ids in self.tokenizer(texts)["input_ids"]]
+        spec = self.tasks[self.task_names.index(task)]
+        if spec.kind == "generative":
+            if spec.chat_template:
+                encoded = chat_prompts(self.tokenizer, task, texts)
+            else:
+                encoded = self.tokenizer(texts)["input_ids"]
+            return [ids[-self.max_length :] for ids in encoded]
         return self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
 
     def prepare_data(self) -> None:
