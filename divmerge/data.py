@@ -121,8 +121,9 @@ class Rows:
     answers: list[str] | None = None
 
 
-DataScheme = Callable[[str], Rows]
-"""name after the scheme -> the task's labelled pool (e.g. ``zoo:rt``, the demo's rotten-tomatoes rows)."""
+DataScheme = Callable[[str, str], "Rows | pd.DataFrame"]
+"""(name after the scheme, task kind) -> the task's labelled pool: ready ``Rows`` (e.g. ``zoo:rt``, the
+demo's rotten-tomatoes rows), or a table read like a data file (columns, ``prompt_template``...)."""
 _DATA_SCHEMES: dict[str, DataScheme] = {}
 
 
@@ -131,7 +132,7 @@ def register_data_scheme(prefix: str, reader: DataScheme) -> None:
 
     Args:
         prefix: The scheme with its colon, e.g. ``"zoo:"``.
-        reader: name -> the task's rows.
+        reader: (name, task kind) -> the task's rows, or a table read like a data file.
     """
     _DATA_SCHEMES[prefix] = reader
 
@@ -169,11 +170,6 @@ def check_task(spec: TaskSpec) -> None:
         raise DivMergeError(
             f"Task {spec.name!r} is generative but has no prompt_template: set it to a format string over "
             'the data columns, e.g. prompt_template: "Sentence: {sentence}\\nAnswer:".'
-        )
-    if scheme:
-        raise DivMergeError(
-            f"Task {spec.name!r}: demo tasks ({spec.source!r}) are classification tasks; give a generative "
-            "task a data file or hub dataset."
         )
 
 
@@ -363,9 +359,10 @@ def load_rows(
         where, hub_split = (own, spec.hub_split) if local else (spec.source, own)
         labelled = split != "unlabelled" if labelled is None else labelled
     scheme = _scheme_of(where)
-    if scheme:
-        return _DATA_SCHEMES[scheme](where[len(scheme) :])
-    table = _read_table(spec, where, hub_split)
+    read = _DATA_SCHEMES[scheme](where[len(scheme) :], spec.kind) if scheme else None
+    if isinstance(read, Rows):
+        return read
+    table = read if read is not None else _read_table(spec, where, hub_split)
     label = (
         f"{where!r}" if hub_split == spec.hub_split or _is_local(where) else f"{where!r} split {hub_split!r}"
     )

@@ -195,8 +195,6 @@ def test_teacher_cache_size_follows_the_formula(merged):
 def test_generative_task_without_prompt_template_is_refused():
     with pytest.raises(DivMergeError, match="is generative but has no prompt_template"):
         MergeDataModule([TaskSpec(name="t", source="x.csv", kind="generative")])
-    with pytest.raises(DivMergeError, match=r"demo tasks .* are classification tasks"):
-        MergeDataModule([TaskSpec(name="t", source="zoo:rt", kind="generative", prompt_template="{text}")])
 
 
 def test_tokenizer_without_eos_is_refused(tmp_path):

@@ -1,10 +1,13 @@
 """The offline demo: tasks and experts built from data and a base model shipped inside PyPI packages.
 
 A plugin on top of divmerge: importing it registers the ``zoo:`` scheme for model sources
-(``zoo:minilm``, ``zoo:smollm2``, ``zoo:<task>``, ``zoo:lora/<task>``) and for task data (``zoo:<task>``).
+(``zoo:minilm``, ``zoo:smollm2``, ``zoo:<task>``, ``zoo:lora/<task>``) and for task data (``zoo:<task>``;
+generative tasks get prompts' inputs and answer words, and ``zoo:bbc_headline``).
 """
 
 from pathlib import Path
+
+import pandas as pd
 
 from divmerge.data import Rows, register_data_scheme
 from divmerge.errors import DivMergeError
@@ -24,6 +27,7 @@ from divmerge.zoo.demo import (
     expert_dir,
     load_demo_task,
 )
+from divmerge.zoo.gen_tasks import ANSWER_WORDS, GENERATIVE_TASKS, HEADLINE_TASK, generative_table
 from divmerge.zoo.smollm2 import SMOLLM2_NAME, smollm2_gguf_file, smollm2_path
 
 
@@ -53,8 +57,24 @@ def resolve_model(name: str, build: bool = False) -> str:
     return str(path)
 
 
-def read_task(name: str) -> Rows:
-    """``zoo:<task>`` data: the demo task's held-out pool (rows the experts never trained on)."""
+def read_task(name: str, kind: str = "classification") -> Rows | pd.DataFrame:
+    """``zoo:<task>`` data: the demo task's held-out pool (rows the experts never trained on).
+
+    Args:
+        name: A demo task, or (generative only) ``bbc_headline``.
+        kind: The task's kind: ``classification`` gets labelled rows, ``generative`` a table with the
+            columns ``text`` and ``answer`` (see :mod:`divmerge.zoo.gen_tasks`).
+
+    Returns:
+        The rows, or the table.
+    """
+    if kind == "generative":
+        return generative_table(name)
+    if name == HEADLINE_TASK:
+        raise DivMergeError(
+            f"Demo task {ZOO_PREFIX + name!r} is free-text generation: set kind: generative on the task "
+            '(e.g. prompt_template: "{text}\\nHeadline:", answer_column: answer).'
+        )
     _, pool = demo_split(name)
     return Rows(list(pool.texts), list(pool.labels), tuple(pool.label_names))
 
@@ -63,8 +83,11 @@ register_scheme(ZOO_PREFIX, resolve_model)
 register_data_scheme(ZOO_PREFIX, read_task)
 
 __all__ = [
+    "ANSWER_WORDS",
     "DEMO_TASKS",
     "EXPERT_META_FILE",
+    "GENERATIVE_TASKS",
+    "HEADLINE_TASK",
     "LORA_PREFIX",
     "LORA_RECIPE",
     "SMOLLM2_NAME",
@@ -77,6 +100,7 @@ __all__ = [
     "demo_expert",
     "demo_split",
     "expert_dir",
+    "generative_table",
     "load_demo_task",
     "read_task",
     "resolve_model",
