@@ -204,3 +204,73 @@ def test_chat_template_prompts_on_the_real_smollm2_tokenizer(converted):
     assert text.startswith("<|im_start|>system\n") and text.endswith(
         f"{prompt}<|im_end|>\n<|im_start|>assistant\n"
     )
+
+
+# ------------------------------------------------------------------------- a real generative merge, tiny
+
+
+def _perturbed_expert(path: Path, out: Path, seed: int) -> str:
+    """SmolLM2 with its MLP weights moved at random: a stand-in expert whose answers differ from the base."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".mlp." in name:
+                p.add_(0.3 * p.std() * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(path).save_pretrained(out)
+    return str(out)
+
+
+@pytest.mark.e2e
+def test_generative_fit_on_real_smollm2_lowers_the_divergence(converted, tmp_path, capsys):
+    """Two SmolLM2 experts, two generative demo tasks through the chat template: fit, and the JS falls."""
+    import pandas as pd
+    import yaml
+
+    import train
+    from tests.tiny import cpu_trainer
+
+    base = converted["path"]
+    experts = {t: _perturbed_expert(base, tmp_path / t, s) for s, t in enumerate(("rt", "sms_spam"))}
+    question = {"rt": "Is this movie review positive or negative?", "sms_spam": "Is this SMS spam or ham?"}
+    config = {
+        "seed_everything": 0,
+        "trainer": cpu_trainer(tmp_path / "run", epochs=3),
+        "model": {
+            "base": str(base),
+            "experts": experts,
+            "cache_dir": str(tmp_path / "cache"),
+            "lr_schedule": "constant",
+            "max_new_tokens": 3,
+            "teacher_top_k": 20,
+        },
+        "data": {
+            "tasks": [
+                {
+                    "name": t,
+                    "source": f"zoo:{t}",
+                    "kind": "generative",
+                    "prompt_template": "{text}\n" + question[t] + " Answer in one word.",
+                    "answer_column": "answer",
+                    "chat_template": True,
+                    "num_unlabelled": 4,
+                    "num_val": 0,
+                    "num_test": 2,
+                }
+                for t in experts
+            ],
+            "batch_size_per_task": 2,
+            "eval_batch_size": 2,
+            "max_length": 96,
+        },
+    }
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(config))
+    train.main(["fit", "--config", str(path)])
+    out = capsys.readouterr()
+    assert "| ANP" in out.out + out.err
+    metrics = pd.read_csv(next((tmp_path / "run").rglob("metrics.csv")))
+    loss = metrics.dropna(subset=["train/loss"]).groupby("epoch")["train/loss"].mean()
+    print(loss.tolist())
+    assert len(loss) == 3 and loss.iloc[-1] < loss.iloc[0]
