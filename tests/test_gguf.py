@@ -14,6 +14,7 @@ import divmerge.zoo  # noqa: F401  (registers zoo:)
 from divmerge.errors import DivMergeError
 from divmerge.experts import gguf
 from divmerge.experts.sources import resolve_source
+from divmerge.families import causal_lm
 from divmerge.families.causal_lm import chat_prompts
 from divmerge.zoo import smollm2_gguf_file
 
@@ -223,8 +224,9 @@ def _perturbed_expert(path: Path, out: Path, seed: int) -> str:
 
 
 @pytest.mark.e2e
-def test_generative_fit_on_real_smollm2_lowers_the_divergence(converted, tmp_path, capsys):
-    """Two SmolLM2 experts, two generative demo tasks through the chat template: fit, and the JS falls."""
+def test_generative_fit_on_real_smollm2_lowers_the_divergence_and_exports(converted, tmp_path, capsys):
+    """Two SmolLM2 experts, two generative demo tasks through the chat template: fit, and the JS falls;
+    the export is a plain causal LM that generates the merged model's greedy answers."""
     import pandas as pd
     import yaml
 
@@ -236,7 +238,7 @@ def test_generative_fit_on_real_smollm2_lowers_the_divergence(converted, tmp_pat
     question = {"rt": "Is this movie review positive or negative?", "sms_spam": "Is this SMS spam or ham?"}
     config = {
         "seed_everything": 0,
-        "trainer": cpu_trainer(tmp_path / "run", epochs=3),
+        "trainer": cpu_trainer(tmp_path / "run", epochs=3, checkpoints=True),
         "model": {
             "base": str(base),
             "experts": experts,
@@ -267,10 +269,25 @@ def test_generative_fit_on_real_smollm2_lowers_the_divergence(converted, tmp_pat
     }
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(config))
-    train.main(["fit", "--config", str(path)])
+    cli = train.main(["fit", "--config", str(path)])
     out = capsys.readouterr()
     assert "| ANP" in out.out + out.err
     metrics = pd.read_csv(next((tmp_path / "run").rglob("metrics.csv")))
     loss = metrics.dropna(subset=["train/loss"]).groupby("epoch")["train/loss"].mean()
     print(loss.tolist())
     assert len(loss) == 3 and loss.iloc[-1] < loss.iloc[0]
+
+    merged, exported = cli.model.merged, tmp_path / "export"
+    ckpt = tmp_path / "run" / "ckpt" / "last.ckpt"
+    train.main(["export", "--config", str(path), "--ckpt_path", str(ckpt), "--out_dir", str(exported)])
+    model = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    assert type(model).__name__ == "LlamaForCausalLM" and tokenizer.chat_template
+    prompts = [torch.tensor(ids) for ids in cli.datamodule.dataset("rt", "test").encodings]
+    eos = tokenizer.eos_token_id
+    ours = causal_lm.generate(merged, merged.merged_params(), prompts, eos, eos, max_new_tokens=6)
+    for i, prompt in enumerate(prompts):  # one by one: no padding on the reference side
+        theirs = model.generate(
+            prompt[None], max_new_tokens=6, do_sample=False, eos_token_id=eos, pad_token_id=eos
+        )[0, len(prompt) :]
+        assert ours.tokens[i, : ours.lengths[i]].tolist() == theirs.tolist(), i
