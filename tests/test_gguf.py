@@ -187,7 +187,7 @@ def test_interrupted_conversion_is_never_used(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         resolve_source(str(file))
     assert os.listdir(tmp_path / "cache" / "gguf") == []
-    final = gguf.gguf_dir(file)
+    final = gguf.gguf_dir(file, tmp_path / "cache")
     final.mkdir()
     (final / "config.json").write_text("{}")
     one_line_error(resolve_source, str(file), match="not a complete GGUF conversion")

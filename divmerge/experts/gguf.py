@@ -12,17 +12,15 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import os
 import re
-import shutil
 import struct
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from divmerge.errors import DivMergeError, first_line
+from divmerge.experts.build_once import build_once
 from divmerge.quiet import quiet
 
 GGUF_SUFFIX = ".gguf"
@@ -64,7 +62,7 @@ def _check_file(path: Path) -> Path:
     return path.resolve()
 
 
-def gguf_dir(path: Path, cache_dir: Path | None = None) -> Path:
+def gguf_dir(path: Path, cache_dir: Path) -> Path:
     """Return where the conversion of a GGUF file lives (it may not exist yet).
 
     The name is ``<cache>/gguf/<file name without .gguf>-<digest>``, the digest a short hash of the
@@ -72,20 +70,17 @@ def gguf_dir(path: Path, cache_dir: Path | None = None) -> Path:
 
     Args:
         path: The GGUF file.
-        cache_dir: The cache directory; ``default_cache_dir()`` of :mod:`divmerge.experts.sources` if None.
+        cache_dir: The cache directory (``divmerge.experts.sources.default_cache_dir()`` for sources).
 
     Returns:
         The converted directory's path.
     """
-    from divmerge.experts.sources import default_cache_dir  # sources imports this module
-
     file = path.resolve()
     stat = file.stat()
     key = f"{_FORMAT_VERSION}|{file}|{stat.st_size}|{stat.st_mtime_ns}"
     short = hashlib.sha256(key.encode()).hexdigest()[:10]
     stem = re.sub(r"[^A-Za-z0-9._-]", "_", file.name.removesuffix(GGUF_SUFFIX)) or "model"
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    return root / _CACHE_SUBDIR / f"{stem}-{short}"
+    return Path(cache_dir).expanduser() / _CACHE_SUBDIR / f"{stem}-{short}"
 
 
 def _require_gguf_package(file: Path) -> None:
@@ -196,7 +191,7 @@ def _write(file: Path, out: Path) -> None:
     (out / GGUF_META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
-def convert_gguf(path: str | Path, cache_dir: Path | None = None, progress: bool = True) -> Path:
+def convert_gguf(path: str | Path, cache_dir: Path, progress: bool = True) -> Path:
     """Return the Hugging Face directory converted from a GGUF file, converting it on first use.
 
     The conversion is written into a temporary sibling directory renamed into place at the end, so an
@@ -205,7 +200,7 @@ def convert_gguf(path: str | Path, cache_dir: Path | None = None, progress: bool
 
     Args:
         path: The GGUF file.
-        cache_dir: The cache directory; ``default_cache_dir()`` of :mod:`divmerge.experts.sources` if None.
+        cache_dir: The cache directory (``divmerge.experts.sources.default_cache_dir()`` for sources).
         progress: Announce a conversion on stderr.
 
     Returns:
@@ -218,34 +213,16 @@ def convert_gguf(path: str | Path, cache_dir: Path | None = None, progress: bool
     """
     file = _check_file(Path(path).expanduser())
     final = gguf_dir(file, cache_dir)
-    if (final / GGUF_META_FILE).is_file():
-        return final
-    if final.exists():
-        raise DivMergeError(
-            f"{final} exists but is not a complete GGUF conversion (no {GGUF_META_FILE}): delete it and "
-            "rerun."
-        )
-    _require_gguf_package(file)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if progress:
-        print(f"divmerge: converting GGUF {file} -> {final} (once)", file=sys.stderr, flush=True)
-    start = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
+
+    def convert(out: Path) -> None:
+        _require_gguf_package(file)
+        if progress:
+            print(f"divmerge: converting GGUF {file} -> {final} (once)", file=sys.stderr, flush=True)
+        start = time.perf_counter()
         with quiet(not progress):
-            _write(file, tmp)
-        # mkdtemp (and safetensors) create owner-only entries; the cache is meant to be shared.
-        for entry in (tmp, *tmp.iterdir()):
-            entry.chmod(0o755 if entry.is_dir() else 0o644)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not (final / GGUF_META_FILE).is_file():
-                raise
-            # Another process finished the same conversion first; keep theirs.
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    if progress:
-        print(f"divmerge: GGUF converted in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-    return final
+            _write(file, out)
+        if progress:
+            seconds = time.perf_counter() - start
+            print(f"divmerge: GGUF converted in {seconds:.0f} s", file=sys.stderr, flush=True)
+
+    return build_once(final, GGUF_META_FILE, "GGUF conversion", convert)

@@ -75,7 +75,7 @@ def resolve_source(source: str, build: bool = False) -> str:
     path = Path(source).expanduser()
     gguf = _gguf_file(path)
     if gguf is not None:
-        return str(convert_gguf(gguf))
+        return str(convert_gguf(gguf, default_cache_dir()))
     if path.exists():
         if not path.is_dir() or not ((path / "config.json").is_file() or is_adapter(path)):
             raise DivMergeError(

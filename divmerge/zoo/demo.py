@@ -14,11 +14,8 @@ import functools
 import hashlib
 import importlib.util
 import json
-import os
 import random
-import shutil
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -29,6 +26,7 @@ from typing import Any
 import lightning.pytorch  # noqa: F401  (importing it sets its loggers to INFO: before quiet() lowers them)
 
 from divmerge.errors import DivMergeError
+from divmerge.experts.build_once import build_once
 from divmerge.experts.sources import default_cache_dir
 from divmerge.phases import EXPERT_PHASE, timed
 from divmerge.quiet import quiet
@@ -617,33 +615,15 @@ def build_expert(
 
     """
     final = expert_dir(name, recipe, cache_dir)
-    if (final / EXPERT_META_FILE).is_file():
-        return final
-    if final.exists():
-        raise DivMergeError(
-            f"{final} exists but is not a complete expert (no {EXPERT_META_FILE}); delete it and rerun."
-        )
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if progress:
-        print(
-            f"divmerge: fine-tuning demo expert {name!r} on {recipe.num_train} rows -> {final}",
-            file=sys.stderr,
-            flush=True,
-        )
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
+
+    def train(out: Path) -> None:
+        if progress:
+            print(
+                f"divmerge: fine-tuning demo expert {name!r} on {recipe.num_train} rows -> {final}",
+                file=sys.stderr,
+                flush=True,
+            )
         with quiet(not progress), timed(EXPERT_PHASE):
-            _train_expert(name, recipe, tmp, progress)
-        # mkdtemp (and safetensors) create owner-only entries; the cache is meant to be shared.
-        for entry in (tmp, *tmp.iterdir()):
-            entry.chmod(0o755 if entry.is_dir() else 0o644)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not (final / EXPERT_META_FILE).is_file():
-                raise
-            # Another process finished the same expert first; keep theirs.
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+            _train_expert(name, recipe, out, progress)
+
+    return build_once(final, EXPERT_META_FILE, "expert", train)

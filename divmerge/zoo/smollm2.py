@@ -9,6 +9,7 @@ from pathlib import Path
 
 from divmerge.errors import DivMergeError
 from divmerge.experts.gguf import convert_gguf
+from divmerge.experts.sources import default_cache_dir
 from divmerge.zoo.demo import _package_dir
 
 SMOLLM2_NAME = "smollm2"
@@ -45,4 +46,4 @@ def smollm2_path(cache_dir: Path | None = None) -> Path:
     Returns:
         The converted model directory (weights, config, tokenizer with its chat template).
     """
-    return convert_gguf(smollm2_gguf_file(), cache_dir)
+    return convert_gguf(smollm2_gguf_file(), cache_dir or default_cache_dir())
