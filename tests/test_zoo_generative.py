@@ -5,7 +5,7 @@ import pytest
 
 from divmerge.data import TaskSpec, load_rows, load_splits
 from divmerge.errors import DivMergeError
-from divmerge.zoo import ANSWER_WORDS, HEADLINE_TASK, demo_split, generative_table
+from divmerge.zoo import DEMO_TASKS, HEADLINE_TASK, answer_words, demo_split, generative_table
 from divmerge.zoo.gen_tasks import headline_and_opening
 
 
@@ -20,21 +20,22 @@ def _spec(source: str, **sizes) -> TaskSpec:
     )
 
 
-@pytest.mark.parametrize("name", sorted(ANSWER_WORDS))
+@pytest.mark.parametrize("name", DEMO_TASKS)
 def test_label_word_tasks_answer_with_the_class_word_of_the_same_row(name):
     table = generative_table(name)
     _, pool = demo_split(name)
     assert list(table.columns) == ["text", "answer"] and len(table) == len(pool)
     assert table["text"].tolist() == list(pool.texts)
-    assert table["answer"].tolist() == [ANSWER_WORDS[name][label] for label in pool.labels]
-    assert len(ANSWER_WORDS[name]) == len(pool.label_names)
+    words = answer_words(pool.label_names)
+    assert table["answer"].tolist() == [words[label] for label in pool.labels]
+    assert len(set(words)) == len(pool.label_names) and all(w.islower() for w in words)
 
 
 def test_a_generative_zoo_task_cuts_like_its_classification_twin():
     sizes = {"num_test": 40, "num_val": 10, "num_unlabelled": 20}
     gen = load_splits(_spec("zoo:trec", **sizes), seed=0)
     cls = load_splits(TaskSpec(name="t", source="zoo:trec", **sizes), seed=0)
-    words = ANSWER_WORDS["trec"]
+    words = ("abbreviation", "description", "entity", "human", "location", "number")
     assert gen["test"].texts == [f"Text: {t}\nAnswer:" for t in cls["test"].texts]
     assert gen["test"].answers == [words[label] for label in cls["test"].labels]
     assert gen["unlabelled"].answers is None and len(gen["unlabelled"].texts) == 20

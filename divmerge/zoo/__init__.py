@@ -27,7 +27,7 @@ from divmerge.zoo.demo import (
     expert_dir,
     load_demo_task,
 )
-from divmerge.zoo.gen_tasks import ANSWER_WORDS, GENERATIVE_TASKS, HEADLINE_TASK, generative_table
+from divmerge.zoo.gen_tasks import GENERATIVE_TASKS, HEADLINE_TASK, answer_words, generative_table
 from divmerge.zoo.smollm2 import SMOLLM2_NAME, smollm2_gguf_file, smollm2_path
 
 
@@ -83,7 +83,6 @@ register_scheme(ZOO_PREFIX, resolve_model)
 register_data_scheme(ZOO_PREFIX, read_task)
 
 __all__ = [
-    "ANSWER_WORDS",
     "DEMO_TASKS",
     "EXPERT_META_FILE",
     "GENERATIVE_TASKS",
@@ -94,6 +93,7 @@ __all__ = [
     "ZOO_PREFIX",
     "ExpertRecipe",
     "LabelledTexts",
+    "answer_words",
     "base_model_path",
     "build_expert",
     "default_cache_dir",

@@ -15,18 +15,29 @@ from divmerge.zoo.demo import DEMO_TASKS, demo_split
 HEADLINE_TASK = "bbc_headline"
 """``zoo:bbc_headline``: the free-text task (headline from the opening paragraph)."""
 
-ANSWER_WORDS: dict[str, tuple[str, ...]] = {
-    "rt": ("negative", "positive"),
-    "imdb": ("negative", "positive"),
-    "bbc": ("business", "entertainment", "politics", "sports", "tech"),
-    "sms_spam": ("ham", "spam"),
-    "trec": ("abbreviation", "description", "entity", "human", "location", "number"),
-    "tweet_sent": ("negative", "neutral", "positive"),
+_SPELT_OUT = {  # trec's coarse class codes as answer words
+    "ABBR": "abbreviation",
+    "DESC": "description",
+    "ENTY": "entity",
+    "HUM": "human",
+    "LOC": "location",
+    "NUM": "number",
 }
-"""Answer word of each class id, per demo task (trec's coarse codes ABBR .. NUM spelt out)."""
 
 GENERATIVE_TASKS: tuple[str, ...] = (*DEMO_TASKS, HEADLINE_TASK)
 """Every task ``zoo:<name>`` serves to generative tasks."""
+
+
+def answer_words(label_names: tuple[str, ...]) -> tuple[str, ...]:
+    """The answer word of each class of a demo task: its class name, trec's codes spelt out.
+
+    Args:
+        label_names: The task's class names, in class-id order.
+
+    Returns:
+        One word per class, in the same order.
+    """
+    return tuple(_SPELT_OUT.get(n, n) for n in label_names)
 
 
 def headline_and_opening(article: str) -> tuple[str, str]:
@@ -60,10 +71,10 @@ def generative_table(name: str) -> pd.DataFrame:
         _, pool = demo_split("bbc")
         pairs = [headline_and_opening(text) for text in pool.texts]
         return pd.DataFrame({"text": [o for _, o in pairs if o], "answer": [h for h, o in pairs if o]})
-    if name not in ANSWER_WORDS:
+    if name not in DEMO_TASKS:
         raise DivMergeError(
             f"Unknown generative demo task {name!r}; use one of: {', '.join(GENERATIVE_TASKS)}."
         )
     _, pool = demo_split(name)
-    words = ANSWER_WORDS[name]
+    words = answer_words(pool.label_names)
     return pd.DataFrame({"text": list(pool.texts), "answer": [words[label] for label in pool.labels]})
