@@ -12,6 +12,7 @@ from divmerge.static import STATIC_METHODS, check_method, static_merge
 from divmerge.static.common import polar
 from divmerge.static.iso import subspace_sizes
 from divmerge.static.tsv import kept_per_task
+from tests.test_static import make as make_tensors
 
 SVD_METHODS = ("tsv_m", "iso_c", "iso_cts")
 SHAPES = {
@@ -27,11 +28,8 @@ MATRICES = [n for n, s in SHAPES.items() if len(s) == 2]
 
 
 def make(num_tasks: int = 3, seed: int = 0, shapes: dict | None = None) -> tuple[dict, dict]:
-    g = torch.Generator().manual_seed(seed)
-    shapes = SHAPES if shapes is None else shapes
-    base = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
-    tvs = {n: torch.randn((num_tasks, *s), generator=g) for n, s in shapes.items()}
-    return base, tvs
+    """Random base and task vectors over this file's SHAPES (test_static's, with matrices of every kind)."""
+    return make_tensors(num_tasks, seed, SHAPES if shapes is None else shapes)
 
 
 def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-4) -> None:
