@@ -1,8 +1,6 @@
 """The class names an expert declares: its config.json ``id2label``, when it names real classes."""
 
-import json
 import re
-from pathlib import Path
 
 from transformers import AutoConfig
 
@@ -24,12 +22,8 @@ def expert_class_names(source: str) -> tuple[list[str], str] | None:
 
     """
     try:
-        path = Path(resolve_source(source))
-        if (path / "config.json").is_file():
-            id2label = json.loads((path / "config.json").read_text()).get("id2label") or {}
-        else:
-            id2label = AutoConfig.from_pretrained(str(path)).id2label or {}
-    except (DivMergeError, OSError, ValueError):
+        id2label = AutoConfig.from_pretrained(resolve_source(source)).id2label or {}
+    except (DivMergeError, OSError, ValueError, KeyError):  # no config (e.g. an adapter) or a foreign one
         return None
     labels = {int(k): str(v) for k, v in id2label.items()}
     if sorted(labels) != list(range(len(labels))) or len(labels) < 2:

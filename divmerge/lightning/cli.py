@@ -19,6 +19,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
 
 from divmerge.engine import check_trainable, check_writable_dir
 from divmerge.errors import DivMergeError, first_line
@@ -171,10 +172,10 @@ def with_default_config(argv: list[str]) -> list[str]:
     return argv
 
 
+@rank_zero_only
 def rank_zero_notice(message: str) -> None:
     """One ``divmerge: ...`` line on stderr, from the first process only."""
-    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:
-        print(f"divmerge: {message}", file=sys.stderr, flush=True)
+    print(f"divmerge: {message}", file=sys.stderr, flush=True)
 
 
 class _DropTips(logging.Filter):
@@ -196,7 +197,7 @@ def quiet_libraries() -> None:
     # Lightning's CombinedLoader still calls a torch._pytree API that torch 2.13 deprecates.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     notices = logging.getLogger("divmerge")  # data sizes, class names: "divmerge: ..." lines on stderr
-    if not notices.handlers and int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:
+    if not notices.handlers and rank_zero_only.rank == 0:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("divmerge: %(message)s"))
         notices.addHandler(handler)
