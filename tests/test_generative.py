@@ -17,6 +17,7 @@ from divmerge.data import TaskSpec, check_task, load_rows
 from divmerge.errors import DivMergeError
 from divmerge.families import causal_lm, load_experts
 from divmerge.families.generation import (
+    answer_aligned,
     answer_divergence,
     cache_bytes_per_position,
     coarsen_like,
@@ -172,6 +173,41 @@ def test_one_hot_coefficients_give_zero_divergence(merged, top_k):
         merged, merged.merged_params(merged.one_hot_table(1)), js_divergence, prompts(PROMPTS), teacher, 0
     )
     assert other > 1e-3
+
+
+def test_answer_aligned_puts_every_answer_at_the_end():
+    prompts_ = [torch.tensor([5, 6, 7]), torch.tensor([8])]
+    answers = [torch.tensor([2, 1]), torch.tensor([3, 4, 1])]  # the last token is predicted, never fed
+    ids, mask = answer_aligned(prompts_, answers, pad_id=0)
+    assert ids.tolist() == [[5, 6, 7, 2, 0], [0, 0, 8, 3, 4]]
+    assert mask.tolist() == [[1, 1, 1, 1, 0], [0, 0, 1, 1, 1]]
+    ids, mask = answer_aligned(prompts_, [torch.tensor([1]), torch.tensor([1])], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]  # one-token answers: only the prompts are fed
+
+
+def test_teacher_forced_loss_equals_full_logits_on_right_padded_sequences(merged):
+    """The LM head on the aligned answer positions only gives the loss of the plain layout."""
+    batch = dict(
+        zip(("input_ids", "attention_mask"), causal_lm.pad_sequences(prompts(PROMPTS), 0), strict=True)
+    )
+    batch["idx"] = torch.arange(len(PROMPTS))
+    teacher = causal_lm.build_teacher(merged, 0, [batch], len(PROMPTS), 1, 0, max_new_tokens=4, top_k=3)
+    teacher["lengths"] = teacher["lengths"] - torch.tensor([0, 1, 0, 1])  # answers of 2 and 1 tokens
+    params = merged.merged_params(torch.full_like(merged.one_hot_table(0), 0.4))
+    loss = causal_lm.teacher_forced_loss(merged, params, js_divergence, prompts(PROMPTS), teacher, 0)
+    lengths = teacher["lengths"]
+    seqs = [
+        torch.cat([p, a[: n - 1].long()])
+        for p, a, n in zip(prompts(PROMPTS), teacher["tokens"], lengths.tolist(), strict=True)
+    ]
+    ids, mask = causal_lm.pad_sequences(seqs, 0)  # (B, L), right-padded
+    logits = causal_lm.forward(merged, params, ids, mask).logits  # (B, L, V): every position
+    prompt_lengths = torch.tensor([len(p) for p in prompts(PROMPTS)])
+    reference = answer_divergence(
+        js_divergence, logits, prompt_lengths, lengths, teacher["logprobs"], teacher["ids"].long()
+    )
+    assert len(set(lengths.tolist())) > 1 and len(set(prompt_lengths.tolist())) > 1
+    torch.testing.assert_close(loss, reference, atol=1e-6, rtol=1e-5)
 
 
 def test_teacher_cache_size_follows_the_formula(merged):

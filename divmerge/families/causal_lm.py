@@ -9,11 +9,11 @@ be a peft LoRA adapter (task_type CAUSAL_LM) over the base: its plain LoRA layer
 :mod:`divmerge.families.generation` for the math.
 """
 
+import inspect
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 from torchmetrics import Metric, text
@@ -30,7 +30,14 @@ from divmerge.errors import DivMergeError
 from divmerge.experts.adapters import adapter_task_type, is_adapter
 from divmerge.experts.sources import resolve_source
 from divmerge.families.base import ModelFamily, Teacher
-from divmerge.families.generation import Decoded, answer_divergence, exact_match, greedy_decode
+from divmerge.families.generation import (
+    Decoded,
+    answer_aligned,
+    answer_divergence,
+    exact_match,
+    greedy_decode,
+    pad_sequences,
+)
 from divmerge.objectives import Objective
 
 CAUSAL_LM_CLASSES = frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
@@ -146,28 +153,6 @@ def chat_prompts(tokenizer: PreTrainedTokenizerBase, task: str, prompts: Sequenc
         for p in prompts
     ]
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
-
-
-def pad_sequences(seqs: Sequence[Tensor], pad_id: int, left: bool = False) -> tuple[Tensor, Tensor]:
-    """Stack 1-D token sequences into a padded batch.
-
-    Args:
-        seqs: Token ids per example, each (L_i,).
-        pad_id: Padding id.
-        left: Pad on the left (for generation) instead of the right.
-
-    Returns:
-        ``input_ids`` and ``attention_mask``, each (B, max L_i).
-
-    """
-    length = max(len(s) for s in seqs)
-    ids = torch.stack(
-        [F.pad(s, (length - len(s), 0) if left else (0, length - len(s)), value=pad_id) for s in seqs]
-    )
-    mask = torch.stack(
-        [F.pad(torch.ones_like(s), (length - len(s), 0) if left else (0, length - len(s))) for s in seqs]
-    )
-    return ids, mask  # (B, L), (B, L)
 
 
 def prompts_of(batch: Mapping[str, Tensor]) -> list[Tensor]:
@@ -328,6 +313,10 @@ def teacher_forced_loss(
 ) -> Tensor:
     """The merged model teacher-forced on prompt + the expert's answer, scored on the answer positions.
 
+    The answers are aligned (:func:`~divmerge.families.generation.answer_aligned`) so the LM head runs on
+    the answer positions only: over a 49k-token vocabulary it would otherwise cost a large share of the
+    step on every prompt position.
+
     Args:
         merged: The merged model.
         params: Merged tensors (differentiable w.r.t. the coefficients).
@@ -342,23 +331,25 @@ def teacher_forced_loss(
     """
     device = next(iter(params.values())).device
     lengths = teacher["lengths"]
-    # The last answer token is only predicted, never fed: its logits come from the position before it.
-    answers = [
-        a[: n - 1].to(device, torch.long) for a, n in zip(teacher["tokens"], lengths.tolist(), strict=True)
-    ]
-    seqs = [torch.cat([p.to(device), a]) for p, a in zip(prompts, answers, strict=True)]
-    ids, mask = pad_sequences(seqs, pad_id)  # (B, L)
-    logits = forward(merged, params, ids, mask).logits  # (B, L, V)
-    prompt_lengths = torch.tensor([len(p) for p in prompts], device=device)
+    answers = [a[:n] for a, n in zip(teacher["tokens"], lengths.tolist(), strict=True)]
+    ids, mask = answer_aligned([p.to(device) for p in prompts], answers, pad_id)  # (B, P + A - 1)
+    width = int(lengths.max())  # A: the last A positions predict the answers' tokens
+    logits = forward(merged, params, ids, mask, **logits_window(merged, width)).logits  # (B, A', V)
     ids_k = teacher.get("ids")
     return answer_divergence(
         objective,
-        logits,
-        prompt_lengths,
+        logits[:, -width:],  # (B, A, V)
+        torch.ones(len(prompts), dtype=torch.long, device=device),  # answer token j at position j
         lengths.to(device),
         teacher["logprobs"].to(device),
         None if ids_k is None else ids_k.to(device).long(),
     )
+
+
+def logits_window(merged: MergedModel, width: int) -> dict[str, int]:
+    """``logits_to_keep=width`` where the model's forward takes it (the LM head on the answers only)."""
+    takes = "logits_to_keep" in inspect.signature(merged.skeleton(0).forward).parameters
+    return {"logits_to_keep": width} if takes else {}
 
 
 def step_loss(

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from divmerge.objectives import Objective
@@ -80,6 +81,57 @@ def answer_positions(prompt_lengths: Tensor, width: int) -> Tensor:
 
     """
     return prompt_lengths[:, None] - 1 + torch.arange(width, device=prompt_lengths.device)  # (B, A)
+
+
+def pad_sequences(seqs: Sequence[Tensor], pad_id: int, left: bool = False) -> tuple[Tensor, Tensor]:
+    """Stack 1-D token sequences into a padded batch.
+
+    Args:
+        seqs: Token ids per example, each (L_i,).
+        pad_id: Padding id.
+        left: Pad on the left (for generation) instead of the right.
+
+    Returns:
+        ``input_ids`` and ``attention_mask``, each (B, max L_i).
+
+    """
+    length = max(len(s) for s in seqs)
+    ids = torch.stack(
+        [F.pad(s, (length - len(s), 0) if left else (0, length - len(s)), value=pad_id) for s in seqs]
+    )
+    mask = torch.stack(
+        [F.pad(torch.ones_like(s), (length - len(s), 0) if left else (0, length - len(s))) for s in seqs]
+    )
+    return ids, mask  # (B, L), (B, L)
+
+
+def answer_aligned(
+    prompts: Sequence[Tensor], answers: Sequence[Tensor], pad_id: int
+) -> tuple[Tensor, Tensor]:
+    """Lay out prompt + answer sequences so every answer starts at the same position.
+
+    Prompts are left-padded to a common length P and the answers' fed tokens (all but the last, which is
+    only predicted) right-padded after them, so the logits predicting answer token j sit at position
+    P - 1 + j for every example: the last A positions of the sequence, A = max answer length. A model
+    asked for its last A positions' logits only (``logits_to_keep``) then never computes the LM head over
+    the prompt. Positions must follow the attention mask (``position_ids = cumsum(mask) - 1``).
+
+    Args:
+        prompts: Prompt token ids per example, each (m_i,), m_i >= 1.
+        answers: Answer token ids per example, each (n_i,), n_i >= 1 (the EOS included if generated).
+        pad_id: Padding id.
+
+    Returns:
+        ``input_ids`` and ``attention_mask``, each (B, P + A - 1).
+
+    """
+    device = prompts[0].device
+    left_ids, left_mask = pad_sequences(prompts, pad_id, left=True)  # (B, P)
+    fed = [a[:-1].to(device, torch.long) for a in answers]
+    if max(len(a) for a in fed) == 0:  # every answer is one token: nothing is fed after the prompt
+        return left_ids, left_mask
+    right_ids, right_mask = pad_sequences(fed, pad_id)  # (B, A - 1)
+    return torch.cat([left_ids, right_ids], dim=1), torch.cat([left_mask, right_mask], dim=1)
 
 
 def answer_divergence(
