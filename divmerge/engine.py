@@ -304,7 +304,9 @@ class Merger:
         assert self.family is not None
         return nn.ModuleDict(
             {
-                task: nn.ModuleDict({k: self.family.new_metric(n) for k in ("merged", "expert", "reference")})
+                task: nn.ModuleDict(
+                    {k: self.family.new_metric(task, n) for k in ("merged", "expert", "reference")}
+                )
                 for task, n in self.num_labels.items()
             }
         )

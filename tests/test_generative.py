@@ -390,6 +390,25 @@ def test_static_merge_of_generative_experts_scored_by_a_text_metric(tmp_path, lm
     assert all(0 < r.expert <= 1 and 0 <= r.merged <= 1 and r.reference is not None for r in results)
 
 
+def test_generation_metric_per_task(tmp_path, lm, capsys):
+    config = write_config(tmp_path, lm)
+    args = ["--model.method", "task_arithmetic", "--model.generation_metric", "{has_a: CHRFScore}"]
+    cli = train.main(["test", "--config", config, *args])
+    kinds = {task: type(m["merged"]).__name__ for task, m in cli.model.metrics.items()}
+    assert kinds == {"first": "MeanMetric", "has_a": "CHRFScore"}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["test", "--config", config, "--model.generation_metric", "{nope: CHRFScore}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "names tasks ['nope'] that are not data tasks (first, has_a)" in err
+
+
+def test_unknown_generation_metric_is_refused():
+    with pytest.raises(DivMergeError, match="generation_metric 'ROUGE' is unknown: use one of exact_match"):
+        causal_lm.CausalLM(generation_metric={"t": "ROUGE"})
+
+
 def test_export_writes_the_merged_causal_lm_as_a_plain_hugging_face_model(tmp_path, lm, capsys):
     config = write_config(tmp_path, lm, epochs=1)
     cli = train.main(["fit", "--config", config])

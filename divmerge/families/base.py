@@ -146,8 +146,8 @@ class ModelFamily(ABC):
         """
 
     @abstractmethod
-    def new_metric(self, num_outputs: int) -> Metric:
-        """A fresh evaluation metric for a task whose expert has ``num_outputs`` outputs."""
+    def new_metric(self, task: str, num_outputs: int) -> Metric:
+        """A fresh evaluation metric for ``task``, whose expert has ``num_outputs`` outputs."""
 
     @abstractmethod
     def eval_update(

@@ -11,7 +11,7 @@ be a peft LoRA adapter (task_type CAUSAL_LM) over the base: its plain LoRA layer
 
 import inspect
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -432,7 +432,8 @@ class CausalLM(ModelFamily):
         max_new_tokens: Most tokens generated per answer (teacher cache and evaluation).
         teacher_top_k: Cache each answer position's distribution as the expert's top-k probabilities plus
             the remaining mass (None: full-vocabulary distributions).
-        generation_metric: How generated answers are scored against the references.
+        generation_metric: How generated answers are scored against the references: one metric for every
+            task, or a mapping task -> metric (tasks it does not name use ``exact_match``).
     """
 
     name: ClassVar[str] = "causal_lm"
@@ -446,8 +447,18 @@ class CausalLM(ModelFamily):
         self,
         max_new_tokens: int = 16,
         teacher_top_k: int | None = None,
-        generation_metric: str = "exact_match",
+        generation_metric: GenerationMetric | Mapping[str, GenerationMetric] = "exact_match",
     ) -> None:
+        names = (
+            [generation_metric] if isinstance(generation_metric, str) else list(generation_metric.values())
+        )
+        valid = get_args(GenerationMetric)
+        wrong = [n for n in names if n not in valid]
+        if wrong:
+            raise DivMergeError(
+                f"generation_metric {wrong[0]!r} is unknown: use one of {', '.join(valid)} "
+                "(or a mapping task -> one of them; tasks not named use exact_match)."
+            )
         self.max_new_tokens = max_new_tokens
         self.teacher_top_k = teacher_top_k
         self.generation_metric = generation_metric
@@ -517,6 +528,13 @@ class CausalLM(ModelFamily):
             raise DivMergeError(
                 "Causal-LM experts are trained one task at a time: use backbone_pass: per_task."
             )
+        if not isinstance(self.generation_metric, str):
+            unknown = sorted(set(self.generation_metric) - {spec.name for spec in specs})
+            if unknown:
+                raise DivMergeError(
+                    f"model.generation_metric names tasks {unknown} that are not data tasks "
+                    f"({', '.join(spec.name for spec in specs)}): fix or remove those entries."
+                )
 
     def bind(self, tokenizer: PreTrainedTokenizerBase, num_outputs: int) -> None:
         """Keep the tokenizer and its EOS / padding ids (a tokenizer without EOS is refused here)."""
@@ -563,9 +581,15 @@ class CausalLM(ModelFamily):
         inputs = {t: {k: b[k] for k in ("input_ids", "attention_mask")} for t, b in batches.items()}
         return step_loss(merged, objective, inputs, teachers, self.pad_id)
 
-    def new_metric(self, num_outputs: int) -> Metric:
-        """The configured generation metric."""
-        return generation_metric(self.generation_metric)
+    def new_metric(self, task: str, num_outputs: int) -> Metric:
+        """The task's generation metric (``generation_metric``, or its entry for ``task``)."""
+        return generation_metric(self.metric_name(task))
+
+    def metric_name(self, task: str) -> GenerationMetric:
+        """The metric ``task`` is scored with."""
+        if isinstance(self.generation_metric, str):
+            return self.generation_metric
+        return self.generation_metric.get(task, "exact_match")
 
     def eval_update(
         self,

@@ -105,7 +105,7 @@ class Classification(ModelFamily):
         inputs = {t: {k: b[k] for k in ("input_ids", "attention_mask")} for t, b in batches.items()}
         return step_loss(merged, merged.merged_params(), inputs, task_loss, backbone_pass)
 
-    def new_metric(self, num_outputs: int) -> Metric:
+    def new_metric(self, task: str, num_outputs: int) -> Metric:
         """Micro-averaged accuracy over ``num_outputs`` classes."""
         return MulticlassAccuracy(num_classes=num_outputs, average="micro")
 

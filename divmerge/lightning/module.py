@@ -73,8 +73,9 @@ class DivMergeModule(L.LightningModule):
             probabilities plus the remaining mass, and compute the divergence over those k + 1 outcomes
             for expert and merged model alike; None caches and compares full-vocabulary distributions.
         generation_metric: Causal-LM experts: how generated answers are scored against the reference
-            (``exact_match``, whitespace stripped, or a torchmetrics.text metric); ANP divides the merged
-            model's score by the expert's.
+            (``exact_match``, whitespace stripped, or a torchmetrics.text metric), for every task or as
+            a mapping task -> metric (e.g. ``{bbc_headline: CHRFScore}``; tasks not named use
+            ``exact_match``); ANP divides the merged model's score by the expert's.
 
     """
 
@@ -98,7 +99,7 @@ class DivMergeModule(L.LightningModule):
         cache_dir: str | None = None,
         max_new_tokens: int = 16,
         teacher_top_k: int | None = None,
-        generation_metric: GenerationMetric = "exact_match",
+        generation_metric: GenerationMetric | dict[str, GenerationMetric] = "exact_match",
     ) -> None:
         super().__init__()
         if not experts:
