@@ -6,7 +6,7 @@ import pytest
 from divmerge.data import TaskSpec, load_rows, load_splits
 from divmerge.errors import DivMergeError
 from divmerge.zoo import DEMO_TASKS, HEADLINE_TASK, answer_words, demo_split, generative_table
-from divmerge.zoo.gen_tasks import headline_and_opening
+from divmerge.zoo.gen_tasks import PROMPT_WORDS, headline_and_opening
 
 
 def _spec(source: str, **sizes) -> TaskSpec:
@@ -24,11 +24,28 @@ def _spec(source: str, **sizes) -> TaskSpec:
 def test_label_word_tasks_answer_with_the_class_word_of_the_same_row(name):
     table = generative_table(name)
     _, pool = demo_split(name)
-    assert list(table.columns) == ["text", "answer"] and len(table) == len(pool)
+    assert list(table.columns) == ["text", "answer", "prompt"] and len(table) == len(pool)
     assert table["text"].tolist() == list(pool.texts)
     words = answer_words(pool.label_names)
     assert table["answer"].tolist() == [words[label] for label in pool.labels]
     assert len(set(words)) == len(pool.label_names) and all(w.islower() for w in words)
+
+
+def test_prompts_are_the_first_words_then_the_question_that_names_every_answer():
+    for name in (*DEMO_TASKS, HEADLINE_TASK):
+        table = generative_table(name)
+        row = table.iloc[0]
+        assert row["prompt"].startswith(" ".join(row["text"].split()[:PROMPT_WORDS]) + "\n")
+        assert len(row["prompt"].split("\n")[0].split()) <= PROMPT_WORDS
+        if name != HEADLINE_TASK:
+            question = row["prompt"].rsplit("\n", 1)[1]
+            assert all(word in question for word in set(table["answer"])), name
+
+
+def test_the_train_part_is_the_experts_rows_and_never_the_pool():
+    train_rows, pool_rows = demo_split("sms_spam")
+    assert generative_table("sms_spam", "train")["text"].tolist() == list(train_rows.texts)
+    assert generative_table("sms_spam")["text"].tolist() == list(pool_rows.texts)
 
 
 def test_a_generative_zoo_task_cuts_like_its_classification_twin():

@@ -5,6 +5,10 @@ classification demo task, as a table with two columns: ``text`` (the input) and 
 a word, e.g. ``positive``), so ``prompt_template`` and ``answer_column: answer`` work as on a data file.
 ``zoo:bbc_headline`` is free-text generation: ``text`` is a BBC article's opening paragraph and
 ``answer`` its headline (each article file's first line), scored with a text metric (ROUGE-L, chrF).
+
+A third column, ``prompt``, is the question the demo's generative experts were fine-tuned on (the text's
+first :data:`PROMPT_WORDS` words, then the task's question): ``prompt_template: "{prompt}"`` asks a
+``zoo:smollm2/<task>`` expert exactly what it learned to answer.
 """
 
 import pandas as pd
@@ -26,6 +30,21 @@ _SPELT_OUT = {  # trec's coarse class codes as answer words
 
 GENERATIVE_TASKS: tuple[str, ...] = (*DEMO_TASKS, HEADLINE_TASK)
 """Every task ``zoo:<name>`` serves to generative tasks."""
+
+PROMPT_WORDS = 40
+"""Words of the input kept in the ``prompt`` column: short prompts keep a causal-LM step cheap."""
+
+_QUESTIONS = {
+    "rt": "Is this movie review positive or negative? Answer in one word.",
+    "imdb": "Is this movie review positive or negative? Answer in one word.",
+    "sms_spam": "Is this SMS message spam or ham? Answer in one word.",
+    "trec": "Does this question ask for an abbreviation, description, entity, human, location or number? "
+    "Answer in one word.",
+    "bbc": "Is this news article about business, entertainment, politics, sports or tech? "
+    "Answer in one word.",
+    "tweet_sent": "Is this tweet negative, neutral or positive? Answer in one word.",
+    HEADLINE_TASK: "Write a headline for this news article.",
+}
 
 
 def answer_words(label_names: tuple[str, ...]) -> tuple[str, ...]:
@@ -54,27 +73,42 @@ def headline_and_opening(article: str) -> tuple[str, str]:
     return headline.strip(), paragraphs[0] if paragraphs else ""
 
 
-def generative_table(name: str) -> pd.DataFrame:
-    """The held-out pool of a demo task as prompts' inputs and answers.
+def task_prompt(name: str, text: str) -> str:
+    """The demo's question about ``text`` for a generative task: its first words, then the question.
+
+    Args:
+        name: A generative demo task.
+        text: The input text.
+
+    Returns:
+        The prompt (before any chat template).
+    """
+    return " ".join(text.split()[:PROMPT_WORDS]) + "\n" + _QUESTIONS[name]
+
+
+def generative_table(name: str, part: str = "pool") -> pd.DataFrame:
+    """The held-out pool (or the expert-training rows) of a demo task as inputs, prompts and answers.
 
     Args:
         name: A demo task (answers are its label words) or ``bbc_headline``.
+        part: ``pool``: rows the demo's experts never trained on; ``train``: the rows they trained on.
 
     Returns:
-        A table with columns ``text`` and ``answer``, in the pool's order (rows the demo's classification
-        experts never trained on).
+        A table with columns ``text``, ``answer`` and ``prompt``, in the part's order.
 
     Raises:
         DivMergeError: If ``name`` is not a generative demo task.
     """
-    if name == HEADLINE_TASK:
-        _, pool = demo_split("bbc")
-        pairs = [headline_and_opening(text) for text in pool.texts]
-        return pd.DataFrame({"text": [o for _, o in pairs if o], "answer": [h for h, o in pairs if o]})
-    if name not in DEMO_TASKS:
+    if name not in GENERATIVE_TASKS:
         raise DivMergeError(
             f"Unknown generative demo task {name!r}; use one of: {', '.join(GENERATIVE_TASKS)}."
         )
-    _, pool = demo_split(name)
-    words = answer_words(pool.label_names)
-    return pd.DataFrame({"text": list(pool.texts), "answer": [words[label] for label in pool.labels]})
+    rows = demo_split("bbc" if name == HEADLINE_TASK else name)[0 if part == "train" else 1]
+    if name == HEADLINE_TASK:
+        pairs = [headline_and_opening(text) for text in rows.texts]
+        texts, answers = [o for _, o in pairs if o], [h for h, o in pairs if o]
+    else:
+        words = answer_words(rows.label_names)
+        texts, answers = list(rows.texts), [words[label] for label in rows.labels]
+    prompts = [task_prompt(name, t) for t in texts]
+    return pd.DataFrame({"text": texts, "answer": answers, "prompt": prompts})
