@@ -291,3 +291,30 @@ def test_generative_fit_on_real_smollm2_lowers_the_divergence_and_exports(conver
             prompt[None], max_new_tokens=6, do_sample=False, eos_token_id=eos, pad_token_id=eos
         )[0, len(prompt) :]
         assert ours.tokens[i, : ours.lengths[i]].tolist() == theirs.tolist(), i
+
+
+def test_a_smollm2_expert_with_one_added_token_merges(converted, tmp_path):
+    """Real SmolLM2: an expert that added one token beside one that did not; one-hot coefficients give
+    the extended expert's logits over the whole vocabulary, added token included."""
+    from divmerge.core.merged_model import MergedModel
+    from divmerge.families import load_experts
+
+    base = converted["path"]
+    plain = _perturbed_expert(base, tmp_path / "plain", 0)
+    extended = _perturbed_expert(base, tmp_path / "extended", 1)
+    tokenizer = AutoTokenizer.from_pretrained(extended)
+    tokenizer.add_tokens(["<|divmerge_test|>"])
+    model = AutoModelForCausalLM.from_pretrained(extended, dtype=torch.float32)
+    model.resize_token_embeddings(len(tokenizer))  # 49,153 rows, the new one at the mean
+    model.save_pretrained(extended)
+    tokenizer.save_pretrained(extended)
+    experts = load_experts(str(base), {"plain": plain, "extended": extended})
+    assert experts.num_labels == [49_153, 49_153]
+    merged = MergedModel(experts)
+    ids = torch.tensor([tokenizer("The movie was", add_special_tokens=False)["input_ids"] + [49_152]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        ours = causal_lm.forward(merged, merged.merged_params(merged.one_hot_table(1)), ids, mask).logits
+        theirs = model.eval()(input_ids=ids, attention_mask=mask).logits
+    assert ours.shape[-1] == 49_153
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)

@@ -45,10 +45,24 @@ class ExpertKind(Protocol):
         """Refuse sources this family cannot merge, before anything heavy is loaded."""
         ...
 
+    def extend_base(self, base: PreTrainedModel) -> None:
+        """Grow the loaded base in place before task vectors are taken (e.g. added vocabulary rows)."""
+        ...
+
     def split(
         self, task: str, model: PreTrainedModel, base: PreTrainedModel, theta0: Mapping[str, Tensor]
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """(merged tensors by base name, the expert's own unmerged tensors by full name), checked."""
+        ...
+
+    def complete(
+        self,
+        task_names: Sequence[str],
+        full: Sequence[int],
+        theta0: Mapping[str, Tensor],
+        stacked: Mapping[str, Tensor],
+    ) -> None:
+        """Adjust base and stacked task vectors in place once every expert is loaded."""
         ...
 
     def prefix(self, model: PreTrainedModel) -> str:
@@ -96,6 +110,7 @@ def load_expert_set(
         raise DivMergeError(f"Tasks {clash} are both experts and held out: list each task in one of them.")
     kind.check_sources(base, experts, held_out)
     base_model = load_pretrained(kind.base_class, base, "the base model")
+    kind.extend_base(base_model)
     theta0 = {n: p.detach() for n, p in base_model.named_parameters()}  # tied tensors appear once
     base_type = base_model.config.model_type
     sources = {**dict(experts), **held_out}
@@ -160,6 +175,7 @@ def load_expert_set(
         kind.to_skeleton(model)
         skeletons.append(model)
     assert names is not None
+    kind.complete(task_names, full, {n: theta0[n] for n in names}, stacked)
     dense_rows = append_adapter_rows(stacked, full, adapter_rows) if len(full) < len(task_names) else {}
     base_digest = hashlib.sha256()
     for n in names:

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM
 from divmerge.core.merged_model import MergedModel
 from divmerge.errors import DivMergeError
 from divmerge.experts.sources import resolve_source
+from divmerge.experts.vocab import tokenizer_source
 from divmerge.export.common import (
     CARD_FILE,
     EXPORT_FILE,
@@ -59,11 +60,17 @@ def export_causal_lm(
     check_target(out, overwrite, base_source, summary)
     source = resolve_source(base_source)
     config = load_base_config(source, base_source)
-    tokenizer = load_tokenizer(source, base_source)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    tokenizer = load_tokenizer(tokenizer_source(base_source, summary.get("experts", {})), base_source)
     dense = merged.dense_params(params)  # LoRA adapter experts' low-rank updates folded into the weights
     state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in dense.items()}
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    embedding = model.get_input_embeddings().weight
+    name = next(n for n, p in model.named_parameters() if p is embedding)
+    if name in state and state[name].shape[0] != embedding.shape[0]:  # experts added tokens
+        config.vocab_size = state[name].shape[0]
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()  # the tied output embeddings take the (once merged) input embeddings
     missing = sorted(n for n, p in model.named_parameters() if p.is_meta)

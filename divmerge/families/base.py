@@ -59,6 +59,25 @@ class ModelFamily(ABC):
     def check_sources(self, base: str, experts: Mapping[str, str], held_out: Mapping[str, str]) -> None:  # noqa: B027 (optional hook)
         """Refuse sources this family cannot merge, before anything heavy is loaded (default: none)."""
 
+    def extend_base(self, base: PreTrainedModel) -> None:  # noqa: B027 (optional hook)
+        """Grow the loaded base in place before task vectors are taken (default: nothing)."""
+
+    def complete(  # noqa: B027 (optional hook)
+        self,
+        task_names: Sequence[str],
+        full: Sequence[int],
+        theta0: Mapping[str, Tensor],
+        stacked: Mapping[str, Tensor],
+    ) -> None:
+        """Adjust base and stacked task vectors in place once every expert is loaded (default: nothing).
+
+        Args:
+            task_names: The merged tasks.
+            full: Task index of each row of the stacks.
+            theta0: The base's merged tensors.
+            stacked: Name -> task vectors (len(full), *shape).
+        """
+
     @abstractmethod
     def split(
         self, task: str, model: PreTrainedModel, base: PreTrainedModel, theta0: Mapping[str, Tensor]

@@ -29,6 +29,7 @@ from divmerge.data import Rows, TaskSpec
 from divmerge.errors import DivMergeError
 from divmerge.experts.adapters import adapter_task_type, is_adapter
 from divmerge.experts.sources import resolve_source
+from divmerge.experts.vocab import Vocabulary, vocabulary
 from divmerge.families.base import ModelFamily, Teacher
 from divmerge.families.generation import (
     Decoded,
@@ -72,17 +73,32 @@ def vocab_size(model: PreTrainedModel) -> int:
     return int(model.get_input_embeddings().weight.shape[0])
 
 
+def vocab_tensors(model: PreTrainedModel) -> set[str]:
+    """Names of the parameters with one row per token: input embeddings, and an untied LM head."""
+    matrices = [
+        m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
+    ]
+    return {n for n, p in model.named_parameters() if any(p is m for m in matrices)}
+
+
 def _expert_params(
-    task: str, model: PreTrainedModel, theta0: Mapping[str, Tensor], base_vocab: int
+    task: str, model: PreTrainedModel, theta0: Mapping[str, Tensor], merged_vocab: int
 ) -> dict[str, Tensor]:
-    """An expert's parameters, checked against the base: vocabulary, names and shapes."""
-    if vocab_size(model) != base_vocab:
+    """An expert's parameters, checked against the (vocabulary-extended) base: names and shapes.
+
+    An expert with fewer token rows than the merge gets the base's rows for the ones it lacks, so its
+    task vector is zero there (see :mod:`divmerge.experts.vocab`).
+    """
+    rows = vocab_size(model)
+    if rows > merged_vocab:  # the vocabulary check reads configs; the weights disagree with them
         raise DivMergeError(
-            f"Expert {task!r} has a vocabulary of {vocab_size(model)} tokens but the base has {base_vocab}: "
-            "experts are merged token by token, so each must keep the base's tokenizer and embedding size; "
-            f"resize its embeddings to {base_vocab} (if its extra tokens are unused) or leave it out."
+            f"Expert {task!r} has {rows} embedding rows but its config.json says the vocabulary is smaller: "
+            "set vocab_size in its config.json to its embedding rows."
         )
     params = {n: p.detach() for n, p in model.named_parameters()}
+    for n in vocab_tensors(model) if rows < merged_vocab else ():
+        if n in theta0:
+            params[n] = torch.cat([params[n], theta0[n][rows:]])  # (V, H)
     differing = sorted(set(params) ^ set(theta0))
     if differing:
         raise DivMergeError(
@@ -463,6 +479,8 @@ class CausalLM(ModelFamily):
         self.teacher_top_k = teacher_top_k
         self.generation_metric = generation_metric
         self.eos_id = self.pad_id = 0
+        self.vocab: Vocabulary | None = None  # set by check_sources
+        self.vocab_names: set[str] = set()  # token-row tensors of the base, set by extend_base
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> "CausalLM":
@@ -496,6 +514,15 @@ class CausalLM(ModelFamily):
                     f"Expert {task!r} is not a causal LM (its config lists {architectures(source)}) but "
                     f"the others are: merge experts of one kind (all causal LMs or all classifiers)."
                 )
+        paths = {task: resolve_source(source) for task, source in experts.items()}
+        self.vocab = vocabulary(resolve_source(base), paths)
+        adapters = [task for task, path in paths.items() if is_adapter(path)]
+        if self.vocab.extended and adapters:
+            raise DivMergeError(
+                f"Expert {adapters[0]!r} is a LoRA adapter but other experts extend the base's vocabulary "
+                f"({self.vocab.base_size} -> {self.vocab.size} tokens), which adapter experts cannot merge "
+                "with yet: merge its full fine-tune (peft merge_and_unload) instead."
+            )
 
     def split(
         self, task: str, model: PreTrainedModel, base: PreTrainedModel, theta0: Mapping[str, Tensor]
@@ -503,13 +530,51 @@ class CausalLM(ModelFamily):
         """Every weight is merged (tied embeddings once); a causal LM has no head of its own."""
         return _expert_params(task, model, theta0, vocab_size(base)), {}
 
+    def extend_base(self, base: PreTrainedModel) -> None:
+        """Give the base the merged vocabulary's rows (zero until :meth:`complete` fills them)."""
+        if self.vocab is None or not self.vocab.extended:
+            return
+        base.resize_token_embeddings(self.vocab.size, mean_resizing=False)
+        self.vocab_names = vocab_tensors(base)
+        with torch.no_grad():
+            for n, p in base.named_parameters():
+                if n in self.vocab_names:
+                    p[self.vocab.base_size :] = 0
+
+    def complete(
+        self,
+        task_names: Sequence[str],
+        full: Sequence[int],
+        theta0: Mapping[str, Tensor],
+        stacked: Mapping[str, Tensor],
+    ) -> None:
+        """Fill the added token rows: the base gets the mean of the experts that have the row.
+
+        Each of those experts keeps its difference from that mean (until now the base row was zero, so
+        their task vector was their row); the others stay at zero.
+        """
+        if self.vocab is None or not self.vocab.extended:
+            return
+        low = self.vocab.base_size
+        ends = [self.vocab.sizes[task_names[t]] - low for t in full]  # added rows each stack row has
+        count = torch.zeros(self.vocab.size - low)
+        for end in ends:
+            count[:end] += 1
+        for n in self.vocab_names & set(stacked):
+            tau = stacked[n]
+            added = tau[:, low:]  # (T, V - V0, H): each expert's own rows, zero where it lacks them
+            mean = added.float().sum(0) / count.clamp(min=1)[:, None]  # (V - V0, H)
+            theta0[n][low:] = mean.to(theta0[n].dtype)
+            for i, end in enumerate(ends):
+                added[i, :end] -= mean[:end].to(added.dtype)
+
     def prefix(self, model: PreTrainedModel) -> str:
         """The whole model is merged: names are full parameter names."""
         return ""
 
     def num_outputs(self, model: PreTrainedModel) -> int:
-        """The vocabulary size."""
-        return vocab_size(model)
+        """The merged vocabulary's size (an expert that added tokens may have more rows than another)."""
+        return self.vocab.size if self.vocab is not None and self.vocab.extended else vocab_size(model)
 
     def to_skeleton(self, model: PreTrainedModel) -> None:
         """Meta device, with tied weights re-tied (moving to meta unties them)."""

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedToken
 from divmerge.data import SPLITS, Rows, Split, TaskDataset, TaskSpec, check_task, load_splits
 from divmerge.errors import DivMergeError
 from divmerge.experts.classes import expert_class_names
-from divmerge.experts.sources import resolve_source
+from divmerge.experts.vocab import tokenizer_source
 from divmerge.families.causal_lm import chat_prompts
 from divmerge.lightning.resumable import ResumableTaskBatches
 
@@ -96,8 +96,8 @@ class MergeDataModule(L.LightningDataModule):
 
     @cached_property
     def tokenizer(self) -> PreTrainedTokenizerBase:
-        """The base model's tokenizer."""
-        source = resolve_source(self.tokenizer_source)
+        """The base model's tokenizer (an expert's, when experts added tokens to the base's vocabulary)."""
+        source = tokenizer_source(self.tokenizer_source, self.experts)
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
         except (OSError, ValueError) as err:
