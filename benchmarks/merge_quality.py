@@ -63,14 +63,14 @@ from torch import Tensor
 from divmerge.core.coefficients import GRANULARITIES
 from divmerge.core.expert_set import ExpertSet
 from divmerge.core.merged_model import MergedModel
-from divmerge.data import TaskDataset, TaskSpec
+from divmerge.data import Rows, TaskDataset, TaskSpec
 from divmerge.engine import DEFAULT_LR, Merger
 from divmerge.errors import DivMergeError
 from divmerge.evaluation import TaskResult, anp
 from divmerge.lightning.datamodule import MergeDataModule
 from divmerge.objectives import OBJECTIVES
 from divmerge.static import STATIC_METHODS
-from divmerge.zoo import DEMO_TASKS, default_cache_dir
+from divmerge.zoo import DEMO_TASKS, GEN_PREFIX, GENERATIVE_TASKS, default_cache_dir
 
 PROG = "merge_quality"
 STATIC = ("average", "task_arithmetic", "ties", "dare", "tsv_m", "iso_c", "iso_cts")
@@ -87,6 +87,12 @@ SIZES: dict[str, tuple[int, int]] = {
     "num_unlabelled": (128, 64),
 }
 LR = DEFAULT_LR
+GEN_TASKS = ("rt", "sms_spam", "trec", "bbc_headline", "bbc")  # --generative: default tasks, in order
+GEN_BASE = "zoo:smollm2"
+# --generative: the teacher and evaluation settings of configs/smollm2_demo.yaml
+GEN_OPTIONS = {"max_new_tokens": 24, "teacher_top_k": 50}
+GEN_METRICS = {"bbc_headline": "CHRFScore"}  # tasks not named here: exact match
+GEN_MAX_LENGTH = 128
 CEILING = "ceiling"  # the labelled test-set fit (diagnostic upper bound), see the module docstring
 
 Batch = dict[str, Tensor]
@@ -132,6 +138,9 @@ class Settings:
     out_dir: str
     quick: bool = False
     dry_run: bool = False
+    generative: bool = False
+    prompt_template: str = "{prompt}"
+    chat_template: bool = True
 
 
 @dataclass
@@ -165,6 +174,7 @@ class Prepared:
     dm: MergeDataModule
     test_batches: dict[str, list[Batch]]
     expert_acc: dict[str, float]
+    test_rows: dict[str, Rows]
 
 
 # ------------------------------------------------------------------------------------------ options
@@ -224,12 +234,21 @@ def build_parser() -> argparse.ArgumentParser:
         "cores once the teacher cache is built; noisy numbers)",
     )
     p.add_argument(
+        "--generative",
+        action="store_true",
+        help=f"merge the generative SmolLM2 demo experts ({GEN_BASE}, zoo:{GEN_PREFIX}<task>) on the "
+        f"generative demo tasks (default {','.join(GEN_TASKS)}): prompts through the chat template, answers "
+        "scored by exact match (bbc_headline: chrF), as configs/smollm2_demo.yaml",
+    )
+    p.add_argument(
         "--tasks",
         default=None,
         help="comma-separated task names (experts), in order; default: the --experts names, else the "
         f"demo tasks {','.join(DEMO_TASKS)}",
     )
-    p.add_argument("--base", default="zoo:minilm", help="base model (and tokenizer) source")
+    p.add_argument(
+        "--base", default=None, help=f"base model (and tokenizer) source; default zoo:minilm ({GEN_BASE})"
+    )
     p.add_argument(
         "--experts",
         default=None,
@@ -281,8 +300,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="initial value of every learned coefficient; default 1/k (DivMerge, Algorithm 1)",
     )
-    p.add_argument("--max_length", type=int, default=64, help="tokens per input (truncation)")
+    p.add_argument(
+        "--max_length",
+        type=int,
+        default=None,
+        help=f"tokens per input (prompts keep their end); default 64 ({GEN_MAX_LENGTH} generative)",
+    )
     p.add_argument("--eval_batch_size", type=int, default=64, help="batch size of evaluation and teachers")
+    p.add_argument(
+        "--prompt_template",
+        default="{prompt}",
+        help="--generative: the prompt as a format string over the data's columns (the zoo's prompt column "
+        "by default); references come from the column answer",
+    )
+    p.add_argument(
+        "--plain_prompts",
+        action="store_true",
+        help="--generative: send prompts as written instead of through the tokenizer's chat template",
+    )
     p.add_argument("--text_column", default="text", help="text column of --data files")
     p.add_argument("--label_column", default="label", help="integer label column of --data files")
     p.add_argument(
@@ -326,7 +361,8 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     """
     experts = parse_pairs(args.experts, "experts")
     data = parse_pairs(args.data, "data")
-    tasks = parse_list(args.tasks) or list(experts) or list(DEMO_TASKS)
+    demo = GENERATIVE_TASKS if args.generative else DEMO_TASKS
+    tasks = parse_list(args.tasks) or list(experts) or list(GEN_TASKS if args.generative else DEMO_TASKS)
     if len(set(tasks)) != len(tasks):
         raise DivMergeError(f"--tasks lists a task twice: {tasks}.")
     if experts:
@@ -337,13 +373,14 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
                 "name=path to --experts or drop them from --tasks."
             )
     else:
-        unknown = [t for t in tasks if t not in DEMO_TASKS]
+        unknown = [t for t in tasks if t not in demo]
         if unknown:
             raise DivMergeError(
-                f"Tasks {unknown} have no expert: the demo has experts for {list(DEMO_TASKS)} only; give "
+                f"Tasks {unknown} have no expert: the demo has experts for {list(demo)} only; give "
                 "--experts name=path for your own."
             )
-    experts = {t: experts.get(t, f"zoo:{t}") for t in tasks}
+    zoo = f"zoo:{GEN_PREFIX}" if args.generative else "zoo:"
+    experts = {t: experts.get(t, f"{zoo}{t}") for t in tasks}
     missing = [t for t in tasks if t not in data and not experts[t].startswith("zoo:")]
     if missing:
         raise DivMergeError(f"Tasks {missing} have no data: add name=file to --data.")
@@ -378,9 +415,10 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         raise DivMergeError(f"--workers must be at least 1, got {args.workers}.")
     if args.threads < 0:
         raise DivMergeError(f"--threads must be 0 (torch's default) or more, got {args.threads}.")
-    for name in ("max_length", "eval_batch_size"):
-        if getattr(args, name) < 1:
-            raise DivMergeError(f"--{name} must be at least 1, got {getattr(args, name)}.")
+    max_length = args.max_length or (GEN_MAX_LENGTH if args.generative else 64)
+    for name, value in (("max_length", max_length), ("eval_batch_size", args.eval_batch_size)):
+        if value < 1:
+            raise DivMergeError(f"--{name} must be at least 1, got {value}.")
     lr = LR if args.lr is None else args.lr
     if not (lr > 0 and math.isfinite(lr)):
         raise DivMergeError(f"--lr must be a positive number, got {lr}.")
@@ -388,7 +426,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         raise DivMergeError(f"--init must be a finite number, got {args.init}.")
     return Settings(
         tasks=tasks,
-        base=args.base,
+        base=args.base or (GEN_BASE if args.generative else "zoo:minilm"),
         experts=experts,
         data=data,
         methods=methods,
@@ -397,7 +435,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         batch_per_task=args.batch_per_task,
         lr=lr,
         init=args.init,
-        max_length=args.max_length,
+        max_length=max_length,
         eval_batch_size=args.eval_batch_size,
         text_column=args.text_column,
         label_column=args.label_column,
@@ -408,6 +446,9 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         out_dir=args.out_dir,
         quick=args.quick,
         dry_run=args.dry_run,
+        generative=args.generative,
+        prompt_template=args.prompt_template,
+        chat_template=not args.plain_prompts,
         **sizes,
     )
 
@@ -447,6 +488,12 @@ def choose_subsets(num_tasks: int, k: int, n: int, seed: int) -> list[tuple[int,
 
 def make_datamodule(settings: Settings) -> MergeDataModule:
     """The benchmark's data: per task, disjoint test and unlabelled parts (no validation part)."""
+    prompts = {
+        "kind": "generative",
+        "prompt_template": settings.prompt_template,
+        "answer_column": "answer",
+        "chat_template": settings.chat_template,
+    }
     specs = [
         TaskSpec(
             name=t,
@@ -456,6 +503,7 @@ def make_datamodule(settings: Settings) -> MergeDataModule:
             num_unlabelled=settings.num_unlabelled,
             num_val=0,
             num_test=settings.num_test,
+            **(prompts if settings.generative else {}),
         )
         for t in settings.tasks
     ]
@@ -466,6 +514,7 @@ def make_datamodule(settings: Settings) -> MergeDataModule:
         batch_size_per_task=settings.batch_per_task,
         eval_batch_size=settings.eval_batch_size,
         seed=settings.seed,
+        experts=settings.experts,
     )
 
 
@@ -583,7 +632,10 @@ def learned_merge(
 
 
 def evaluate(
-    merger: Merger, params: Mapping[str, Tensor], batches: Mapping[str, Sequence[Batch]]
+    merger: Merger,
+    params: Mapping[str, Tensor],
+    batches: Mapping[str, Sequence[Batch]],
+    rows: Mapping[str, Rows] | None = None,
 ) -> list[float]:
     """Test accuracy of merged tensors on every task of the subset, with the engine's evaluation.
 
@@ -591,12 +643,13 @@ def evaluate(
         merger: The subset's engine (its test teachers loaded).
         params: Merged backbone tensors (``merged_params`` naming).
         batches: Per subset task, its labelled test batches.
+        rows: Per task, its test rows (generative tasks: the reference answers).
 
     Returns:
-        Per subset task (in ``merger.task_names`` order), the accuracy.
+        Per subset task (in ``merger.task_names`` order), the accuracy (or generation metric).
 
     """
-    scores = merger.evaluate(batches, "test", {"merged": params})
+    scores = merger.evaluate(batches, "test", {"merged": params}, rows)
     return [scores[task]["merged"] for task in merger.task_names]
 
 
@@ -705,11 +758,11 @@ def calibrate(settings: Settings, prep: Prepared) -> Costs:
     sub = prep.merger.subset(settings.tasks[: settings.min_k], granularity="task")
     params = sub.learned_params()
     longest = {settings.tasks[0]: [prep.test_batches[settings.tasks[0]][-1]]}  # a conservative estimate
-    evaluate(sub.subset(settings.tasks[:1]), params, longest)
+    evaluate(sub.subset(settings.tasks[:1]), params, longest, prep.test_rows)
     start = time.perf_counter()
-    evaluate(sub.subset(settings.tasks[:1]), params, longest)
+    evaluate(sub.subset(settings.tasks[:1]), params, longest, prep.test_rows)
     costs = Costs(
-        steps or {2: 0.0}, (time.perf_counter() - start) / len(longest[settings.tasks[0]][0]["labels"])
+        steps or {2: 0.0}, (time.perf_counter() - start) / len(longest[settings.tasks[0]][0]["input_ids"])
     )
     for method in (m for m in settings.methods if is_static(m)):
         start = time.perf_counter()
@@ -753,7 +806,9 @@ def prepare(settings: Settings, phases: dict[str, float], quiet: bool = False) -
 
     """
     t0 = time.perf_counter()
-    merger = Merger(settings.base, settings.experts, cache_dir=settings.cache_dir)
+    metrics = {t: m for t, m in GEN_METRICS.items() if t in settings.tasks}
+    options = GEN_OPTIONS | {"generation_metric": metrics} if settings.generative else None
+    merger = Merger(settings.base, settings.experts, family_options=options, cache_dir=settings.cache_dir)
     merger.build()
     phases["load experts"] = time.perf_counter() - t0
 
@@ -775,8 +830,9 @@ def prepare(settings: Settings, phases: dict[str, float], quiet: bool = False) -
             f"{2 * len(settings.tasks) - len(built)}, in {fmt_seconds(phases['teacher cache'])}",
             flush=True,
         )
-    scores = merger.evaluate(test_batches, "test", {})
-    return Prepared(merger, dm, test_batches, {task: scores[task]["expert"] for task in settings.tasks})
+    rows = {task: dm.rows(task)["test"] for task in settings.tasks}
+    scores = merger.evaluate(test_batches, "test", {}, rows)
+    return Prepared(merger, dm, test_batches, {task: scores[task]["expert"] for task in settings.tasks}, rows)
 
 
 def training_data(prep: Prepared, method: str, tasks: Sequence[str]) -> list[TaskDataset]:
@@ -820,7 +876,7 @@ def merge_and_score(
         )
     merge_s = time.perf_counter() - start
     start = time.perf_counter()
-    accuracies = evaluate(sub, params, {t: prep.test_batches[t] for t in tasks})
+    accuracies = evaluate(sub, params, {t: prep.test_batches[t] for t in tasks}, prep.test_rows)
     eval_s = time.perf_counter() - start
     results = [
         TaskResult(t, len(prep.dm.dataset(t, "test")), prep.expert_acc[t], acc)

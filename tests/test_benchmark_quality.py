@@ -304,3 +304,30 @@ def test_script_entry_point(monkeypatch, capsys) -> None:
         runpy.run_path(str(ROOT / "benchmarks" / "merge_quality.py"), run_name="__main__")
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.startswith("merge_quality: error: Unknown method 'nope'")
+
+
+def test_generative_run_on_tiny_causal_lms(tmp_path: Path, capsys) -> None:
+    """--generative: causal-LM experts, prompts from a template, answers scored by exact match."""
+    from tests import tiny_lm
+
+    setup = tiny_lm.make_setup(tmp_path / "lm")
+    pairs = ",".join(f"{t}={p}" for t, p in setup["experts"].items())
+    data = ",".join(f"{t}={p}" for t, p in setup["data"].items())
+    out = tmp_path / "out"
+    args = ["--generative", "--base", setup["base"], "--experts", pairs, "--data", data, "--plain_prompts"]
+    args += ["--prompt_template", tiny_lm.TEMPLATE, "--methods", "task_arithmetic,js-layer", "--quick"]
+    args += ["--steps", "2", "--num_test", "8", "--num_unlabelled", "8", "--max_length", "16"]
+    args += ["--cache_dir", str(tmp_path / "cache"), "--out_dir", str(out), "--threads", "1"]
+    assert mq.main(args) == 0
+    rows = read_csv(out / "merge_quality.csv")
+    assert {r["method"] for r in rows} == {"task_arithmetic", "js-layer"} and len(rows) == 2
+    for row in rows:  # exact-match scores of 8 answers each, and their ratio to the experts'
+        assert all(
+            float(row[f"acc_{t}"]) * 8 == pytest.approx(round(float(row[f"acc_{t}"]) * 8))
+            for t in setup["experts"]
+        )
+        assert 0 <= float(row["anp"]) <= 2
+    settings = mq.resolve_settings(mq.build_parser().parse_args(["--generative"]))
+    assert settings.base == "zoo:smollm2" and settings.max_length == mq.GEN_MAX_LENGTH
+    assert settings.tasks == list(mq.GEN_TASKS) and settings.experts["rt"] == "zoo:smollm2/rt"
+    assert settings.chat_template and settings.prompt_template == "{prompt}"

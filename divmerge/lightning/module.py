@@ -332,7 +332,8 @@ class DivMergeModule(L.LightningModule):
         self.last_results = results
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
         if self.trainer.state.fn != TrainerFn.FITTING and self.trainer.is_global_zero:
-            title = f"Per-task accuracy on {split} ({self.describe()})"
+            score = "score" if self.engine.family.task_kind == "generative" else "accuracy"
+            title = f"Per-task {score} on {split} ({self.describe()})"
             table = format_table(results, reference_name=self.hparams.reference.replace("_", " "))
             print(f"\n{title}:\n{table}\n", flush=True)
             if log_dir:
