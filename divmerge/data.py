@@ -213,6 +213,13 @@ def _generative_rows(spec: TaskSpec, table: pd.DataFrame, where: str, labelled: 
             )
         return Rows(texts, None, None)
     column = table[spec.answer_column]
+    empty = column.isna() | column.astype(str).str.strip().eq("")
+    if labelled and empty.any():
+        raise DivMergeError(
+            f"Task {spec.name!r}: answer_column {spec.answer_column!r} is empty in {int(empty.sum())} of "
+            f"{len(column)} rows of {where!r} (first: row {int(empty.to_numpy().argmax())}): an answer "
+            "cannot be scored against nothing; fill those answers or drop those rows."
+        )
     names = _label_names(spec)
     if not (names and pd.api.types.is_integer_dtype(column)):
         return Rows(texts, None, None, column.astype(str).tolist())

@@ -228,6 +228,19 @@ def test_teacher_cache_size_follows_the_formula(merged):
 
 
 # ----------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("answer", ["", "  ", None])
+def test_empty_answers_are_refused_in_one_line(tmp_path, answer):
+    path = tmp_path / "qa.csv"
+    pd.DataFrame({"q": ["a", "b", "c"], "answer": ["yes", answer, "no"]}).to_csv(path, index=False)
+    spec = TaskSpec(
+        name="qa", source=str(path), kind="generative", prompt_template="{q}", answer_column="answer"
+    )
+    with pytest.raises(
+        DivMergeError, match=r"answer_column 'answer' is empty in 1 of 3 rows .* \(first: row 1\)"
+    ):
+        load_rows(spec)
+
+
 def test_generative_task_without_prompt_template_is_refused():
     with pytest.raises(DivMergeError, match="is generative but has no prompt_template"):
         MergeDataModule([TaskSpec(name="t", source="x.csv", kind="generative")])
