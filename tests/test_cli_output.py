@@ -130,3 +130,14 @@ def test_lightning_tips_are_dropped_and_other_lines_kept(caplog):
 
 def test_durations_read_like_a_clock():
     assert [duration(s) for s in (0.4, 59, 75, 3725)] == ["0s", "59s", "1m15s", "1h02m"]
+
+
+def test_the_empty_validation_loader_warning_is_dropped(recwarn):
+    import warnings
+
+    cli_module.quiet_libraries()
+    warnings.warn(
+        "Total length of `list` across ranks is zero. Make sure this was your intention.", stacklevel=1
+    )
+    warnings.warn("something the user must see", stacklevel=1)
+    assert [str(w.message) for w in recwarn] == ["something the user must see"]

@@ -196,6 +196,8 @@ def quiet_libraries() -> None:
             logger.addFilter(_DropTips())
     # Lightning's CombinedLoader still calls a torch._pytree API that torch 2.13 deprecates.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # num_val: 0 on every task gives an empty validation loader on purpose.
+    warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero")
     notices = logging.getLogger("divmerge")  # data sizes, class names: "divmerge: ..." lines on stderr
     if not notices.handlers and rank_zero_only.rank == 0:
         handler = logging.StreamHandler(sys.stderr)
