@@ -195,6 +195,7 @@ def _train(task: str, recipe: ExpertRecipe, base: Path, out: Path, progress: boo
         for i in random.Random(recipe.seed).sample(range(len(rows)), len(rows))
     ]
     batches = [order[i : i + recipe.batch_size] for i in range(0, len(order), recipe.batch_size)]
+    name = GEN_PREFIX + (LORA_PREFIX if recipe.lora_rank is not None else "") + task
     started = last = time.perf_counter()
     losses = []
     for step, batch in enumerate(batches, 1):
@@ -208,7 +209,7 @@ def _train(task: str, recipe: ExpertRecipe, base: Path, out: Path, progress: boo
             last = now
             eta = (now - started) / step * (len(batches) - step)
             print(
-                f"divmerge: expert {GEN_PREFIX}{task}: step {step}/{len(batches)} | loss {losses[-1]:.3f} "
+                f"divmerge: expert {name}: step {step}/{len(batches)} | loss {losses[-1]:.3f} "
                 f"| ETA {eta:.0f} s",
                 file=sys.stderr,
                 flush=True,
