@@ -399,9 +399,15 @@ def _file_sha256(path: Path, size: int, mtime_ns: int) -> str:
     return digest.hexdigest()
 
 
-def _base_fingerprint() -> str:
-    """Return a content hash of the base model's weights and config."""
-    base = base_model_path()
+def model_fingerprint(base: Path) -> str:
+    """Return a content hash of a model directory's weights and config (cached per file state).
+
+    Args:
+        base: The model directory.
+
+    Returns:
+        A SHA-256 hex digest over its ``*.safetensors`` files and ``config.json``.
+    """
     parts = []
     for file in sorted([*base.glob("*.safetensors"), base / "config.json"]):
         stat = file.stat()
@@ -436,7 +442,7 @@ def expert_dir(name: str, recipe: ExpertRecipe = ExpertRecipe(), cache_dir: Path
             "format": _ZOO_FORMAT_VERSION,
             "task": name,
             "recipe": recipe.as_dict(),
-            "base": _base_fingerprint(),
+            "base": model_fingerprint(base_model_path()),
         },
         sort_keys=True,
     )
@@ -582,7 +588,7 @@ def _train_expert(name: str, recipe: ExpertRecipe, out_dir: Path, progress: bool
         "pool_accuracy_500": pool_accuracy,
         "pool_eval_rows": pool_rows,
         "train_seconds": round(train_seconds, 1),
-        "base_model_sha256": _base_fingerprint(),
+        "base_model_sha256": model_fingerprint(base_model_path()),
         "format": _ZOO_FORMAT_VERSION,
     }
     (out_dir / EXPERT_META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")

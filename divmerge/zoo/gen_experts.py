@@ -21,10 +21,10 @@ from typing import Any
 from divmerge.errors import DivMergeError
 from divmerge.experts.build_once import build_once
 from divmerge.families.causal_lm import chat_prompts
-from divmerge.families.generation import answer_aligned, exact_match
+from divmerge.families.generation import answer_aligned, exact_match, pad_sequences
 from divmerge.phases import EXPERT_PHASE, timed
 from divmerge.quiet import quiet
-from divmerge.zoo.demo import EXPERT_META_FILE, LORA_PREFIX, ExpertRecipe, _file_sha256
+from divmerge.zoo.demo import EXPERT_META_FILE, LORA_PREFIX, ExpertRecipe, model_fingerprint
 from divmerge.zoo.gen_tasks import GENERATIVE_TASKS, HEADLINE_TASK, generative_table
 from divmerge.zoo.smollm2 import SMOLLM2_NAME, smollm2_path
 
@@ -65,15 +65,6 @@ def gen_expert(name: str) -> tuple[str, ExpertRecipe]:
     return task, recipe
 
 
-def _fingerprint(base: Path) -> str:
-    """A content hash of the base's weights and config."""
-    parts = []
-    for file in sorted([*base.glob("*.safetensors"), base / "config.json"]):
-        stat = file.stat()
-        parts.append(f"{file.name}:{_file_sha256(file, stat.st_size, stat.st_mtime_ns)}")
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
-
-
 def gen_expert_dir(task: str, recipe: ExpertRecipe, cache_dir: Path, base: Path) -> Path:
     """Where the generative expert for this task, recipe and base lives (it may not exist yet).
 
@@ -87,7 +78,12 @@ def gen_expert_dir(task: str, recipe: ExpertRecipe, cache_dir: Path, base: Path)
         ``cache_dir/zoo/smollm2-<task>[-lora]-<short hash of recipe and base>``.
     """
     key = json.dumps(
-        {"format": _FORMAT_VERSION, "task": task, "recipe": recipe.as_dict(), "base": _fingerprint(base)},
+        {
+            "format": _FORMAT_VERSION,
+            "task": task,
+            "recipe": recipe.as_dict(),
+            "base": model_fingerprint(base),
+        },
         sort_keys=True,
     )
     lora = "-lora" if recipe.lora_rank is not None else ""
@@ -137,11 +133,8 @@ def _score(
     with torch.inference_mode():
         for start in range(0, len(rows), 16):
             prompts = [p for p, _ in rows[start : start + 16]]
-            width = max(len(p) for p in prompts)
-            ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
-            mask = (ids != tokenizer.pad_token_id).long()
-            for i, p in enumerate(prompts):
-                mask[i, width - len(p) :] = 1
+            ids, mask = pad_sequences([torch.tensor(p) for p in prompts], tokenizer.pad_token_id, left=True)
+            width = ids.shape[1]
             out = model.generate(
                 input_ids=ids,
                 attention_mask=mask,
