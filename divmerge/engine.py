@@ -140,6 +140,7 @@ class Merger:
         family_options: The model family's settings (``max_new_tokens``, ``teacher_top_k``,
             ``generation_metric``; each family reads its own).
         cache_dir: Teacher cache directory; None means $DIVMERGE_CACHE or ~/.cache/divmerge.
+        space_options: Options of the coefficient space (``svd``: ``rank``).
     """
 
     def __init__(
@@ -155,10 +156,11 @@ class Merger:
         backbone_pass: BackbonePass = "per_task",
         family_options: Mapping[str, Any] | None = None,
         cache_dir: str | Path | None = None,
+        space_options: Mapping[str, Any] | None = None,
     ) -> None:
         if not experts:
             raise DivMergeError("No experts given: list them under model.experts as `task_name: path`.")
-        get_space(granularity)
+        get_space(granularity, space_options)
         if init is not None and not math.isfinite(init):
             raise DivMergeError(f"model.init is {init}: give a finite number, or leave it unset for 1/T.")
         if backbone_pass not in ("per_task", "joint"):
@@ -168,6 +170,7 @@ class Merger:
         self.held_out = list(held_out or {})
         self.held_out_sources = dict(held_out or {})
         self.granularity = granularity
+        self.space_options = dict(space_options or {})
         self.objective_name = (
             objective if isinstance(objective, str) else getattr(objective, "__name__", "custom")
         )
@@ -214,7 +217,9 @@ class Merger:
         """Make ``experts`` this merger's expert set: the merged model, its family and digests."""
         dtype = getattr(torch, self.task_vector_dtype)
         self.expert_set = experts
-        self.merged = MergedModel(experts, self.granularity, self.init, self.clamp, task_vector_dtype=dtype)
+        self.merged = MergedModel(
+            experts, self.granularity, self.init, self.clamp, dtype, space_options=self.space_options
+        )
         self.family = family
         self.fingerprint = experts.fingerprint
         self.task_digests = experts.task_digests
@@ -268,6 +273,7 @@ class Merger:
         granularity: Granularity | None = None,
         objective: str | Objective | None = None,
         init: float | None = None,
+        space_options: Mapping[str, Any] | None = None,
     ) -> "Merger":
         """A merger of some of this one's experts, sharing the loaded tensors and the loaded teachers.
 
@@ -277,6 +283,8 @@ class Merger:
             objective: Its objective, a name in ``OBJECTIVES`` or a per-example function
                 (teacher rows, merged logits) -> (B,) (default: this one's).
             init: Initial coefficient value; None means 1/k.
+            space_options: Options of the new merger's space (default: this one's when the granularity
+                is this one's, else none).
 
         Returns:
             The new merger, built (no loading).
@@ -287,6 +295,11 @@ class Merger:
             self.expert_set.subset(list(tasks)),  # unknown or no tasks fail here
             self.family,
             granularity=granularity or self.granularity,
+            space_options=(
+                space_options
+                if space_options is not None or granularity not in (None, self.granularity)
+                else self.space_options
+            ),
             objective=self.objective if objective is None else objective,
             init=init,
             clamp=self.clamp,
@@ -436,6 +449,22 @@ class Merger:
         inputs = {index[task]: b for task, b in batch.items()}
         loss, per_task = self.family.step_loss(merged, self.objective, inputs, teachers, self.backbone_pass)
         return loss, {task: per_task[index[task]] for task in batch}
+
+    @torch.no_grad()
+    def divergence(self, batch: Mapping[str, Mapping[str, Tensor]], split: str) -> dict[str, Tensor]:
+        """Per task, the mean divergence of the merged model on a batch, without gradients.
+
+        The label-free selection signal: the training objective on inputs held out of training.
+
+        Args:
+            batch: Task name -> its collated batch of ``split`` (with ``idx`` into that split's teachers).
+            split: Whose teacher rows ``idx`` index; they must hold distributions (``unlabelled`` always
+                does; classification experts' ``val`` too).
+
+        Returns:
+            Task name -> its mean divergence (a 0-d tensor).
+        """
+        return self.step_loss(batch, split)[1]
 
     # ------------------------------------------------------------------ merged tensors
     def static_params(self, method: str, options: Mapping[str, Any] | None = None) -> dict[str, Tensor]:

@@ -89,7 +89,7 @@ def test_method_names_and_options_are_checked_in_one_place():
 
 def test_bad_settings_fail_before_loading(tiny):
     with pytest.raises(DivMergeError, match="granularity"):
-        Merger(tiny["base"], tiny["experts"], granularity="row")
+        Merger(tiny["base"], tiny["experts"], granularity="rows")
     with pytest.raises(DivMergeError, match="objective"):
         Merger(tiny["base"], tiny["experts"], objective="hellinger")
     with pytest.raises(DivMergeError, match="backbone_pass"):

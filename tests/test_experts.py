@@ -54,8 +54,7 @@ def test_merge_formula_and_gradient(expert_set):
         merged.coefficients.weight.uniform_(-1, 2, generator=torch.Generator().manual_seed(0))
     params = merged.merged_params()
     name = "encoder.layer.1.output.dense.weight"
-    col = merged.coefficients.group_of[name]
-    c = merged.coefficients.weight[:, col]
+    c = merged.coefficients.column(merged.coefficients.weight, name)
     want = (
         expert_set.base[name]
         + c[0] * expert_set.task_vectors[name][0]

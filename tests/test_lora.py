@@ -218,7 +218,7 @@ def test_fit_and_static_test_with_an_adapter_expert(tmp_path, tiny, capsys):
     )
     cli = train.main(["fit", "--config", config])
     merged = cli.model.merged
-    columns = [merged.coefficients.group_of[f"{m}.weight"] for m in merged.lora_b]
+    columns = [merged.coefficients.layout.columns[f"{m}.weight"].start for m in merged.lora_b]
     assert columns and (merged.coefficients.weight[1, columns] != 0.5).all()  # the adapter's moved
     report = json.loads(next((tmp_path / "run").rglob("report_test.json")).read_text())
     assert [r["task"] for r in report["tasks"]] == ["alpha", "beta"] and math.isfinite(report["anp"])

@@ -68,6 +68,8 @@ def accumulate_over_tasks(
     through the merge to the coefficients (so a trainer's ``loss.backward()``, DDP's gradient hooks and
     optimizers work unchanged). Peak memory: one task's activations + merged tensors + their gradients.
 
+    Under ``torch.no_grad()`` (a held-out divergence) only the losses are computed, nothing backward.
+
     Args:
         params: Output of ``MergedModel.merged_params`` (differentiable w.r.t. the coefficients).
         task_losses: Task index -> function of the merged tensors returning that task's scalar loss.
@@ -76,6 +78,9 @@ def accumulate_over_tasks(
         The step loss (value: sum of task losses) and the detached loss of each task.
 
     """
+    if not torch.is_grad_enabled():
+        values = {task: loss_fn(params).detach() for task, loss_fn in task_losses.items()}
+        return torch.stack(list(values.values())).sum(), values
     # tensors no coefficient moves (e.g. LoRA A factors, or weights only adapters leave untouched) stay
     # constants, so backward computes no gradient for them
     leaves = {n: p.detach().requires_grad_(p.requires_grad) for n, p in params.items()}
@@ -94,8 +99,13 @@ def accumulate_over_tasks(
     return total + (surrogate - surrogate.detach()), values
 
 
+def _map(fn: Callable[[Tensor], Tensor], value: Tensor | tuple[Tensor, ...]) -> Tensor | tuple[Tensor, ...]:
+    """``fn`` of a tensor, or of each tensor of a tuple (factors kept together under one name)."""
+    return tuple(fn(t) for t in value) if isinstance(value, tuple) else fn(value)
+
+
 class FrozenTensors(nn.Module):
-    """A name -> tensor store that follows ``.to()`` / ``.cuda()`` but holds no parameters or buffers.
+    """A name -> tensor (or tuple of factors) store that follows ``.to()`` but holds no parameters or buffers.
 
     So the tensors never enter ``state_dict`` (checkpoints stay kilobytes), never require grad, and
     DDP never broadcasts them.
@@ -105,15 +115,15 @@ class FrozenTensors(nn.Module):
 
     """
 
-    def __init__(self, tensors: Mapping[str, Tensor]) -> None:
+    def __init__(self, tensors: Mapping[str, Tensor | tuple[Tensor, ...]]) -> None:
         super().__init__()
-        self._store = {name: t.detach() for name, t in tensors.items()}
+        self._store = {name: _map(Tensor.detach, t) for name, t in tensors.items()}
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "FrozenTensors":
-        self._store = {name: fn(t) for name, t in self._store.items()}
+        self._store = {name: _map(fn, t) for name, t in self._store.items()}
         return super()._apply(fn, recurse)
 
-    def __getitem__(self, name: str) -> Tensor:
+    def __getitem__(self, name: str) -> Any:
         return self._store[name]
 
     def __contains__(self, name: object) -> bool:
@@ -125,10 +135,10 @@ class FrozenTensors(nn.Module):
     def __len__(self) -> int:
         return len(self._store)
 
-    def items(self) -> Iterator[tuple[str, Tensor]]:
+    def items(self) -> Iterator[tuple[str, Any]]:
         """Iterate over (name, tensor) pairs."""
         return iter(self._store.items())
 
     def numel(self) -> int:
         """Total number of elements held."""
-        return sum(t.numel() for t in self._store.values())
+        return sum(x.numel() for t in self._store.values() for x in (t if isinstance(t, tuple) else (t,)))

@@ -6,6 +6,7 @@ under the experts' naming, for ``torch.func.functional_call`` by a model family 
 """
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -14,8 +15,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from divmerge.core import lora
 from divmerge.core.coefficients import Granularity, MergeCoefficients
 from divmerge.core.expert_set import ExpertSet
-from divmerge.core.merge import FrozenTensors, WeightedSum
+from divmerge.core.merge import FrozenTensors
 from divmerge.core.sharding import is_sharded, shard_stacks, sharded_weighted_sum
+from divmerge.errors import DivMergeError
 
 
 class MergedModel(nn.Module):
@@ -23,11 +25,12 @@ class MergedModel(nn.Module):
 
     Args:
         experts: The loaded expert set (base, stacked task vectors, heads, skeletons).
-        granularity: Coefficient granularity: ``task``, ``layer`` or ``block``.
+        granularity: Coefficient space: ``task``, ``layer``, ``block``, ``row`` or ``svd``.
         init: Initial coefficient value; None means 1/T.
         clamp: Optional (low, high) bounds on the coefficients.
         task_vector_dtype: Storage dtype of the task vectors (bf16/fp16 halve their memory); the merge
             itself is computed in float32 with float32 coefficients. LoRA factors keep their dtype.
+        space_options: Options of the coefficient space (``svd``: ``rank``).
 
     LoRA adapter experts are merged without densifying (``divmerge.lora``): a LoRA module's merged
     tensors are its weight (theta_0 plus the full experts' weighted task vectors) and the stacked factors
@@ -41,17 +44,27 @@ class MergedModel(nn.Module):
         init: float | None = None,
         clamp: tuple[float, float] | None = None,
         task_vector_dtype: torch.dtype = torch.float32,
+        space_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.task_names = list(experts.task_names)
         self.all_tasks = experts.all_tasks  # heads/skeletons index: merged tasks, then held-out ones
         self.names = list(experts.names)
         self.prefix = experts.prefix
-        self.coefficients = MergeCoefficients(len(self.task_names), self.names, granularity, init, clamp)
-        self.base = FrozenTensors(experts.base)
-        self.task_vectors = FrozenTensors(
-            {n: t.to(task_vector_dtype) for n, t in experts.task_vectors.items()}
+        shapes = {n: experts.base[n].shape for n in self.names}
+        self.coefficients = MergeCoefficients(
+            len(self.task_names), shapes, granularity, init, clamp, space_options
         )
+        space = self.coefficients.space
+        if space.per_tensor and (experts.lora or experts.dense_rows):
+            raise DivMergeError(
+                f"Granularity {granularity!r} needs fully fine-tuned experts, and some are LoRA adapters: "
+                "merge adapters with granularity task, layer or block."
+            )
+        self.task_vectors = FrozenTensors(  # (T, *shape) stacks, or a space's factors of them
+            {n: space.store(n, t.to(task_vector_dtype)) for n, t in experts.task_vectors.items()}
+        )
+        self.base = FrozenTensors(experts.base)
         self.dense_rows = dict(experts.dense_rows)  # name -> task of each stored row, when not all T
         self.lora_a = FrozenTensors({m: s.a for m, s in experts.lora.items()})  # (R, in)
         self.lora_b = FrozenTensors({m: s.b for m, s in experts.lora.items()})  # (out, R)
@@ -84,15 +97,17 @@ class MergedModel(nn.Module):
         merged = {}
         with torch.autocast(device_type=table.device.type, enabled=False):  # merge in full precision
             for name in self.names:
-                coef = self.coefficients.column(table, name)  # (T,)
+                coef = self.coefficients.columns(table, name)  # (T, K)
                 rows = self.dense_rows.get(name)  # None: all T tasks
                 if rows == []:  # only adapters' low-rank updates (or nothing) change this tensor
                     merged[self.full_name(name)] = self.base[name]
                     continue
-                tau = self.task_vectors[name]  # (rows, *shape), or a column-sharded DTensor (rows, numel)
-                merge = sharded_weighted_sum if is_sharded(tau) else WeightedSum.apply
-                merged[self.full_name(name)] = merge(
-                    coef if rows is None else coef[rows], self.base[name], tau
+                coef = coef if rows is None else coef[rows]
+                tau = self.task_vectors[name]  # stored by the space, or a sharded DTensor (rows, numel)
+                merged[self.full_name(name)] = (
+                    sharded_weighted_sum(coef[:, 0], self.base[name], tau)
+                    if is_sharded(tau)
+                    else self.coefficients.space.merge(coef, self.base[name], tau)
                 )
             for m, b in self.lora_b.items():
                 coef = self.coefficients.column(table, f"{m}.weight")  # (T,)
@@ -110,6 +125,11 @@ class MergedModel(nn.Module):
             mesh: The 1-D mesh of ranks to shard over (Lightning's data-parallel mesh).
 
         """
+        if self.coefficients.space.per_tensor:
+            raise DivMergeError(
+                f"Granularity {self.coefficients.granularity!r} does not run sharded: use granularity task, "
+                "layer or block with the sharded strategy, or a data-parallel strategy (ddp)."
+            )
         self.task_vectors = FrozenTensors(shard_stacks(dict(self.task_vectors.items()), mesh))
 
     @property
@@ -136,7 +156,10 @@ class MergedModel(nn.Module):
         lora_of = {f"{m}.weight": m for m in self.lora_b}
         out = {}
         for name in self.names:
-            tau = self.task_vectors[name]  # (len(rows), *shape)
+            tau = self.task_vectors[name]  # (len(rows), *shape), or factors U S (T, R, r), V^T (T, r, N)
+            if isinstance(tau, tuple):  # the svd space's rank-r task vectors, made dense
+                out[name] = torch.bmm(tau[0], tau[1])  # (T, R, N)
+                continue
             rows = self.dense_rows.get(name, list(range(len(self.task_names))))
             if name not in self.dense_rows and name not in lora_of:
                 out[name] = tau

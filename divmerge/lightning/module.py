@@ -39,9 +39,14 @@ class DivMergeModule(L.LightningModule):
         experts: Task name -> expert source (local HF directory, hub id, or ``zoo:<task>`` for a demo
             expert). Task names must match ``data.tasks``.
         base: Source of the pretrained base model the experts were fine-tuned from.
-        granularity: ``task`` (one coefficient per task), ``layer`` (one per task per parameter tensor)
-            or ``block`` (one per task per transformer block): the coefficient spaces of
-            ``divmerge.core.coefficients.SPACES``.
+        granularity: ``task`` (one coefficient per task), ``layer`` (one per task per parameter tensor),
+            ``block`` (one per task per transformer block), ``row`` (one per task per output row of each
+            weight matrix) or ``svd`` (one per task per singular direction of each matrix task vector,
+            stored at rank ``space_options.rank``): the coefficient spaces of
+            ``divmerge.core.coefficients.SPACES``. ``row`` and ``svd`` need fully fine-tuned experts and
+            a data-parallel strategy.
+        space_options: Options of the coefficient space: ``{rank: r}`` for ``svd`` (singular directions
+            kept per task and matrix; unset keeps all).
         objective: ``js`` (Jensen-Shannon, DivMerge), ``kl`` (KL(expert || merged)) or ``entropy``
             (AdaMerging).
         init: Initial coefficient value; None means 1/T.
@@ -84,6 +89,7 @@ class DivMergeModule(L.LightningModule):
         experts: dict[str, str],
         base: str = "zoo:minilm",
         granularity: Granularity = "layer",
+        space_options: dict[str, int] | None = None,
         objective: str = "js",
         init: float | None = None,
         clamp: tuple[float, float] | None = None,
@@ -129,6 +135,7 @@ class DivMergeModule(L.LightningModule):
                 "generation_metric": generation_metric,
             },
             cache_dir,
+            space_options=space_options,
         )
         check_method(method, method_options or {})
         check_method(reference, reference_options or {}, learned_ok=False)
@@ -137,6 +144,7 @@ class DivMergeModule(L.LightningModule):
         self.merged: MergedModel | None = None
         self.metrics = nn.ModuleDict()
         self._eval_params: dict[str, dict[str, Tensor]] = {}
+        self._val_divergence: dict[str, list[float]] = {}  # task -> [sum over inputs, count]
         self.last_results: list[TaskResult] = []
 
     # ---------------------------------------------------------------- building
@@ -190,6 +198,13 @@ class DivMergeModule(L.LightningModule):
                 "without --ckpt_path."
             )
         theirs, ours = meta.get("granularity"), self.hparams.granularity
+        options = self.hparams.space_options or {}
+        if theirs == ours and meta.get("space_options", {}) != options:
+            raise DivMergeError(
+                f"The checkpoint's {theirs} coefficients have space_options {meta.get('space_options', {})} "
+                f"but the config asks for {options}: set model.space_options to match, or start a fresh "
+                "run without --ckpt_path."
+            )
         if theirs != ours or meta.get("tensor_names") != self.build().names:
             raise DivMergeError(
                 f"The checkpoint holds {theirs}-wise coefficients but the config asks for {ours}-wise ones: "
@@ -248,8 +263,8 @@ class DivMergeModule(L.LightningModule):
                 "Set ModelParallelStrategy's save_distributed_checkpoint: false: divmerge checkpoints "
                 "hold only the coefficients, written as one small file."
             )
-        total = sum(t.numel() * t.element_size() for _, t in self.merged.task_vectors.items())
         self.merged.shard(self.device_mesh["data_parallel"])
+        total = sum(t.numel() * t.element_size() for _, t in self.merged.task_vectors.items())  # global
         local = sum(t.to_local().numel() * t.element_size() for _, t in self.merged.task_vectors.items())
         print(
             f"divmerge: rank {self.global_rank} keeps {local / 1e6:.2f} of {total / 1e6:.2f} MB of the task "
@@ -311,9 +326,31 @@ class DivMergeModule(L.LightningModule):
         self.engine.eval_update(
             self.metrics[task], task, split, batch, self._eval_params, dm.rows(task)[split]
         )
+        if split == "val" and task in self.task_names and not self.is_static:
+            assert self.engine.family is not None
+            if "val" in self.engine.family.divergence_splits:  # held-out, label-free selection signal
+                value = float(self.engine.divergence({task: batch}, "val")[task])
+                total = self._val_divergence.setdefault(task, [0.0, 0])
+                total[0] += value * len(batch["idx"])
+                total[1] += len(batch["idx"])
+
+    def _log_val_divergence(self) -> None:
+        """Log the divergence on the val inputs (labels unused): per task, and summed as train/loss is.
+
+        ``val/divergence`` is what ``ModelCheckpoint`` / ``EarlyStopping`` monitor to select or stop on
+        inputs held out of training, without labels.
+        """
+        means = {task: total / count for task, (total, count) in self._val_divergence.items() if count}
+        self._val_divergence = {}
+        for task, value in means.items():
+            self.log(f"val/{self.hparams.objective}/{task}", value, sync_dist=True)
+        if means:
+            self.log("val/divergence", sum(means.values()), sync_dist=True)
 
     def _eval_end(self, split: str) -> None:
         prefix = "val" if split == "val" else "test"
+        if split == "val":
+            self._log_val_divergence()
         results = []
         for task in self._datamodule().eval_tasks(split):
             m = self.metrics[task]
@@ -395,6 +432,7 @@ class DivMergeModule(L.LightningModule):
             "fingerprint": self.fingerprint,
             "tasks": self.task_names,
             "granularity": self.hparams.granularity,
+            "space_options": dict(self.hparams.space_options or {}),
             "tensor_names": merged.names,
         }
 

@@ -1,52 +1,67 @@
 """Merge coefficients: the only trainable tensors in divmerge.
 
-One table ``c`` of shape (T, G): T experts (tasks) by G groups of parameter tensors. The coefficient
-space (``granularity``) decides the groups; each space is one file of this package and one line of
-``SPACES``:
+One table ``c`` of shape (T, G): T experts (tasks) by G columns. The coefficient space (``granularity``)
+lays the merged tensors out over the columns, stores their task vectors and merges them; each space is
+one file of this package and one line of ``SPACES``:
 
 - ``task``: G = 1, one coefficient per task (task arithmetic with a learned lambda per task).
-- ``layer``: G = number of merged parameter tensors, one coefficient per task per tensor
-  (AdaMerging's "layer-wise").
+- ``layer``: one coefficient per task per merged tensor (AdaMerging's "layer-wise").
 - ``block``: one group per transformer block (tensors whose name holds ``.<n>.``), every other tensor
   (embeddings, pooler, final norm) in its own group.
+- ``row``: one coefficient per task per output row of every weight matrix (DAM-like).
+- ``svd``: one per task per singular direction of every matrix task vector, stored at rank ``rank``
+  (AdaRank-like).
 """
 
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Size, Tensor, nn
 
-from divmerge.core.coefficients.base import CoefficientSpace
+from divmerge.core.coefficients.base import CoefficientSpace, Layout, Stored
 from divmerge.core.coefficients.block import BlockSpace
 from divmerge.core.coefficients.layer import LayerSpace
+from divmerge.core.coefficients.row import RowSpace
+from divmerge.core.coefficients.svd import SvdSpace
 from divmerge.core.coefficients.task import TaskSpace
 from divmerge.errors import DivMergeError
 
-SPACES: dict[str, CoefficientSpace] = {"task": TaskSpace(), "layer": LayerSpace(), "block": BlockSpace()}
-Granularity = Literal["task", "layer", "block"]  # the keys of SPACES, for --help
+SPACES: dict[str, Callable[..., CoefficientSpace]] = {
+    "task": TaskSpace,
+    "layer": LayerSpace,
+    "block": BlockSpace,
+    "row": RowSpace,
+    "svd": SvdSpace,
+}
+Granularity = Literal["task", "layer", "block", "row", "svd"]  # the keys of SPACES, for --help
 GRANULARITIES: tuple[str, ...] = tuple(SPACES)
 
-
-def get_space(granularity: str) -> CoefficientSpace:
-    """The coefficient space registered under ``granularity``, with one clear error for unknown names."""
-    if granularity not in SPACES:
-        raise DivMergeError(f"Unknown granularity {granularity!r}: use one of {list(GRANULARITIES)}.")
-    return SPACES[granularity]
+__all__ = ["GRANULARITIES", "SPACES", "Granularity", "Layout", "MergeCoefficients", "Stored", "get_space"]
 
 
-def group_tensors(names: Sequence[str], granularity: Granularity) -> list[int]:
-    """Assign every merged tensor to a coefficient group.
+def get_space(granularity: str, options: Mapping[str, Any] | None = None) -> CoefficientSpace:
+    """The coefficient space registered under ``granularity``, built with its options.
 
     Args:
-        names: Names of the merged parameter tensors, in merge order.
-        granularity: A key of ``SPACES`` (``task``, ``layer`` or ``block``).
+        granularity: A key of ``SPACES``.
+        options: The space's options (``svd``: ``rank``); the other spaces take none.
 
     Returns:
-        For each name, the index of its group (column of the coefficient table).
+        The space.
 
+    Raises:
+        DivMergeError: For an unknown name or options the space does not take, in one line.
     """
-    return get_space(granularity).groups(names)
+    if granularity not in SPACES:
+        raise DivMergeError(f"Unknown granularity {granularity!r}: use one of {list(GRANULARITIES)}.")
+    try:
+        return SPACES[granularity](**dict(options or {}))
+    except TypeError:
+        raise DivMergeError(
+            f"Granularity {granularity!r} does not take space_options {sorted(options or {})}: "
+            "svd takes rank; the other spaces take none."
+        ) from None
 
 
 class MergeCoefficients(nn.Module):
@@ -54,20 +69,22 @@ class MergeCoefficients(nn.Module):
 
     Args:
         num_tasks: Number of experts T.
-        names: Names of the merged tensors (defines the groups).
-        granularity: A key of ``SPACES``: ``task``, ``layer`` or ``block``.
+        shapes: Shape of each merged tensor, in merge order (defines the columns).
+        granularity: A key of ``SPACES``: ``task``, ``layer``, ``block``, ``row`` or ``svd``.
         init: Initial value of every coefficient; None means 1/T (DivMerge, Algorithm 1).
         clamp: Optional (low, high) bounds applied in the forward pass; None leaves them unconstrained.
+        space_options: Options of the space (``svd``: ``rank``).
 
     """
 
     def __init__(
         self,
         num_tasks: int,
-        names: Sequence[str],
+        shapes: Mapping[str, Size | tuple[int, ...]],
         granularity: Granularity = "layer",
         init: float | None = None,
         clamp: tuple[float, float] | None = None,
+        space_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if num_tasks < 1:
@@ -76,12 +93,10 @@ class MergeCoefficients(nn.Module):
             raise DivMergeError(f"Coefficient clamp {clamp} must be (low, high) with low < high.")
         self.granularity = granularity
         self.clamp = clamp
-        self.space = get_space(granularity)
-        groups = self.space.groups(names)
-        self.group_of = dict(zip(names, groups, strict=True))
-        num_groups = max(groups) + 1 if groups else 1
+        self.space = get_space(granularity, space_options)
+        self.layout = self.space.layout({n: Size(s) for n, s in shapes.items()})
         value = 1.0 / num_tasks if init is None else float(init)
-        self.weight = nn.Parameter(torch.full((num_tasks, num_groups), value))  # (T, G)
+        self.weight = nn.Parameter(torch.full((num_tasks, self.layout.num_columns), value))  # (T, G)
 
     def forward(self) -> Tensor:
         """Return the (clamped) coefficient table, shape (T, G)."""
@@ -90,9 +105,18 @@ class MergeCoefficients(nn.Module):
         return self.weight.clamp(*self.clamp)
 
     def group_labels(self) -> list[str]:
-        """One label per group (column): the tensor name, the block, or ``all`` for task-wise."""
-        return self.space.labels(list(self.group_of), list(self.group_of.values()))
+        """One label per column: the tensor name, the block, ``all`` for task-wise, a row or direction."""
+        return list(self.layout.labels)
+
+    def columns(self, table: Tensor, name: str) -> Tensor:
+        """Coefficients of one tensor across tasks, shape (T, K)."""
+        return table[:, self.layout.columns[name]]
 
     def column(self, table: Tensor, name: str) -> Tensor:
-        """Coefficients of one tensor across tasks, shape (T,)."""
-        return table[:, self.group_of[name]]
+        """Coefficients of a tensor with one coefficient per task, shape (T,)."""
+        cols = self.layout.columns[name]
+        if cols.stop - cols.start != 1:
+            raise DivMergeError(
+                f"Tensor {name!r} has {cols.stop - cols.start} coefficients per task, not one."
+            )
+        return table[:, cols.start]

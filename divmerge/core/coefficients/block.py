@@ -7,6 +7,8 @@ norm) forms a group of its own.
 import re
 from collections.abc import Sequence
 
+from divmerge.core.coefficients.base import ScalarSpace
+
 _BLOCK = re.compile(r"\.(\d+)\.")
 
 
@@ -16,7 +18,7 @@ def _key(name: str) -> tuple[str, str]:
     return (f"block{match.group(1)}", f"block {match.group(1)}") if match else (name, name)
 
 
-class BlockSpace:
+class BlockSpace(ScalarSpace):
     """One group per transformer block, plus one per tensor outside the blocks."""
 
     def groups(self, names: Sequence[str]) -> list[int]:

@@ -2,8 +2,10 @@
 
 from collections.abc import Sequence
 
+from divmerge.core.coefficients.base import ScalarSpace
 
-class LayerSpace:
+
+class LayerSpace(ScalarSpace):
     """G = number of merged tensors: each tensor has its own coefficient per task."""
 
     def groups(self, names: Sequence[str]) -> list[int]:

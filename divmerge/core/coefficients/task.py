@@ -2,8 +2,10 @@
 
 from collections.abc import Sequence
 
+from divmerge.core.coefficients.base import ScalarSpace
 
-class TaskSpace:
+
+class TaskSpace(ScalarSpace):
     """G = 1: every merged tensor shares its task's single coefficient."""
 
     def groups(self, names: Sequence[str]) -> list[int]:
