@@ -11,10 +11,16 @@ Methods:
   arithmetic with lambda 0.3), ``tsv_m`` (1/T of each task's rank, lambda 1), ``iso_c`` (lambda 1),
   ``iso_cts`` (common fraction 0.8, lambda 1);
 - learned ``<objective>-<granularity>``: objective ``js`` (DivMerge), ``kl`` or ``entropy`` (AdaMerging),
-  granularity ``task``, ``layer`` (AdaMerging's layer-wise) or ``block``. Adam on the coefficients
+  granularity ``task``, ``layer`` (AdaMerging's layer-wise), ``block``, ``row`` (one coefficient per output
+  row of each matrix) or ``svd`` (one per singular direction of each matrix task vector; ``svd<r>``, e.g.
+  ``js-svd8``, keeps rank r). Adam on the coefficients
   (init ``--init``, default 1/k), lr with cosine decay to 0 over ``steps``; each step draws
   ``batch_per_task`` unlabelled inputs of every task of the subset and minimises the summed divergence
-  to the cached expert outputs. Every learned method on a subset sees the same input sequence;
+  to the cached expert outputs. Every learned method on a subset sees the same input sequence. With
+  ``--holdout F`` a fraction F of each task's unlabelled inputs is kept out of training; every
+  ``--eval_every`` steps the divergence on them is measured (no labels) and the coefficients with the
+  lowest one are kept (selection / early stopping); the CSV reports the train and held-out divergence of
+  the kept coefficients and the step they come from;
 - diagnostic ``ceiling-<granularity>`` (not in the defaults): the same training, but cross-entropy on
   the labelled *test* inputs themselves. It is not a merge method (it fits the very labels it is
   scored on); its ANP is an optimistic bound on what that granularity's coefficients can reach on this
@@ -45,6 +51,7 @@ import itertools
 import math
 import multiprocessing
 import random
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -59,6 +66,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import torch
 from torch import Tensor
+from torch.utils.data import Subset
 
 from divmerge.core.coefficients import GRANULARITIES
 from divmerge.core.expert_set import ExpertSet
@@ -93,15 +101,38 @@ GEN_BASE = "zoo:smollm2"
 GEN_OPTIONS = {"max_new_tokens": 24, "teacher_top_k": 50}
 GEN_METRICS = {"bbc_headline": "CHRFScore"}  # tasks not named here: exact match
 GEN_MAX_LENGTH = 128
+HELDOUT_BATCH = 32  # inputs per forward when measuring a divergence over a whole (held-out) set
 CEILING = "ceiling"  # the labelled test-set fit (diagnostic upper bound), see the module docstring
 
 Batch = dict[str, Tensor]
 
 
 def valid_methods() -> list[str]:
-    """Every method name this benchmark accepts: static merges, ``<objective>-<granularity>``, ceilings."""
+    """Every method name this benchmark accepts: static merges, ``<objective>-<granularity>``, ceilings.
+
+    ``<objective>-svd<r>`` (rank r) is accepted too, beside the ``svd`` listed here.
+    """
     objectives = [*OBJECTIVES, CEILING]
     return list(STATIC_METHODS) + [f"{o}-{g}" for o in objectives for g in GRANULARITIES]
+
+
+def parse_learned(method: str) -> tuple[str, str, dict[str, int]]:
+    """``js-svd8`` -> (``js``, ``svd``, {rank: 8}); ``js-layer`` -> (``js``, ``layer``, {})."""
+    objective, granularity = method.rsplit("-", 1)
+    rank = re.fullmatch(r"svd(\d+)", granularity)
+    if rank:
+        return objective, "svd", {"rank": int(rank.group(1))}
+    return objective, granularity, {}
+
+
+def is_valid_method(method: str) -> bool:
+    """Whether ``method`` is in ``valid_methods()`` or an ``<objective>-svd<r>`` with r >= 1."""
+    if method in valid_methods():
+        return True
+    if "-" not in method:
+        return False
+    objective, granularity, options = parse_learned(method)
+    return granularity == "svd" and options.get("rank", 0) >= 1 and objective in [*OBJECTIVES, CEILING]
 
 
 def is_static(method: str) -> bool:
@@ -141,6 +172,8 @@ class Settings:
     generative: bool = False
     prompt_template: str = "{prompt}"
     chat_template: bool = True
+    holdout: float = 0.0
+    eval_every: int = 10
 
 
 @dataclass
@@ -336,6 +369,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the data split, subsets and learned runs")
     p.add_argument(
+        "--holdout",
+        type=float,
+        default=0.0,
+        help="fraction of each task's unlabelled inputs kept out of learned merges' training; the "
+        "coefficients with the lowest divergence on them are kept (no labels); 0 holds none out",
+    )
+    p.add_argument(
+        "--eval_every", type=int, default=10, help="steps between held-out divergence measurements"
+    )
+    p.add_argument(
         "--cache_dir",
         default=None,
         help="teacher cache (and demo experts) directory; default $DIVMERGE_CACHE or ~/.cache/divmerge",
@@ -387,7 +430,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     data = {t: data.get(t, f"zoo:{t}") for t in tasks}
     methods = parse_list(args.methods)
     valid = valid_methods()
-    unknown = [m for m in methods if m not in valid]
+    unknown = [m for m in methods if not is_valid_method(m)]
     if unknown or not methods:
         raise DivMergeError(f"Unknown method {(unknown or [''])[0]!r}: use one or more of {valid}.")
     if len(set(methods)) != len(methods):
@@ -422,6 +465,10 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     lr = LR if args.lr is None else args.lr
     if not (lr > 0 and math.isfinite(lr)):
         raise DivMergeError(f"--lr must be a positive number, got {lr}.")
+    if not 0 <= args.holdout < 1:
+        raise DivMergeError(f"--holdout must be a fraction in [0, 1), got {args.holdout}.")
+    if args.eval_every < 1:
+        raise DivMergeError(f"--eval_every must be at least 1, got {args.eval_every}.")
     if args.init is not None and not math.isfinite(args.init):
         raise DivMergeError(f"--init must be a finite number, got {args.init}.")
     return Settings(
@@ -435,6 +482,8 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         batch_per_task=args.batch_per_task,
         lr=lr,
         init=args.init,
+        holdout=args.holdout,
+        eval_every=args.eval_every,
         max_length=max_length,
         eval_batch_size=args.eval_batch_size,
         text_column=args.text_column,
@@ -578,7 +627,9 @@ def learned_merge(
     lr: float = LR,
     seed: int = 0,
     init: float | None = None,
-) -> tuple[MergedModel, dict[str, Tensor]]:
+    holdout: float = 0.0,
+    eval_every: int = 10,
+) -> tuple[MergedModel, dict[str, Tensor], dict[str, Any]]:
     """Learn merge coefficients with the engine's training step: divergence to the cached teachers (or,
     for a ceiling, cross-entropy to the labels of the data drawn from).
 
@@ -595,18 +646,25 @@ def learned_merge(
         lr: Peak learning rate.
         seed: Seeds torch and the input sampler.
         init: Initial value of every coefficient; None means 1/k.
+        holdout: Fraction of each task's inputs kept out of training (0: none). The coefficients with
+            the lowest divergence on them, measured every ``eval_every`` steps (and at steps 0 and
+            ``steps``), are kept.
+        eval_every: Steps between held-out measurements.
 
     Returns:
-        (the merged model with learned coefficients, its merged tensors, detached).
+        (the merged model with learned coefficients, its merged tensors, detached, and the selection
+        report: ``coefficients`` (trainable count), ``step_seconds``; with a holdout also
+        ``train_divergence`` and ``heldout_divergence`` (mean per task) and ``best_step``).
 
     """
-    objective, granularity = method.rsplit("-", 1)
+    objective, granularity, space_options = parse_learned(method)
     torch.manual_seed(seed)
     ceiling = objective == CEILING
     settings = {
         "granularity": granularity,
         "objective": cross_entropy if ceiling else objective,
         "init": init,
+        "space_options": space_options,
     }
     if isinstance(experts, Merger):
         merger = experts.subset(experts.task_names, **settings)
@@ -621,14 +679,65 @@ def learned_merge(
     optimizer = torch.optim.Adam(coefficients.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     generator = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        batches = sample_batches(unlabelled, collate, batch_per_task, generator)
+    train, held = split_holdout(unlabelled, holdout, seed)
+    best: tuple[float, int, Tensor] | None = None
+    start = time.perf_counter()
+    for step in range(steps + 1):
+        if held and (step % eval_every == 0 or step == steps):
+            value = mean_divergence(merger, held, collate, split)
+            if best is None or value < best[0]:
+                best = (value, step, coefficients.weight.detach().clone())
+        if step == steps:
+            break
+        batches = sample_batches(train, collate, batch_per_task, generator)
         loss, _ = merger.step_loss({merger.task_names[t]: b for t, b in batches.items()}, split)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
-    return merger.build(), merger.learned_params()
+    report: dict[str, Any] = {
+        "coefficients": coefficients.weight.numel(),
+        "step_seconds": (time.perf_counter() - start) / max(1, steps),
+    }
+    if best is not None:
+        with torch.no_grad():
+            coefficients.weight.copy_(best[2])
+        report |= {
+            "train_divergence": mean_divergence(merger, train, collate, split),
+            "heldout_divergence": best[0],
+            "best_step": best[1],
+        }
+    return merger.build(), merger.learned_params(), report
+
+
+def split_holdout(datasets: Sequence[TaskDataset], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
+    """Per task, (training inputs, held-out inputs): a seeded ``fraction`` of each, at least one row.
+
+    Items keep their ``idx`` into the task's teacher cache. With ``fraction`` 0 nothing is held out.
+    """
+    if fraction <= 0:
+        return list(datasets), []
+    train, held = [], []
+    for ds in datasets:
+        order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed)).tolist()
+        cut = min(len(ds) - 1, max(1, round(fraction * len(ds))))
+        held.append(Subset(ds, order[:cut]))
+        train.append(Subset(ds, order[cut:]))
+    return train, held
+
+
+def mean_divergence(
+    merger: Merger, datasets: Sequence[Any], collate: Callable[[list[dict[str, Any]]], Batch], split: str
+) -> float:
+    """Mean over the merger's tasks of the mean divergence on all of a task's ``datasets`` inputs."""
+    per_task = []
+    for task, ds in zip(merger.task_names, datasets, strict=True):
+        total = 0.0
+        for i in range(0, len(ds), HELDOUT_BATCH):
+            items = [ds[j] for j in range(i, min(i + HELDOUT_BATCH, len(ds)))]
+            total += float(merger.divergence({task: collate(items)}, split)[task]) * len(items)
+        per_task.append(total / len(ds))
+    return sum(per_task) / len(per_task)
 
 
 def evaluate(
@@ -754,6 +863,7 @@ def calibrate(settings: Settings, prep: Prepared) -> Costs:
             for _ in range(2):  # the first step warms up
                 start = time.perf_counter()
                 learned_merge(sub, learned[0], data, teachers, prep.dm.collate, 1, settings.batch_per_task)
+
                 steps[k] = time.perf_counter() - start
     sub = prep.merger.subset(settings.tasks[: settings.min_k], granularity="task")
     params = sub.learned_params()
@@ -859,10 +969,11 @@ def merge_and_score(
     """
     sub = prep.merger.subset(list(tasks))
     start = time.perf_counter()
+    report: dict[str, Any] = {}
     if is_static(method):
         params = sub.static_params(method)
     else:
-        _, params = learned_merge(
+        _, params, report = learned_merge(
             sub,
             method,
             training_data(prep, method, tasks),
@@ -873,6 +984,8 @@ def merge_and_score(
             settings.lr,
             settings.seed,
             settings.init,
+            settings.holdout,
+            settings.eval_every,
         )
     merge_s = time.perf_counter() - start
     start = time.perf_counter()
@@ -890,6 +1003,7 @@ def merge_and_score(
         "eval_seconds": round(eval_s, 3),
         "seconds": round(merge_s + eval_s, 3),
     }
+    row |= {key: round(value, 6) if isinstance(value, float) else value for key, value in report.items()}
     return row
 
 
@@ -1058,11 +1172,46 @@ def make_report(
             "",
             anp_table(rows, settings.methods),
             "",
+            *space_table(rows, settings),
             f"Tasks: {', '.join(settings.tasks)}; {settings.num_test} test examples per task; subsets "
             f"per k: {', '.join(f'{k}: {len(s)}' for k, s in subsets.items())}.",
             f"Expert test accuracy: {experts}.",
         ]
     )
+
+
+def space_table(rows: Sequence[Mapping[str, Any]], settings: Settings) -> list[str]:
+    """Per learned method: trainable coefficients at the largest k, step time, held-out selection."""
+    learned = [m for m in settings.methods if not is_static(m) and any(r["method"] == m for r in rows)]
+    if not learned:
+        return []
+    holdout = settings.holdout > 0
+    head = "| method | coefficients (k = {k}) | step ms (mean) |".format(k=max(r["k"] for r in rows))
+    if holdout:
+        head += " train divergence | held-out divergence | kept step (mean) |"
+    lines = [head, "|---|---:|---:|" + ("---:|---:|---:|" if holdout else "")]
+    for method in learned:
+        mine = [r for r in rows if r["method"] == method]
+        top = max(mine, key=lambda r: r["k"])
+        line = f"| {method} | {int(top['coefficients']):,} | {1000 * _mean(mine, 'step_seconds'):.0f} |"
+        if holdout:
+            line += (
+                f" {_mean(mine, 'train_divergence'):.4f} | {_mean(mine, 'heldout_divergence'):.4f} |"
+                f" {_mean(mine, 'best_step'):.0f} |"
+            )
+        lines.append(line)
+    note = (
+        f"Held-out selection: {settings.holdout:.0%} of each task's unlabelled inputs kept out of training, "
+        f"divergence measured every {settings.eval_every} steps; divergences are means per task of the "
+        "kept coefficients."
+        if holdout
+        else "Step ms: one learned step (all k tasks), averaged over the subsets."
+    )
+    return [*lines, "", note, ""]
+
+
+def _mean(rows: Sequence[Mapping[str, Any]], key: str) -> float:
+    return sum(float(r[key]) for r in rows) / len(rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

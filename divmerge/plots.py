@@ -42,7 +42,7 @@ def plot_coefficients(
 
 
 def plot_divergence(metrics_csv: Path, path: Path) -> Path | None:
-    """Training divergence per task and summed, against the step, from a CSVLogger metrics file.
+    """Training divergence per task and summed (and the held-out val divergence), against the step.
 
     Args:
         metrics_csv: The logger's ``metrics.csv``.
@@ -62,6 +62,9 @@ def plot_divergence(metrics_csv: Path, path: Path) -> Path | None:
         width = 2 if column == "train/loss" else 1
         (line,) = ax.plot(series["step"], smooth, label=column.removeprefix("train/"), lw=width)
         ax.plot(series["step"], series[column], color=line.get_color(), alpha=0.2, lw=0.8)
+    if "val/divergence" in metrics.columns:  # held-out inputs, summed over tasks like train/loss
+        held = metrics[["step", "val/divergence"]].dropna()
+        ax.plot(held["step"], held["val/divergence"], "k--o", ms=3, lw=1.5, label="val (held-out)")
     ax.set_xlabel("step")
     ax.set_ylabel("divergence (nats)")
     ax.set_yscale("log")

@@ -137,9 +137,17 @@ def test_quick_run_on_tiny_models(setup3: dict, tmp_path: Path, capsys) -> None:
     assert {r["k"] for r in rows} == {"2", "3"}
 
     table = (out / "merge_quality.md").read_text()
-    lines = [line for line in table.splitlines() if line.startswith("|")]
+    anp_part, space_part = table.split("\n| k |")[1].split("\n\n")[:2]
+    lines = ["| k |" + anp_part.splitlines()[0], *anp_part.splitlines()[1:]]
     assert lines[0] == "| k | subsets | " + " | ".join(methods) + " |"
     assert [line.split("|")[1].strip() for line in lines[2:]] == ["2", "3", "mean"]
+    # per learned method: trainable coefficients at the largest k and the step time
+    assert space_part.startswith("| method | coefficients (k = 3) | step ms (mean) |")
+    assert [line.split("|")[1].strip() for line in space_part.splitlines()[2:]] == [
+        "js-layer",
+        "entropy-task",
+    ]
+    assert "| entropy-task | 3 |" in space_part  # one coefficient per task
     assert table.split("\n| k |")[1].split("\n\n")[0] in printed  # the table is printed too
 
     # Static task arithmetic evaluated directly with the library gives the same ANP.
@@ -229,14 +237,46 @@ def test_learned_merge_is_reproducible(setup3: dict) -> None:
     teachers = [torch.log_softmax(torch.randn(NUM_UNLABELLED, n), -1) for n in (2, 3)]
 
     def coefficients(seed: int) -> torch.Tensor:
-        merged, _ = mq.learned_merge(experts, "js-layer", data, teachers, dm.collate, 4, seed=seed)
+        merged, _, _ = mq.learned_merge(experts, "js-layer", data, teachers, dm.collate, 4, seed=seed)
         return merged.coefficients().detach()
 
     first = coefficients(0)
     assert torch.equal(first, coefficients(0))
     assert not torch.allclose(first, torch.full_like(first, 0.5))  # it trained from 1/k
-    start, _ = mq.learned_merge(experts, "js-layer", data, teachers, dm.collate, 0, init=0.3)
+    start, _, _ = mq.learned_merge(experts, "js-layer", data, teachers, dm.collate, 0, init=0.3)
     assert torch.equal(start.coefficients().detach(), torch.full_like(first, 0.3))  # --init
+
+
+def test_held_out_selection_keeps_the_best_coefficients(setup3: dict) -> None:
+    experts = load_experts(setup3["base"], setup3["experts"]).subset(["a", "b"])
+    specs = [
+        TaskSpec(name=t, source=setup3["data"][t], num_unlabelled=NUM_UNLABELLED, num_val=0, num_test=4)
+        for t in ("a", "b")
+    ]
+    dm = MergeDataModule(specs, tokenizer=setup3["base"], max_length=MAX_LENGTH)
+    data = [dm.dataset(t, "unlabelled") for t in ("a", "b")]
+    teachers = [torch.log_softmax(torch.randn(NUM_UNLABELLED, n), -1) for n in (2, 3)]
+    for method in ("js-svd2", "js-row"):
+        merged, _, report = mq.learned_merge(
+            experts, method, data, teachers, dm.collate, 6, lr=0.2, holdout=0.25, eval_every=2
+        )
+        assert (
+            report["best_step"] in (0, 2, 4, 6)
+            and report["coefficients"] == merged.coefficients.weight.numel()
+        )
+        # the kept coefficients are the ones whose held-out divergence was reported
+        merger = mq.Merger.from_expert_set(experts)
+        merger.merged = merged  # the learned model, its space and kept coefficients
+        merger.teachers = {
+            (t, "unlabelled"): teacher for t, teacher in zip(("a", "b"), teachers, strict=True)
+        }
+        _, held = mq.split_holdout(data, 0.25, 0)
+        assert len(held[0]) == round(0.25 * NUM_UNLABELLED)
+        assert (
+            abs(mq.mean_divergence(merger, held, dm.collate, "unlabelled") - report["heldout_divergence"])
+            < 1e-6
+        )
+    assert mq.parse_learned("js-svd8") == ("js", "svd", {"rank": 8}) and mq.is_valid_method("kl-svd3")
 
 
 def test_ceiling_fits_the_test_labels(setup3: dict) -> None:
@@ -259,8 +299,8 @@ def test_ceiling_fits_the_test_labels(setup3: dict) -> None:
             total += float(torch.nn.functional.cross_entropy(logits, b["labels"]))
         return total
 
-    start, _ = mq.learned_merge(experts, "ceiling-layer", tests, [], dm.collate, 0)
-    fitted, _ = mq.learned_merge(
+    start, _, _ = mq.learned_merge(experts, "ceiling-layer", tests, [], dm.collate, 0)
+    fitted, _, _ = mq.learned_merge(
         experts, "ceiling-layer", tests, [], dm.collate, 30, batch_per_task=8, lr=0.1
     )
     assert test_loss(fitted) < test_loss(start) - 1e-3  # it trains on the labels it is scored on
@@ -280,6 +320,10 @@ def test_ceiling_fits_the_test_labels(setup3: dict) -> None:
         (["--init", "nan"], "--init must be a finite number"),
         (["--max_k", "1"], "k must be at least 2"),
         (["--tasks", "a,b,zzz"], "Tasks ['zzz'] have no expert"),
+        (["--methods", "js-svd0"], "Unknown method 'js-svd0'"),
+        (["--methods", "js-rows"], "Unknown method 'js-rows'"),
+        (["--holdout", "1"], "--holdout must be a fraction in [0, 1)"),
+        (["--eval_every", "0"], "--eval_every must be at least 1"),
     ],
 )
 def test_bad_input_exits_2(setup3: dict, tmp_path: Path, capsys, extra: list[str], message: str) -> None:

@@ -33,6 +33,8 @@ class ModelFamily(ABC):
         adapter_task_type: peft task type of its adapter experts.
         digest_tag: Tag of a merged expert in the fingerprint (stable: checkpoints record it).
         complete_experts: Refuse a full expert that lacks some of its weights (e.g. no trained head).
+        divergence_splits: Splits whose cached teachers hold output distributions, so the training
+            divergence can be measured on them (``val``: the held-out, label-free selection signal).
     """
 
     name: ClassVar[str]
@@ -42,6 +44,7 @@ class ModelFamily(ABC):
     adapter_task_type: ClassVar[AdapterTaskType]
     digest_tag: ClassVar[str]
     complete_experts: ClassVar[bool] = False
+    divergence_splits: ClassVar[tuple[str, ...]] = ("unlabelled",)
 
     tokenizer: PreTrainedTokenizerBase | None = None
 

@@ -38,6 +38,7 @@ class Classification(ModelFamily):
     base_class: ClassVar[type] = AutoModel
     expert_class: ClassVar[type] = AutoModelForSequenceClassification
     adapter_task_type = "SEQ_CLS"
+    divergence_splits: ClassVar[tuple[str, ...]] = ("unlabelled", "val", "test")
     digest_tag: ClassVar[str] = "merged"
     complete_experts: ClassVar[bool] = True  # a missing head would be random
 
