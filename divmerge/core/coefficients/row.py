@@ -20,12 +20,12 @@ from torch import Size, Tensor
 
 from divmerge.core.coefficients.base import Layout, Stored, WeightedSum, is_matrix
 
-ROW_CHUNK = 1 << 22  # elements of tau upcast at a time when the task vectors are stored below float32
+ROW_CHUNK = 1 << 22  # elements of one task's tau upcast at a time when stored below float32
 
 
 def _row_chunks(tau: Tensor) -> list[slice]:
-    """Row slices of a (T, R, N) stack bounding each float32 upcast to about ``ROW_CHUNK`` elements."""
-    num_rows, per_row = tau.shape[1], tau.shape[0] * tau.shape[2]
+    """Row slices of a (T, R, N) stack bounding each float32 upcast of one task to ``ROW_CHUNK`` elements."""
+    num_rows, per_row = tau.shape[1], tau.shape[2]
     if tau.dtype == torch.float32:
         return [slice(0, num_rows)]
     step = max(1, ROW_CHUNK // max(1, per_row))
@@ -35,18 +35,20 @@ def _row_chunks(tau: Tensor) -> list[slice]:
 class RowWeightedSum(torch.autograd.Function):
     """merged[r] = base[r] + sum_t coef[t, r] * tau[t, r] in float32; grad coef[t, r] = <grad[r], tau[t, r]>.
 
-    Like ``WeightedSum``, only ``tau`` (stored, frozen: no copy) is kept for backward.
+    Like ``WeightedSum``, only ``tau`` (stored, frozen: no copy) is kept for backward, and each task's
+    slice is read in place (one fused multiply-add per task forward, one batched row dot backward).
     """
 
     @staticmethod
     def forward(ctx: Any, coef: Tensor, base: Tensor, tau: Tensor) -> Tensor:  # noqa: D102
         ctx.save_for_backward(tau)
         ctx.coef_dtype = coef.dtype
-        stack = tau.reshape(tau.shape[0], tau.shape[1], -1)  # (T, R, N)
+        stack = tau.reshape(tau.shape[0], tau.shape[1], -1)  # (T, R, N), a view
         coef32 = coef.detach().to(torch.float32)  # (T, R)
         out = base.reshape(base.shape[0], -1).to(torch.float32, copy=True)  # (R, N)
         for rows in _row_chunks(stack):
-            out[rows] += torch.einsum("tr,trn->rn", coef32[:, rows], stack[:, rows].to(torch.float32))
+            for t in range(stack.shape[0]):
+                out[rows].addcmul_(stack[t, rows].to(torch.float32), coef32[t, rows, None])
         return out.to(base.dtype).reshape(base.shape)
 
     @staticmethod
@@ -59,7 +61,10 @@ class RowWeightedSum(torch.autograd.Function):
         grad32 = grad.reshape(grad.shape[0], -1).to(torch.float32)  # (R, N)
         grad_coef = torch.empty(stack.shape[:2], dtype=torch.float32, device=grad.device)  # (T, R)
         for rows in _row_chunks(stack):
-            grad_coef[:, rows] = torch.einsum("trn,rn->tr", stack[:, rows].to(torch.float32), grad32[rows])
+            g = grad32[rows].unsqueeze(2)  # (r, N, 1)
+            for t in range(stack.shape[0]):
+                tau_t = stack[t, rows].to(torch.float32).unsqueeze(1)  # (r, 1, N)
+                grad_coef[t, rows] = torch.bmm(tau_t, g).reshape(-1)  # row-wise dot products
         return grad_coef.to(ctx.coef_dtype), None, None
 
 
