@@ -142,12 +142,15 @@ def test_quick_run_on_tiny_models(setup3: dict, tmp_path: Path, capsys) -> None:
     assert lines[0] == "| k | subsets | " + " | ".join(methods) + " |"
     assert [line.split("|")[1].strip() for line in lines[2:]] == ["2", "3", "mean"]
     # per learned method: trainable coefficients at the largest k and the step time
-    assert space_part.startswith("| method | coefficients (k = 3) | step ms (mean) |")
+    assert space_part.startswith(
+        "| method | coefficients (k = 3) | task vectors MB (k = 3) | step ms (mean) |"
+    )
     assert [line.split("|")[1].strip() for line in space_part.splitlines()[2:]] == [
         "js-layer",
         "entropy-task",
     ]
     assert "| entropy-task | 3 |" in space_part  # one coefficient per task
+
     assert table.split("\n| k |")[1].split("\n\n")[0] in printed  # the table is printed too
 
     # Static task arithmetic evaluated directly with the library gives the same ANP.
@@ -256,6 +259,7 @@ def test_held_out_selection_keeps_the_best_coefficients(setup3: dict) -> None:
     dm = MergeDataModule(specs, tokenizer=setup3["base"], max_length=MAX_LENGTH)
     data = [dm.dataset(t, "unlabelled") for t in ("a", "b")]
     teachers = [torch.log_softmax(torch.randn(NUM_UNLABELLED, n), -1) for n in (2, 3)]
+    storage = {}
     for method in ("js-svd2", "js-row"):
         merged, _, report = mq.learned_merge(
             experts, method, data, teachers, dm.collate, 6, lr=0.2, holdout=0.25, eval_every=2
@@ -276,6 +280,9 @@ def test_held_out_selection_keeps_the_best_coefficients(setup3: dict) -> None:
             abs(mq.mean_divergence(merger, held, dm.collate, "unlabelled") - report["heldout_divergence"])
             < 1e-6
         )
+        storage[method] = report["task_vector_mb"]
+    _, _, dense = mq.learned_merge(experts, "js-layer", data, teachers, dm.collate, 0)
+    assert storage["js-svd2"] < dense["task_vector_mb"] == storage["js-row"]  # rank 2 stores less
     assert mq.parse_learned("js-svd8") == ("js", "svd", {"rank": 8}) and mq.is_valid_method("kl-svd3")
 
 
