@@ -387,10 +387,15 @@ class Merger:
     def compute_teacher(self, data: TaskData, task: str, split: str, device: torch.device) -> Teacher:
         """Expert outputs on one task split: the merged model with one-hot coefficients.
 
-        For a held-out task the "expert" is the base backbone (all-zero coefficients) with its head.
+        For a held-out task the "expert" is the base backbone (all-zero coefficients) with its head. A
+        space whose one-hot coefficients do not reproduce the experts (``svd`` at a rank below full)
+        reads them from an exact layer-wise model of the same expert set, so the cache holds the experts.
         """
         merged = self.build()
         assert self.family is not None
+        if not merged.coefficients.space.exact:
+            assert self.expert_set is not None
+            merged = MergedModel(self.expert_set, "layer").to(device)
         t = self.all_tasks.index(task)
         table = merged.one_hot_table(t) if task in self.task_names else merged.base_table()
         size = len(data.dataset(task, split))  # type: ignore[arg-type]

@@ -97,3 +97,29 @@ def test_fit_test_and_resume_guard_with_svd(tmp_path, tiny, capsys):
         ["fit", "--config", config, "--model.granularity", "row", "--model.space_options", "{rank: 2}"],
         "does not take space_options",
     )
+
+
+def test_teachers_of_a_truncated_svd_space_are_the_experts_themselves(tmp_path, tiny):
+    from divmerge.data import TaskSpec
+    from divmerge.engine import Merger
+    from divmerge.lightning.datamodule import MergeDataModule
+
+    specs = [
+        TaskSpec(name=n, source=p, num_unlabelled=8, num_val=0, num_test=8) for n, p in tiny["data"].items()
+    ]
+    dm = MergeDataModule(specs, tokenizer=tiny["base"], max_length=16)
+    teachers = {}
+    for granularity, options in (("layer", None), ("svd", {"rank": 1})):
+        merger = Merger(tiny["base"], tiny["experts"], granularity=granularity, space_options=options)
+        merger.check_data(dm)
+        teachers[granularity] = merger.compute_teacher(dm, "beta", "unlabelled", torch.device("cpu"))
+        merged = merger.build()
+    assert not merged.coefficients.space.exact
+    torch.testing.assert_close(teachers["svd"], teachers["layer"])
+    # while the rank-1 model's own one-hot merge is not the expert
+    ids = torch.randint(1000, 2000, (3, 7), generator=torch.Generator().manual_seed(0))
+    mask = {"attention_mask": torch.ones_like(ids)}
+    lossy = task_logits(merged, 1, merged.merged_params(merged.one_hot_table(1)), input_ids=ids, **mask)
+    layer = MergedModel(merger.expert_set, "layer")
+    exact = task_logits(layer, 1, layer.merged_params(layer.one_hot_table(1)), input_ids=ids, **mask)
+    assert (lossy - exact).abs().max() > 1e-3

@@ -55,9 +55,12 @@ class CoefficientSpace(Protocol):
     Attributes:
         per_tensor: True when a tensor may get several coefficients per task; such spaces need full,
             unsharded task vectors (no LoRA adapters, no sharded mode).
+        exact: True when one-hot coefficients reproduce each expert (False: a lossy storage, e.g. a
+            truncated SVD; teachers are then computed from the experts themselves).
     """
 
     per_tensor: bool
+    exact: bool
 
     def layout(self, shapes: Mapping[str, Size]) -> Layout:
         """The columns of every merged tensor (in the mapping's order) and the column labels."""
@@ -76,6 +79,7 @@ class ScalarSpace:
     """A space of one scalar per task per group of tensors; subclasses say how tensors are grouped."""
 
     per_tensor = False
+    exact = True
 
     def groups(self, names: Sequence[str]) -> list[int]:
         """For each tensor name (in merge order), the index of its group (table column)."""

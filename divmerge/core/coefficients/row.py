@@ -72,6 +72,7 @@ class RowSpace:
     """One coefficient per task per row of every matrix; one per task for the other tensors."""
 
     per_tensor = True
+    exact = True
 
     def layout(self, shapes: Mapping[str, Size]) -> Layout:
         """A matrix of R rows reads R columns (labelled ``<name>[r]``); any other tensor one column."""

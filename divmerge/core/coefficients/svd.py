@@ -31,6 +31,7 @@ class SvdSpace:
     """
 
     per_tensor = True
+    exact: bool
 
     def __init__(self, rank: int | None = None) -> None:
         if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
@@ -38,6 +39,7 @@ class SvdSpace:
                 f"space_options.rank is {rank!r}: give a positive integer, or none for full rank."
             )
         self.rank = rank
+        self.exact = rank is None  # a truncated SVD does not reproduce the experts
 
     def _rank(self, shape: Size) -> int:
         return min(shape) if self.rank is None else self.rank
