@@ -229,7 +229,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing(setup3: dict, tmp_path: Path
     assert not out.exists()
 
 
-def test_learned_merge_is_reproducible(setup3: dict) -> None:
+def two_tasks(setup3: dict) -> tuple:
+    """Experts a and b, their unlabelled datasets, random teachers, and the data module."""
     experts = load_experts(setup3["base"], setup3["experts"]).subset(["a", "b"])
     specs = [
         TaskSpec(name=t, source=setup3["data"][t], num_unlabelled=NUM_UNLABELLED, num_val=0, num_test=4)
@@ -238,6 +239,11 @@ def test_learned_merge_is_reproducible(setup3: dict) -> None:
     dm = MergeDataModule(specs, tokenizer=setup3["base"], max_length=MAX_LENGTH)
     data = [dm.dataset(t, "unlabelled") for t in ("a", "b")]
     teachers = [torch.log_softmax(torch.randn(NUM_UNLABELLED, n), -1) for n in (2, 3)]
+    return experts, data, teachers, dm
+
+
+def test_learned_merge_is_reproducible(setup3: dict) -> None:
+    experts, data, teachers, dm = two_tasks(setup3)
 
     def coefficients(seed: int) -> torch.Tensor:
         merged, _, _ = mq.learned_merge(experts, "js-layer", data, teachers, dm.collate, 4, seed=seed)
@@ -251,14 +257,7 @@ def test_learned_merge_is_reproducible(setup3: dict) -> None:
 
 
 def test_held_out_selection_keeps_the_best_coefficients(setup3: dict) -> None:
-    experts = load_experts(setup3["base"], setup3["experts"]).subset(["a", "b"])
-    specs = [
-        TaskSpec(name=t, source=setup3["data"][t], num_unlabelled=NUM_UNLABELLED, num_val=0, num_test=4)
-        for t in ("a", "b")
-    ]
-    dm = MergeDataModule(specs, tokenizer=setup3["base"], max_length=MAX_LENGTH)
-    data = [dm.dataset(t, "unlabelled") for t in ("a", "b")]
-    teachers = [torch.log_softmax(torch.randn(NUM_UNLABELLED, n), -1) for n in (2, 3)]
+    experts, data, teachers, dm = two_tasks(setup3)
     storage = {}
     for method in ("js-svd2", "js-row"):
         merged, _, report = mq.learned_merge(
