@@ -7,7 +7,7 @@ decides how a tensor's task vectors are stored and how they are merged with its 
 """
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -47,6 +47,22 @@ class Layout:
     def num_columns(self) -> int:
         """G, the table's number of columns."""
         return len(self.labels)
+
+
+def matrix_layout(shapes: Mapping[str, Size], width: Callable[[Size], int], label: str) -> Layout:
+    """The layout of a per-tensor space: a matrix reads ``width(shape)`` columns, any other tensor one.
+
+    Args:
+        shapes: Shape of each merged tensor, in merge order.
+        width: Columns of a matrix (``is_matrix``), from its shape.
+        label: Format of a matrix column's label, with ``{name}`` and ``{i}`` (other tensors: the name).
+    """
+    columns, labels = {}, []
+    for name, shape in shapes.items():
+        k = width(shape) if is_matrix(name, shape) else 1
+        columns[name] = slice(len(labels), len(labels) + k)
+        labels += [label.format(name=name, i=i) for i in range(k)] if k > 1 else [name]
+    return Layout(columns, labels)
 
 
 class CoefficientSpace(Protocol):

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import Size, Tensor
 
-from divmerge.core.coefficients.base import Layout, Stored, WeightedSum, is_matrix
+from divmerge.core.coefficients.base import Layout, Stored, matrix_layout
+from divmerge.core.merge import WeightedSum
 
 ROW_CHUNK = 1 << 22  # elements of one task's tau upcast at a time when stored below float32
 
@@ -76,12 +77,7 @@ class RowSpace:
 
     def layout(self, shapes: Mapping[str, Size]) -> Layout:
         """A matrix of R rows reads R columns (labelled ``<name>[r]``); any other tensor one column."""
-        columns, labels = {}, []
-        for name, shape in shapes.items():
-            width = shape[0] if is_matrix(name, shape) else 1
-            columns[name] = slice(len(labels), len(labels) + width)
-            labels += [f"{name}[{r}]" for r in range(width)] if width > 1 else [name]
-        return Layout(columns, labels)
+        return matrix_layout(shapes, lambda shape: shape[0], "{name}[{i}]")
 
     def store(self, name: str, tau: Tensor) -> Stored:
         """The stack itself."""

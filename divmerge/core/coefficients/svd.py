@@ -17,7 +17,8 @@ from collections.abc import Mapping
 import torch
 from torch import Size, Tensor
 
-from divmerge.core.coefficients.base import Layout, Stored, WeightedSum, is_matrix
+from divmerge.core.coefficients.base import Layout, Stored, is_matrix, matrix_layout
+from divmerge.core.merge import WeightedSum
 from divmerge.errors import DivMergeError
 
 
@@ -54,12 +55,7 @@ class SvdSpace:
                     f"space_options.rank is {self.rank}, above the rank {min(shape)} of {name!r} "
                     f"{tuple(shape)}: give a rank from 1 to {min(shape)}, or none for full rank."
                 )
-        columns, labels = {}, []
-        for name, shape in shapes.items():
-            width = self._rank(shape) if name in matrices else 1
-            columns[name] = slice(len(labels), len(labels) + width)
-            labels += [f"{name}@s{i}" for i in range(width)] if name in matrices else [name]
-        return Layout(columns, labels)
+        return matrix_layout(shapes, self._rank, "{name}@s{i}")
 
     def store(self, name: str, tau: Tensor) -> Stored:
         """A matrix's stack as factors (U S (T, R, r), V^T (T, r, N)); other tensors as the stack."""
