@@ -63,6 +63,20 @@ def check_method(name: str, options: Mapping[str, Any], learned_ok: bool = True)
     static.check_method(name, options)
 
 
+def check_start(method: str | None, options: Mapping[str, Any]) -> None:
+    """Fail early on a start (``start_from``) that is not a static method, or options without one."""
+    if method is None:
+        if options:
+            raise DivMergeError(
+                "start_options are set without start_from: name the static method to start from."
+            )
+        return
+    try:
+        check_method(method, options, learned_ok=False)
+    except DivMergeError as err:
+        raise DivMergeError(f"start_from: {err}") from None
+
+
 def check_writable_dir(path: Path, what: str) -> None:
     """Refuse a directory that cannot be created or written (a file in the way, no permission).
 
@@ -141,6 +155,10 @@ class Merger:
             ``generation_metric``; each family reads its own).
         cache_dir: Teacher cache directory; None means $DIVMERGE_CACHE or ~/.cache/divmerge.
         space_options: Options of the coefficient space (``svd``: ``rank``).
+        start_from: A static method (``divmerge.static.STATIC_METHODS``) whose merge the learned
+            coefficients start from: the merge becomes theta_s + sum_t c_t tau_t, with c initialised
+            to 0 unless ``init`` says otherwise, so step 0 is the static merge. None starts at theta_0.
+        start_options: Options of ``start_from`` (its defaults where unset).
     """
 
     def __init__(
@@ -157,6 +175,8 @@ class Merger:
         family_options: Mapping[str, Any] | None = None,
         cache_dir: str | Path | None = None,
         space_options: Mapping[str, Any] | None = None,
+        start_from: str | None = None,
+        start_options: Mapping[str, Any] | None = None,
     ) -> None:
         if not experts:
             raise DivMergeError("No experts given: list them under model.experts as `task_name: path`.")
@@ -171,6 +191,10 @@ class Merger:
         self.held_out_sources = dict(held_out or {})
         self.granularity = granularity
         self.space_options = dict(space_options or {})
+        check_start(start_from, start_options or {})
+        self.start_from, self.start_options = start_from, dict(start_options or {})
+        if start_from is not None and init is None:
+            init = 0.0  # step 0 is the static merge
         self.objective_name = (
             objective if isinstance(objective, str) else getattr(objective, "__name__", "custom")
         )
@@ -220,6 +244,12 @@ class Merger:
         self.merged = MergedModel(
             experts, self.granularity, self.init, self.clamp, dtype, space_options=self.space_options
         )
+        if self.start_from is not None:
+            merged = self.merged
+            start = static.static_merge(
+                self.start_from, dict(merged.base.items()), merged.dense_task_vectors(), **self.start_options
+            )
+            merged.set_start(start)
         self.family = family
         self.fingerprint = experts.fingerprint
         self.task_digests = experts.task_digests
@@ -274,6 +304,8 @@ class Merger:
         objective: str | Objective | None = None,
         init: float | None = None,
         space_options: Mapping[str, Any] | None = None,
+        start_from: str | None = None,
+        start_options: Mapping[str, Any] | None = None,
     ) -> "Merger":
         """A merger of some of this one's experts, sharing the loaded tensors and the loaded teachers.
 
@@ -285,12 +317,17 @@ class Merger:
             init: Initial coefficient value; None means 1/k.
             space_options: Options of the new merger's space (default: this one's when the granularity
                 is this one's, else none).
+            start_from: A static method the new merger's coefficients start from (default: none).
+            start_options: Its options.
 
         Returns:
             The new merger, built (no loading).
         """
         self.build()
-        assert self.expert_set is not None
+        if self.expert_set is None:
+            raise DivMergeError(
+                "This merger released its expert set: take subsets before release_expert_set()."
+            )
         sub = Merger.from_expert_set(
             self.expert_set.subset(list(tasks)),  # unknown or no tasks fail here
             self.family,
@@ -300,6 +337,8 @@ class Merger:
                 if space_options is not None or granularity not in (None, self.granularity)
                 else self.space_options
             ),
+            start_from=start_from,
+            start_options=start_options,
             objective=self.objective if objective is None else objective,
             init=init,
             clamp=self.clamp,
@@ -394,13 +433,41 @@ class Merger:
         merged = self.build()
         assert self.family is not None
         if not merged.coefficients.space.exact:
-            assert self.expert_set is not None
+            if self.expert_set is None:
+                raise DivMergeError(
+                    f"Teachers of {task}/{split} are not cached and the dense task vectors were released "
+                    "after the first teachers were built: run this in a fresh process."
+                )
             merged = MergedModel(self.expert_set, "layer").to(device)
         t = self.all_tasks.index(task)
         table = merged.one_hot_table(t) if task in self.task_names else merged.base_table()
         size = len(data.dataset(task, split))  # type: ignore[arg-type]
         loader = data.eval_loader(task, split)  # type: ignore[arg-type]
         return self.family.teacher(merged, t, table.to(device), loader, size, split)
+
+    @property
+    def holds_two_copies(self) -> bool:
+        """Whether the expert set's dense task vectors are a second copy beside the merged model's.
+
+        True for a space that stores its own form of them (e.g. ``svd``'s factors) or this rank's
+        shard of them, until ``release_expert_set``.
+        """
+        merged = self.build()
+        if self.expert_set is None:
+            return False
+        return any(
+            not isinstance(stored := merged.task_vectors[n], Tensor) or stored.data_ptr() != t.data_ptr()
+            for n, t in self.expert_set.task_vectors.items()
+        )
+
+    def release_expert_set(self) -> None:
+        """Drop the loaded expert set where it is a second copy of the task vectors.
+
+        Only where ``holds_two_copies``: memory then holds the space's storage alone. Call after every
+        teacher this process needs is cached; ``subset`` is not available afterwards.
+        """
+        if self.holds_two_copies:
+            self.expert_set = None
 
     def build_teachers(
         self, data: TaskData, paths: Mapping[tuple[str, str], Path], device: torch.device
@@ -568,4 +635,5 @@ class Merger:
         """The merge method in words, e.g. ``layer-wise js merge`` or ``static ties merge``."""
         if method != LEARNED:
             return f"static {method} merge"
-        return f"{self.granularity}-wise {self.objective_name} merge"
+        start = f" from {self.start_from}" if self.start_from else ""
+        return f"{self.granularity}-wise {self.objective_name} merge{start}"

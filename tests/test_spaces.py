@@ -123,3 +123,24 @@ def test_teachers_of_a_truncated_svd_space_are_the_experts_themselves(tmp_path, 
     layer = MergedModel(merger.expert_set, "layer")
     exact = task_logits(layer, 1, layer.merged_params(layer.one_hot_table(1)), input_ids=ids, **mask)
     assert (lossy - exact).abs().max() > 1e-3
+
+
+def test_svd_releases_the_dense_task_vectors_after_its_teachers(tiny):
+    import gc
+    import weakref
+
+    from divmerge.engine import Merger
+
+    layer = Merger(tiny["base"], tiny["experts"])
+    layer.release_expert_set()
+    assert not layer.holds_two_copies and layer.expert_set is not None  # one copy, shared: kept
+    merger = Merger(tiny["base"], tiny["experts"], granularity="svd", space_options={"rank": 2})
+    merger.build()
+    assert merger.holds_two_copies
+    dense = weakref.ref(merger.expert_set.task_vectors[MATRIX])
+    merger.release_expert_set()
+    gc.collect()
+    assert merger.expert_set is None and dense() is None  # the dense stacks are freed
+    assert merger.build().task_vectors[MATRIX][0].shape[-1] == 2  # the rank-2 factors stay
+    with pytest.raises(DivMergeError, match="released its expert set"):
+        merger.subset(["alpha"])

@@ -1,5 +1,8 @@
 """The merged model: theta(l) = theta_0(l) + sum_t c[t, g(l)] * tau_t(l), family-agnostic.
 
+With a start (``set_start``), the learned coefficients merge around a static merge instead of theta_0:
+theta(l) = theta_s(l) + sum_t c[t, g(l)] * tau_t(l).
+
 Holds the frozen base, the stacked task vectors (dense, LoRA factors, or sharded columns), the coefficient
 table and the experts' forward code (meta-device skeletons); ``merged_params`` gives the merged tensors
 under the experts' naming, for ``torch.func.functional_call`` by a model family (``divmerge.families``).
@@ -65,6 +68,7 @@ class MergedModel(nn.Module):
             {n: space.store(n, t.to(task_vector_dtype)) for n, t in experts.task_vectors.items()}
         )
         self.base = FrozenTensors(experts.base)
+        self.start = FrozenTensors({})  # the learned coefficients' origin where not theta_0 (set_start)
         self.dense_rows = dict(experts.dense_rows)  # name -> task of each stored row, when not all T
         self.lora_a = FrozenTensors({m: s.a for m, s in experts.lora.items()})  # (R, in)
         self.lora_b = FrozenTensors({m: s.b for m, s in experts.lora.items()})  # (out, R)
@@ -86,13 +90,15 @@ class MergedModel(nn.Module):
         """Merged backbone tensors under the expert's naming (``<prefix>.<name>``).
 
         Args:
-            table: Coefficients (T, G) to merge with; None uses the learned ones.
+            table: Coefficients (T, G) to merge with around theta_0 (one-hot: an expert; zeros: the
+                base); None uses the learned ones, around the start when one is set (``set_start``).
 
         Returns:
             Name -> merged tensor (and the LoRA modules' ``@lora_A`` / ``@lora_B`` factors, see the class
             docstring); differentiable w.r.t. the coefficients.
 
         """
+        origin = self.start if table is None and len(self.start) else self.base
         table = self.coefficients() if table is None else table
         merged = {}
         with torch.autocast(device_type=table.device.type, enabled=False):  # merge in full precision
@@ -100,14 +106,14 @@ class MergedModel(nn.Module):
                 coef = self.coefficients.columns(table, name)  # (T, K)
                 rows = self.dense_rows.get(name)  # None: all T tasks
                 if rows == []:  # only adapters' low-rank updates (or nothing) change this tensor
-                    merged[self.full_name(name)] = self.base[name]
+                    merged[self.full_name(name)] = origin[name]
                     continue
                 coef = coef if rows is None else coef[rows]
                 tau = self.task_vectors[name]  # stored by the space, or a sharded DTensor (rows, numel)
                 merged[self.full_name(name)] = (
-                    sharded_weighted_sum(coef[:, 0], self.base[name], tau)
+                    sharded_weighted_sum(coef[:, 0], origin[name], tau)
                     if is_sharded(tau)
-                    else self.coefficients.space.merge(coef, self.base[name], tau)
+                    else self.coefficients.space.merge(coef, origin[name], tau)
                 )
             for m, b in self.lora_b.items():
                 coef = self.coefficients.column(table, f"{m}.weight")  # (T,)
@@ -115,6 +121,19 @@ class MergedModel(nn.Module):
                 b_merged = lora.merged_b(b, self.lora_task[m], coef)  # (out, R)
                 merged[self.full_name(m) + lora.LORA_B] = b_merged
         return merged
+
+    def set_start(self, start: Mapping[str, Tensor]) -> None:
+        """Make the learned coefficients merge around ``start`` (a static merge) instead of theta_0.
+
+        Explicit tables (experts, the base, constant references) still merge around theta_0.
+
+        Args:
+            start: Name -> tensor, (*shape), for every merged tensor (``names``, unprefixed).
+        """
+        missing = [n for n in self.names if n not in start or start[n].shape != self.base[n].shape]
+        if missing:
+            raise DivMergeError(f"The start merge lacks tensor {missing[0]!r} or has another shape.")
+        self.start = FrozenTensors({n: start[n].to(self.base[n].dtype) for n in self.names})
 
     def shard(self, mesh: DeviceMesh) -> None:
         """Keep only this rank's column slice of every stacked task vector (see ``divmerge.sharding``).

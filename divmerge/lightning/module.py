@@ -49,7 +49,11 @@ class DivMergeModule(L.LightningModule):
             kept per task and matrix; unset keeps all).
         objective: ``js`` (Jensen-Shannon, DivMerge), ``kl`` (KL(expert || merged)) or ``entropy``
             (AdaMerging).
-        init: Initial coefficient value; None means 1/T.
+        init: Initial coefficient value; None means 1/T (0 with ``start_from``).
+        start_from: A static method (as ``method``) whose merge the learned coefficients start from: the
+            merge is theta_s + sum_t c_t tau_t around that static merge theta_s, with c starting at 0,
+            so training starts from the static merge and corrects it. None merges around the base.
+        start_options: Options of ``start_from`` (e.g. ``{rank_fraction: 0.5}`` for tsv_m).
         clamp: Optional (low, high) bounds for the coefficients; None leaves them unconstrained.
         lr: Adam learning rate for the coefficients (0.05, the benchmark's best at 6 tasks).
         lr_schedule: ``cosine`` decays the learning rate to 0 over the run's total steps (max_epochs /
@@ -92,6 +96,8 @@ class DivMergeModule(L.LightningModule):
         space_options: dict[str, int] | None = None,
         objective: str = "js",
         init: float | None = None,
+        start_from: str | None = None,
+        start_options: dict[str, float | int | str] | None = None,
         clamp: tuple[float, float] | None = None,
         lr: float = DEFAULT_LR,
         lr_schedule: Literal["constant", "cosine"] = "cosine",
@@ -136,8 +142,15 @@ class DivMergeModule(L.LightningModule):
             },
             cache_dir,
             space_options=space_options,
+            start_from=start_from,
+            start_options=start_options,
         )
         check_method(method, method_options or {})
+        if start_from is not None and method != LEARNED:
+            raise DivMergeError(
+                f"model.start_from applies to learned merges, and model.method is the static {method!r}: "
+                "remove start_from, or set method: divmerge."
+            )
         check_method(reference, reference_options or {}, learned_ok=False)
         self.save_hyperparameters()
         self.cache_dir = self.engine.cache_dir
@@ -205,6 +218,13 @@ class DivMergeModule(L.LightningModule):
                 f"but the config asks for {options}: set model.space_options to match, or start a fresh "
                 "run without --ckpt_path."
             )
+        start = {"from": self.hparams.start_from, "options": dict(self.hparams.start_options or {})}
+        if meta.get("start", {"from": None, "options": {}}) != start:
+            raise DivMergeError(
+                f"The checkpoint's coefficients start from {meta.get('start')} but the config asks for "
+                f"{start}: set model.start_from / start_options to match, or start a fresh run without "
+                "--ckpt_path."
+            )
         if theirs != ours or meta.get("tensor_names") != self.build().names:
             raise DivMergeError(
                 f"The checkpoint holds {theirs}-wise coefficients but the config asks for {ours}-wise ones: "
@@ -220,7 +240,9 @@ class DivMergeModule(L.LightningModule):
         dm = self._datamodule()
         self.engine.check_data(dm)
         splits = _STAGE_SPLITS.get(stage, ("unlabelled", "val", "test"))
-        if self.shards_task_vectors:  # once sharded, a merge is a collective: no rank-0-only teachers later
+        if self.shards_task_vectors or self.engine.holds_two_copies:
+            # once sharded, a merge is a collective: no rank-0-only teachers later; a space that stores
+            # its own form of the task vectors (svd) releases the dense ones after its teachers
             splits = ("unlabelled", "val", "test")
         paths = self.engine.teacher_paths(dm, splits)
         with timed(TEACHER_PHASE):  # reported in the phase table (divmerge.lightning.timing)
@@ -231,6 +253,7 @@ class DivMergeModule(L.LightningModule):
                     rank_zero_info(f"teacher cache: built {task}/{split} -> {path}")
             self.trainer.strategy.barrier("divmerge_teacher_cache")
         self.engine.load_teachers(dm, paths)
+        self.engine.release_expert_set()
 
     @property
     def shards_task_vectors(self) -> bool:
@@ -264,6 +287,7 @@ class DivMergeModule(L.LightningModule):
                 "hold only the coefficients, written as one small file."
             )
         self.merged.shard(self.device_mesh["data_parallel"])
+        self.engine.release_expert_set()  # the whole stacks: every teacher is cached by now (setup)
         total = sum(t.numel() * t.element_size() for _, t in self.merged.task_vectors.items())  # global
         local = sum(t.to_local().numel() * t.element_size() for _, t in self.merged.task_vectors.items())
         print(
@@ -415,7 +439,15 @@ class DivMergeModule(L.LightningModule):
         table = merged.coefficients().detach().cpu()  # (T, G)
         groups = merged.coefficients.group_labels()
         (out / "coefficients.json").write_text(
-            json.dumps({"tasks": self.task_names, "groups": groups, "coefficients": table.tolist()}, indent=1)
+            json.dumps(
+                {
+                    "tasks": self.task_names,
+                    "groups": groups,
+                    "start_from": self.hparams.start_from,  # coefficients are around this static merge
+                    "coefficients": table.tolist(),
+                },
+                indent=1,
+            )
         )
         plot_coefficients(table, self.task_names, groups, out / "coefficients.png")
         if isinstance(self.logger, CSVLogger):
@@ -433,6 +465,7 @@ class DivMergeModule(L.LightningModule):
             "tasks": self.task_names,
             "granularity": self.hparams.granularity,
             "space_options": dict(self.hparams.space_options or {}),
+            "start": {"from": self.hparams.start_from, "options": dict(self.hparams.start_options or {})},
             "tensor_names": merged.names,
         }
 
