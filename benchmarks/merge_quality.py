@@ -13,7 +13,9 @@ Methods:
 - learned ``<objective>-<granularity>``: objective ``js`` (DivMerge), ``kl`` or ``entropy`` (AdaMerging),
   granularity ``task``, ``layer`` (AdaMerging's layer-wise), ``block``, ``row`` (one coefficient per output
   row of each matrix) or ``svd`` (one per singular direction of each matrix task vector; ``svd<r>``, e.g.
-  ``js-svd8``, keeps rank r). Adam on the coefficients
+  ``js-svd8``, keeps rank r); ``<objective>-<granularity>@<static>`` (e.g. ``js-row@tsv_m``) starts
+  from that static merge (its default options) and learns coefficients around it from 0. Adam on the
+  coefficients
   (init ``--init``, default 1/k), lr with cosine decay to 0 over ``steps``; each step draws
   ``batch_per_task`` unlabelled inputs of every task of the subset and minimises the summed divergence
   to the cached expert outputs. Every learned method on a subset sees the same input sequence. With
@@ -116,9 +118,15 @@ def valid_methods() -> list[str]:
     return list(STATIC_METHODS) + [f"{o}-{g}" for o in objectives for g in GRANULARITIES]
 
 
+def split_start(method: str) -> tuple[str, str | None]:
+    """``js-row@tsv_m`` -> (``js-row``, ``tsv_m``): the learned method and the static merge it starts from."""
+    learned, _, start = method.partition("@")
+    return learned, start or None
+
+
 def parse_learned(method: str) -> tuple[str, str, dict[str, int]]:
     """``js-svd8`` -> (``js``, ``svd``, {rank: 8}); ``js-layer`` -> (``js``, ``layer``, {})."""
-    objective, granularity = method.rsplit("-", 1)
+    objective, granularity = split_start(method)[0].rsplit("-", 1)
     rank = re.fullmatch(r"svd(\d+)", granularity)
     if rank:
         return objective, "svd", {"rank": int(rank.group(1))}
@@ -126,7 +134,11 @@ def parse_learned(method: str) -> tuple[str, str, dict[str, int]]:
 
 
 def is_valid_method(method: str) -> bool:
-    """Whether ``method`` is in ``valid_methods()`` or an ``<objective>-svd<r>`` with r >= 1."""
+    """Whether ``method`` is in ``valid_methods()``, an ``<objective>-svd<r>`` with r >= 1, or a learned
+    one of these followed by ``@<static method>``."""
+    method, start = split_start(method)
+    if start is not None:
+        return start in STATIC_METHODS and not is_static(method) and is_valid_method(method)
     if method in valid_methods():
         return True
     if "-" not in method:
@@ -298,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=",".join(DEFAULT_METHODS),
         help=f"comma-separated methods: static {list(STATIC_METHODS)} (default options) or learned "
         f"<objective>-<granularity> with objective in {list(OBJECTIVES)} and granularity in "
-        f"{list(GRANULARITIES)}; diagnostic {CEILING}-<granularity> fits the test labels (an upper bound of "
+        f"{list(GRANULARITIES)} (svd<r> for rank r; @<static> to start from that static merge, e.g. "
+        f"js-row@tsv_m); diagnostic {CEILING}-<granularity> fits the test labels (an upper bound of "
         "that granularity, not a method)",
     )
     p.add_argument("--min_k", type=int, default=2, help="smallest number of merged tasks (>= 2)")
@@ -645,7 +658,7 @@ def learned_merge(
         batch_per_task: Inputs of every task per step.
         lr: Peak learning rate.
         seed: Seeds torch and the input sampler.
-        init: Initial value of every coefficient; None means 1/k.
+        init: Initial value of every coefficient; None means 1/k (0 with a start, ``@<static>``).
         holdout: Fraction of each task's inputs kept out of training (0: none). The coefficients with
             the lowest divergence on them, measured every ``eval_every`` steps (and at steps 0 and
             ``steps``), are kept.
@@ -666,6 +679,7 @@ def learned_merge(
         "objective": cross_entropy if ceiling else objective,
         "init": init,
         "space_options": space_options,
+        "start_from": split_start(method)[1],
     }
     if isinstance(experts, Merger):
         merger = experts.subset(experts.task_names, **settings)

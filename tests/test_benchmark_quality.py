@@ -256,6 +256,20 @@ def test_learned_merge_is_reproducible(setup3: dict) -> None:
     assert torch.equal(start.coefficients().detach(), torch.full_like(first, 0.3))  # --init
 
 
+def test_learned_merge_from_a_static_start(setup3: dict) -> None:
+    experts, data, teachers, dm = two_tasks(setup3)
+    assert mq.is_valid_method("js-row@tsv_m") and mq.is_valid_method("kl-svd4@ties")
+    assert not any(map(mq.is_valid_method, ("js-row@tsv", "tsv_m@ties", "js-row@js-layer", "js-rows@ties")))
+    _, params, _ = mq.learned_merge(experts, "js-layer@tsv_m", data, teachers, dm.collate, 0)
+    tsv = static_merge("tsv_m", experts.base, experts.task_vectors)
+    for name, tensor in tsv.items():
+        torch.testing.assert_close(params[f"{experts.prefix}.{name}"], tensor)  # step 0 is TSV-M
+    merged, moved, _ = mq.learned_merge(experts, "js-layer@tsv_m", data, teachers, dm.collate, 3, lr=0.1)
+    assert (merged.coefficients.weight != 0).all() and any(
+        not torch.equal(moved[k], params[k]) for k in params
+    )
+
+
 def test_held_out_selection_keeps_the_best_coefficients(setup3: dict) -> None:
     experts, data, teachers, dm = two_tasks(setup3)
     storage = {}
