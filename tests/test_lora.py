@@ -13,6 +13,7 @@ from transformers import BertForSequenceClassification
 import train
 from divmerge.core import lora
 from divmerge.core.merged_model import MergedModel
+from divmerge.engine import Merger
 from divmerge.errors import DivMergeError
 from divmerge.export import coefficient_stats, export_merged, load_task_model
 from divmerge.families import load_experts
@@ -274,3 +275,24 @@ def test_non_lora_adapter_is_refused(setup):
     get_peft_model(model, config).save_pretrained(path)
     with pytest.raises(DivMergeError, match=r"IA3 adapter.*merge_and_unload"):
         load_experts(str(setup["base"]), {"a": str(path)})
+
+
+def test_a_static_start_over_adapters_matches_the_densified_reference(setup):
+    """Adapters stay factors around a static start; the merge equals the densified experts' merge."""
+    base = str(setup["base"])
+    mergers = []
+    for plain in ("plain", "plain_dense"):
+        experts = load_experts(base, {"full": str(setup["full"]), "plain": str(setup[plain])})
+        mergers.append(Merger.from_expert_set(experts, granularity="layer", start_from="ties"))
+    mixed, dense = (m.build().dense_params(m.learned_params()) for m in mergers)
+    ties = mergers[1].static_params("ties")  # step 0 (c = 0) is the static merge
+    assert mixed.keys() == dense.keys() and ties.keys() <= dense.keys()
+    for name, tensor in ties.items():
+        torch.testing.assert_close(mixed[name], tensor, atol=1e-6, rtol=1e-5)
+    for merger in mergers:
+        with torch.no_grad():
+            merger.build().coefficients.weight.uniform_(-0.5, 1.0, generator=torch.Generator().manual_seed(4))
+    mixed, dense = (m.build().dense_params(m.learned_params()) for m in mergers)
+    assert any(not torch.allclose(mixed[name], tensor) for name, tensor in ties.items())
+    for name, tensor in dense.items():
+        torch.testing.assert_close(mixed[name], tensor, atol=1e-6, rtol=1e-5)
