@@ -15,8 +15,7 @@ Methods:
   row of each matrix) or ``svd`` (one per singular direction of each matrix task vector; ``svd<r>``, e.g.
   ``js-svd8``, keeps rank r); ``<objective>-<granularity>@<static>`` (e.g. ``js-row@tsv_m``) starts
   from that static merge (its default options) and learns coefficients around it from 0. Adam on the
-  coefficients
-  (init ``--init``, default 1/k), lr with cosine decay to 0 over ``steps``; each step draws
+  coefficients (init ``--init``, default 1/k), lr with cosine decay to 0 over ``steps``; each step draws
   ``batch_per_task`` unlabelled inputs of every task of the subset and minimises the summed divergence
   to the cached expert outputs. Every learned method on a subset sees the same input sequence. With
   ``--holdout F`` a fraction F of each task's unlabelled inputs is kept out of training; every
