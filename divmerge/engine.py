@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerBase
 from divmerge import static
 from divmerge.core.coefficients import Granularity, get_space
 from divmerge.core.expert_set import ExpertSet
-from divmerge.core.merged_model import MergedModel
+from divmerge.core.merged_model import MergedModel, MergeMode
 from divmerge.data import Rows, TaskDataset, TaskSpec
 from divmerge.errors import DivMergeError
 from divmerge.experts.sources import default_cache_dir
@@ -159,6 +159,8 @@ class Merger:
             coefficients start from: the merge becomes theta_s + sum_t c_t tau_t, with c initialised
             to 0 unless ``init`` says otherwise, so step 0 is the static merge. None starts at theta_0.
         start_options: Options of ``start_from`` (its defaults where unset).
+        merge_mode: ``whole`` or ``per_block`` (see ``divmerge.core.per_block``): when a training step
+            merges the tensors.
     """
 
     def __init__(
@@ -177,6 +179,7 @@ class Merger:
         space_options: Mapping[str, Any] | None = None,
         start_from: str | None = None,
         start_options: Mapping[str, Any] | None = None,
+        merge_mode: MergeMode = "whole",
     ) -> None:
         if not experts:
             raise DivMergeError("No experts given: list them under model.experts as `task_name: path`.")
@@ -202,6 +205,9 @@ class Merger:
         self.init, self.clamp = init, clamp
         self.task_vector_dtype = task_vector_dtype
         self.backbone_pass = backbone_pass
+        if merge_mode not in ("whole", "per_block"):
+            raise DivMergeError(f"model.merge_mode must be 'whole' or 'per_block', not {merge_mode!r}.")
+        self.merge_mode = merge_mode
         self.family_options = dict(family_options or {})
         self.cache_dir = str(cache_dir or default_cache_dir())
         check_writable_dir(Path(self.cache_dir), "model.cache_dir (the teacher cache)")
@@ -242,7 +248,13 @@ class Merger:
         dtype = getattr(torch, self.task_vector_dtype)
         self.expert_set = experts
         self.merged = MergedModel(
-            experts, self.granularity, self.init, self.clamp, dtype, space_options=self.space_options
+            experts,
+            self.granularity,
+            self.init,
+            self.clamp,
+            dtype,
+            space_options=self.space_options,
+            merge_mode=self.merge_mode,
         )
         if self.start_from is not None:
             merged = self.merged
@@ -344,6 +356,7 @@ class Merger:
             clamp=self.clamp,
             task_vector_dtype=self.task_vector_dtype,
             backbone_pass=self.backbone_pass,
+            merge_mode=self.merge_mode,
             family_options=self.family_options,
             cache_dir=self.cache_dir,
         )

@@ -8,19 +8,21 @@ table and the experts' forward code (meta-device skeletons); ``merged_params`` g
 under the experts' naming, for ``torch.func.functional_call`` by a model family (``divmerge.families``).
 """
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from divmerge.core import lora
+from divmerge.core import lora, per_block
 from divmerge.core.coefficients import Granularity, MergeCoefficients
 from divmerge.core.expert_set import ExpertSet
 from divmerge.core.merge import FrozenTensors
 from divmerge.core.sharding import is_sharded, shard_stacks, sharded_weighted_sum
 from divmerge.errors import DivMergeError
+
+MergeMode = Literal["whole", "per_block"]
 
 
 class MergedModel(nn.Module):
@@ -34,6 +36,10 @@ class MergedModel(nn.Module):
         task_vector_dtype: Storage dtype of the task vectors (bf16/fp16 halve their memory); the merge
             itself is computed in float32 with float32 coefficients. LoRA factors keep their dtype.
         space_options: Options of the coefficient space (``svd``: ``rank``).
+        merge_mode: ``whole`` merges every tensor before a training step's forward; ``per_block`` merges
+            each repeated block's tensors just before the block runs and recomputes them in backward
+            (``divmerge.core.per_block``): one block's merged tensors and gradient alive instead of the
+            model's, for about one more forward of compute.
 
     LoRA adapter experts are merged without densifying (``divmerge.lora``): a LoRA module's merged
     tensors are its weight (theta_0 plus the full experts' weighted task vectors) and the stacked factors
@@ -48,8 +54,13 @@ class MergedModel(nn.Module):
         clamp: tuple[float, float] | None = None,
         task_vector_dtype: torch.dtype = torch.float32,
         space_options: Mapping[str, Any] | None = None,
+        merge_mode: MergeMode = "whole",
     ) -> None:
         super().__init__()
+        if merge_mode not in ("whole", "per_block"):
+            raise DivMergeError(f"model.merge_mode must be 'whole' or 'per_block', not {merge_mode!r}.")
+        self.merge_mode = merge_mode
+        self._block_tensors: set[str] | None = None
         self.task_names = list(experts.task_names)
         self.all_tasks = experts.all_tasks  # heads/skeletons index: merged tasks, then held-out ones
         self.names = list(experts.names)
@@ -98,29 +109,84 @@ class MergedModel(nn.Module):
             docstring); differentiable w.r.t. the coefficients.
 
         """
-        origin = self.start if table is None and len(self.start) else self.base
+        origin = self._origin(table)
         table = self.coefficients() if table is None else table
         merged = {}
         with torch.autocast(device_type=table.device.type, enabled=False):  # merge in full precision
             for name in self.names:
-                coef = self.coefficients.columns(table, name)  # (T, K)
-                rows = self.dense_rows.get(name)  # None: all T tasks
-                if rows == []:  # only adapters' low-rank updates (or nothing) change this tensor
-                    merged[self.full_name(name)] = origin[name]
-                    continue
-                coef = coef if rows is None else coef[rows]
-                tau = self.task_vectors[name]  # stored by the space, or a sharded DTensor (rows, numel)
-                merged[self.full_name(name)] = (
-                    sharded_weighted_sum(coef[:, 0], origin[name], tau)
-                    if is_sharded(tau)
-                    else self.coefficients.space.merge(coef, origin[name], tau)
-                )
-            for m, b in self.lora_b.items():
-                coef = self.coefficients.column(table, f"{m}.weight")  # (T,)
-                merged[self.full_name(m) + lora.LORA_A] = self.lora_a[m]  # (R, in)
-                b_merged = lora.merged_b(b, self.lora_task[m], coef)  # (out, R)
-                merged[self.full_name(m) + lora.LORA_B] = b_merged
+                merged[self.full_name(name)] = self._merge_one(name, table, origin)
+            self._merge_lora(table, merged)
         return merged
+
+    def _origin(self, table: Tensor | None) -> FrozenTensors:
+        """What the coefficients merge around: the start for the learned ones when set, else theta_0."""
+        return self.start if table is None and len(self.start) else self.base
+
+    def _merge_one(self, name: str, table: Tensor, origin: FrozenTensors) -> Tensor:
+        """One merged tensor, origin + sum_t c[t, g(name)] * tau_t(name), (*shape)."""
+        coef = self.coefficients.columns(table, name)  # (T, K)
+        rows = self.dense_rows.get(name)  # None: all T tasks
+        if rows == []:  # only adapters' low-rank updates (or nothing) change this tensor
+            return origin[name]
+        coef = coef if rows is None else coef[rows]
+        tau = self.task_vectors[name]  # stored by the space, or a sharded DTensor (rows, numel)
+        if is_sharded(tau):
+            return sharded_weighted_sum(coef[:, 0], origin[name], tau)
+        return self.coefficients.space.merge(coef, origin[name], tau)
+
+    def _merge_lora(self, table: Tensor, merged: dict[str, Tensor]) -> None:
+        """Add every LoRA module's ``@lora_A`` and coefficient-scaled ``@lora_B`` entries to ``merged``."""
+        for m, b in self.lora_b.items():
+            coef = self.coefficients.column(table, f"{m}.weight")  # (T,)
+            merged[self.full_name(m) + lora.LORA_A] = self.lora_a[m]  # (R, in)
+            merged[self.full_name(m) + lora.LORA_B] = lora.merged_b(b, self.lora_task[m], coef)  # (out, R)
+
+    def step_params(self) -> dict[str, Tensor]:
+        """The learned merge as a training step's loss reads it, in this model's ``merge_mode``.
+
+        ``whole``: ``merged_params()``. ``per_block``: the tensors outside the repeated blocks merged,
+        each block tensor's entry holding its origin, and the coefficient table under
+        ``per_block.TABLE``, so that the family's forward (``per_block.attached``) merges each block just
+        in time; differentiable w.r.t. the coefficients either way.
+        """
+        if self.merge_mode == "whole":
+            return self.merged_params()
+        origin = self._origin(None)
+        table = self.coefficients()  # (T, G)
+        blocks = self.block_tensors()
+        merged: dict[str, Tensor] = {per_block.TABLE: table}
+        with torch.autocast(device_type=table.device.type, enabled=False):
+            for name in self.names:
+                full = self.full_name(name)
+                merged[full] = origin[name] if full in blocks else self._merge_one(name, table, origin)
+            self._merge_lora(table, merged)
+        return merged
+
+    def merge_block(self, table: Tensor, names: Sequence[str]) -> dict[str, Tensor]:
+        """The learned merge of some tensors only (one block's, in the per-block mode).
+
+        Args:
+            table: The learned coefficients (T, G).
+            names: Full tensor names (``<prefix>.<name>``).
+
+        Returns:
+            Full name -> merged tensor, differentiable w.r.t. ``table``.
+        """
+        origin = self._origin(None)
+        short = {self.full_name(n): n for n in self.names}
+        with torch.autocast(device_type=table.device.type, enabled=False):
+            return {full: self._merge_one(short[full], table, origin) for full in names}
+
+    def block_tensors(self) -> set[str]:
+        """Full names of the merged tensors that lie in a repeated block (``per_block.block_paths``)."""
+        if self._block_tensors is None:
+            paths = per_block.block_paths(self._skeletons[0])
+            self._block_tensors = {
+                self.full_name(n)
+                for n in self.names
+                if any(per_block.in_block(self.full_name(n), p) for p in paths)
+            }
+        return self._block_tensors
 
     def set_start(self, start: Mapping[str, Tensor]) -> None:
         """Make the learned coefficients merge around ``start`` (a static merge) instead of theta_0.
@@ -144,6 +210,11 @@ class MergedModel(nn.Module):
             mesh: The 1-D mesh of ranks to shard over (Lightning's data-parallel mesh).
 
         """
+        if self.merge_mode == "per_block":
+            raise DivMergeError(
+                "merge_mode per_block does not run with the sharded strategy yet: use merge_mode whole "
+                "with it, or per_block with a data-parallel strategy (ddp) or one device."
+            )
         if self.coefficients.space.per_tensor:
             raise DivMergeError(
                 f"Granularity {self.coefficients.granularity!r} does not run sharded: use granularity task, "

@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreT
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils import ModelOutput
 
-from divmerge.core import lora
+from divmerge.core import lora, per_block
 from divmerge.core.merge import accumulate_over_tasks
 from divmerge.core.merged_model import MergedModel
 from divmerge.data import Rows, TaskSpec
@@ -202,16 +202,18 @@ def forward(
     if "position_ids" not in kwargs:
         kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
     kwargs.setdefault("use_cache", False)
-    dense, factors = lora.split(dict(params) | dict(merged.buffers_.items()))
     skeleton = merged.skeleton(0)
-    with lora.attached(skeleton, factors):  # LoRA adapter experts' low-rank terms, B (A x)
-        return functional_call(
-            skeleton,
-            dense,
-            args=(),
-            kwargs={"input_ids": input_ids, "attention_mask": attention_mask, **kwargs},
-            strict=True,
-        )
+    tensors = dict(params) | dict(merged.buffers_.items())
+    with per_block.attached(skeleton, "", tensors, merged.merge_block) as tensors:  # per_block mode only
+        dense, factors = lora.split(tensors)
+        with lora.attached(skeleton, factors):  # LoRA adapter experts' low-rank terms, B (A x)
+            return functional_call(
+                skeleton,
+                dense,
+                args=(),
+                kwargs={"input_ids": input_ids, "attention_mask": attention_mask, **kwargs},
+                strict=True,
+            )
 
 
 @torch.no_grad()
@@ -392,7 +394,7 @@ def step_loss(
 
     """
     return accumulate_over_tasks(
-        merged.merged_params(),
+        merged.step_params(),
         {
             t: (
                 lambda p, t=t: teacher_forced_loss(

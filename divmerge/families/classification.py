@@ -18,7 +18,7 @@ from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 from transformers import AutoModel, AutoModelForSequenceClassification, PreTrainedModel
 
-from divmerge.core import lora
+from divmerge.core import lora, per_block
 from divmerge.core.merge import accumulate_over_tasks
 from divmerge.core.merged_model import MergedModel
 from divmerge.data import Rows, TaskSpec
@@ -104,7 +104,7 @@ class Classification(ModelFamily):
             return objective(teachers[t].to(student.device), student).mean()
 
         inputs = {t: {k: b[k] for k in ("input_ids", "attention_mask")} for t, b in batches.items()}
-        return step_loss(merged, merged.merged_params(), inputs, task_loss, backbone_pass)
+        return step_loss(merged, merged.step_params(), inputs, task_loss, backbone_pass)
 
     def new_metric(self, task: str, num_outputs: int) -> Metric:
         """Micro-averaged accuracy over ``num_outputs`` classes."""
@@ -165,12 +165,15 @@ def forward_tasks(
     )  # (sum B_t, L)
     backbone = merged.skeleton(tasks[0]).get_submodule(merged.prefix)
     cut = len(merged.prefix) + 1
-    tensors = {n[cut:]: v for n, v in params.items()} | {n[cut:]: v for n, v in merged.buffers_.items()}
-    dense, factors = lora.split(tensors)
-    with lora.attached(backbone, factors):
-        hidden = functional_call(
-            backbone, dense, args=(), kwargs={"input_ids": ids, "attention_mask": mask}, strict=True
-        )
+    tensors = {n if n == per_block.TABLE else n[cut:]: v for n, v in params.items()} | {
+        n[cut:]: v for n, v in merged.buffers_.items()
+    }
+    with per_block.attached(backbone, merged.prefix, tensors, merged.merge_block) as tensors:
+        dense, factors = lora.split(tensors)
+        with lora.attached(backbone, factors):
+            hidden = functional_call(
+                backbone, dense, args=(), kwargs={"input_ids": ids, "attention_mask": mask}, strict=True
+            )
     logits, start = {}, 0
     for t in tasks:
         stop = start + batches[t]["input_ids"].shape[0]

@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from divmerge.core.coefficients import Granularity
-from divmerge.core.merged_model import MergedModel
+from divmerge.core.merged_model import MergedModel, MergeMode
 from divmerge.engine import DEFAULT_LR, LEARNED, Merger, TaskVectorDtype, check_method, check_trainable
 from divmerge.errors import DivMergeError
 from divmerge.evaluation import TaskResult, anp, format_table, write_report
@@ -71,6 +71,11 @@ class DivMergeModule(L.LightningModule):
             the merged tensors' gradients: activations of one task's batch at a time, so memory grows by
             one task vector per expert. ``joint`` runs every task in one concatenated pass: larger
             matmuls, but activation memory grows with the number of tasks.
+        merge_mode: ``whole`` (default) merges every tensor before a training step's forward and keeps
+            the merged model and its gradient until backward; ``per_block`` merges each transformer
+            block's tensors just before it runs and recomputes them with the block in backward, so only
+            one block's merged tensors and gradient exist at a time, for about one more forward of
+            compute: for experts too large for two more model copies. Evaluation merges whole.
         held_out: Held-out tasks (arXiv 2410.03617): task name -> a classifier whose head scores that task
             on the merged backbone; it is not merged, and is normalised against the base backbone with
             the same head. Its data needs labelled val/test examples only.
@@ -107,6 +112,7 @@ class DivMergeModule(L.LightningModule):
         reference_options: dict[str, float | int | str] | None = None,
         task_vector_dtype: TaskVectorDtype = "float32",
         backbone_pass: BackbonePass = "per_task",
+        merge_mode: MergeMode = "whole",
         held_out: dict[str, str] | None = None,
         cache_dir: str | None = None,
         max_new_tokens: int = 16,
@@ -144,6 +150,7 @@ class DivMergeModule(L.LightningModule):
             space_options=space_options,
             start_from=start_from,
             start_options=start_options,
+            merge_mode=merge_mode,
         )
         check_method(method, method_options or {})
         if start_from is not None and method != LEARNED:

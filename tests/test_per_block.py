@@ -1,0 +1,158 @@
+"""The per-block merge (``merge_mode: per_block``): the whole merge's step, one block alive at a time."""
+
+import re
+
+import pytest
+import torch
+
+import train
+from divmerge.core import per_block
+from divmerge.core.merged_model import MergedModel
+from divmerge.engine import Merger
+from divmerge.errors import DivMergeError
+from divmerge.families import causal_lm, load_experts
+from divmerge.families.classification import step_loss
+from divmerge.objectives import js_divergence
+from tests import tiny_lm
+from tests.test_cli import coefficients, write_config
+from tests.test_generative import PROMPTS, prompts
+from tests.test_lora_causal import setup  # noqa: F401  (a tiny Qwen2 base, a full expert, a LoRA adapter)
+
+
+@pytest.fixture(scope="module")
+def expert_set(tiny):
+    return load_experts(tiny["base"], tiny["experts"])
+
+
+def randomise(merged: MergedModel) -> None:
+    with torch.no_grad():
+        merged.coefficients.weight.uniform_(-0.5, 1.0, generator=torch.Generator().manual_seed(4))
+
+
+def classification_batches() -> tuple[dict, dict]:
+    g = torch.Generator().manual_seed(3)
+    batches = {
+        0: {"input_ids": torch.randint(1000, 2000, (3, 6), generator=g), "attention_mask": torch.ones(3, 6)},
+        1: {"input_ids": torch.randint(1000, 2000, (2, 8), generator=g), "attention_mask": torch.ones(2, 8)},
+    }
+    batches[1]["attention_mask"][0, 5:] = 0
+    teachers = {0: torch.log_softmax(torch.randn(3, 2, generator=g), -1)}
+    teachers[1] = torch.log_softmax(torch.randn(2, 3, generator=g), -1)
+    return batches, teachers
+
+
+def test_block_paths_are_the_transformer_layers(expert_set):
+    merged = MergedModel(expert_set, merge_mode="per_block")
+    assert per_block.block_paths(merged.skeleton(0)) == ["bert.encoder.layer.0", "bert.encoder.layer.1"]
+    blocks = merged.block_tensors()
+    assert blocks and all(n.startswith("bert.encoder.layer.") for n in blocks)
+    assert "bert.embeddings.word_embeddings.weight" not in blocks
+    params = merged.step_params()
+    assert params[per_block.TABLE] is not None
+    for name in blocks:  # the block tensors are their origins, not merged copies
+        assert params[name].data_ptr() == merged.base[name.removeprefix("bert.")].data_ptr()
+
+
+@pytest.mark.parametrize("backbone_pass", ["per_task", "joint"])
+@pytest.mark.parametrize(("granularity", "start"), [("layer", None), ("row", None), ("block", "tsv_m")])
+def test_step_equals_the_whole_model_merge(expert_set, granularity, start, backbone_pass):
+    batches, teachers = classification_batches()
+    results = {}
+    for mode in ("whole", "per_block"):
+        merger = Merger.from_expert_set(
+            expert_set, granularity=granularity, start_from=start, merge_mode=mode
+        )
+        merged = merger.build()
+        randomise(merged)
+        loss, per_task = step_loss(
+            merged,
+            merged.step_params(),
+            batches,
+            lambda t, student: js_divergence(teachers[t], student).mean(),
+            backbone_pass=backbone_pass,
+        )
+        loss.backward()
+        results[mode] = (loss.detach(), per_task, merged.coefficients.weight.grad.clone())
+    (la, pa, ga), (lb, pb, gb) = results["whole"], results["per_block"]
+    torch.testing.assert_close(la, lb)
+    torch.testing.assert_close(pa[1], pb[1])
+    assert ga.abs().sum() > 0
+    torch.testing.assert_close(ga, gb, atol=1e-6, rtol=1e-4)
+
+
+def saved_bytes(merged: MergedModel, run) -> int:
+    """Bytes autograd keeps for backward during ``run()``, stored tensors (base, task vectors) excluded."""
+    stored = {
+        x.data_ptr()
+        for store in (merged.base, merged.task_vectors)
+        for _, t in store.items()
+        for x in (t if isinstance(t, tuple) else (t,))
+    }
+    kept = {}
+
+    def pack(t):
+        if t.data_ptr() not in stored:
+            kept[t.data_ptr()] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return sum(kept.values())
+
+
+def test_causal_lm_with_a_lora_expert_equals_whole_and_keeps_no_block_for_backward(setup):  # noqa: F811
+    experts = load_experts(setup["base"], {"first": setup["full"], "has_a": setup["plain"]})
+    ids, mask = causal_lm.pad_sequences(prompts(PROMPTS), pad_id=tiny_lm.PAD_ID)  # (B, L)
+    weight = torch.randn(*ids.shape, tiny_lm.vocab_size(), generator=torch.Generator().manual_seed(0))
+    out, grads, kept = {}, {}, {}
+    calls: list[list[str]] = []
+    for mode in ("whole", "per_block"):
+        merged = MergedModel(experts, merge_mode=mode)
+        assert merged.lora_b  # the adapter stays factored in both modes
+        randomise(merged)
+        if mode == "per_block":
+            merge = merged.merge_block
+            merged.merge_block = lambda table, names, merge=merge: (
+                calls.append(list(names)) or merge(table, names)
+            )
+        holder = {}
+
+        def run(merged=merged, holder=holder):
+            holder["logits"] = causal_lm.forward(merged, merged.step_params(), ids, mask).logits
+
+        kept[mode] = saved_bytes(merged, run)
+        (holder["logits"] * weight).sum().backward()
+        out[mode], grads[mode] = holder["logits"].detach(), merged.coefficients.weight.grad.clone()
+    torch.testing.assert_close(out["whole"], out["per_block"])
+    assert grads["whole"].abs().sum() > 0
+    torch.testing.assert_close(grads["whole"], grads["per_block"], atol=1e-6, rtol=1e-4)
+    blocks = [re.match(r"model\.layers\.(\d+)\.", names[0]).group(1) for names in calls]
+    for block, names in zip(blocks, calls, strict=True):  # each call merges one block's tensors only
+        assert all(n.startswith(f"model.layers.{block}.") for n in names)
+    layers = len(merged.skeleton(0).model.layers)
+    assert blocks == [str(i) for i in range(layers)] + [str(i) for i in reversed(range(layers))]  # recomputed
+    block_bytes = sum(merged.base[n].numel() * 4 for n in merged.block_tensors())
+    assert kept["whole"] - kept["per_block"] > 0.9 * block_bytes  # the merged blocks are not kept
+
+
+def test_fit_per_block_learns_the_same_coefficients(tmp_path, tiny):
+    tables = {}
+    for mode in ("whole", "per_block"):
+        (tmp_path / mode).mkdir()
+        config = write_config(tmp_path / mode, tiny, epochs=1)
+        train.main(["fit", "--config", config, "--model.merge_mode", mode])
+        tables[mode] = coefficients(tmp_path / mode / "run" / "ckpt" / "last.ckpt")
+    assert (tables["whole"] != 1 / 2).any()
+    torch.testing.assert_close(tables["whole"], tables["per_block"], atol=1e-5, rtol=1e-4)
+
+
+def test_bad_merge_modes_are_refused(tmp_path, tiny, expert_set, capsys):
+    with pytest.raises(DivMergeError, match="merge_mode must be 'whole' or 'per_block', not 'blocks'"):
+        Merger(tiny["base"], tiny["experts"], merge_mode="blocks")
+    with pytest.raises(DivMergeError, match="per_block does not run with the sharded strategy yet"):
+        MergedModel(expert_set, merge_mode="per_block").shard(None)
+    with pytest.raises(SystemExit) as exit_info:  # the CLI's own check of the Literal
+        train.main(["fit", "--config", write_config(tmp_path, tiny), "--model.merge_mode", "x"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "model.merge_mode" in err and "'whole', 'per_block'" in err and "Traceback" not in err
