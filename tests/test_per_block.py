@@ -4,6 +4,7 @@ import re
 
 import pytest
 import torch
+from torch.func import functional_call
 
 import train
 from divmerge.core import per_block
@@ -176,3 +177,56 @@ def test_bad_merge_modes_are_refused(tmp_path, tiny, expert_set, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "model.merge_mode" in err and "'whole', 'per_block'" in err and "Traceback" not in err
+
+
+class Block(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 3)
+        self.register_buffer("shift", torch.zeros(3))
+
+    def forward(self, x):
+        return torch.tanh(self.linear(x)) + self.shift
+
+
+class Toy(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList([Block(), Block()])
+        self.out = torch.nn.Linear(3, 1)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return self.out(x)
+
+
+def test_attached_merges_each_block_and_leaves_buffers_alone():
+    """The per-block mechanism alone, on a toy model whose blocks hold a buffer."""
+    g = torch.Generator().manual_seed(0)
+    root = Toy().to("meta")
+    shapes = {n: p.shape for n, p in Toy().named_parameters()}
+    base = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+    tau = {n: torch.randn(2, *s, generator=g) for n, s in shapes.items()}  # (T, *shape)
+    buffers = {f"layers.{i}.shift": torch.randn(3, generator=g) for i in range(2)}
+    x = torch.randn(4, 3, generator=g)
+
+    def merge(table, names):
+        return {n: base[n] + torch.tensordot(table, tau[n], dims=1) for n in names if n in base}
+
+    grads = []
+    for per_block_mode in (False, True):
+        table = torch.tensor([0.3, -0.7], requires_grad=True)
+        merged = {
+            n: base[n] if per_block_mode and n.startswith("layers.") else merge(table, [n])[n] for n in base
+        }
+        tensors = merged | buffers | ({per_block.TABLE: table} if per_block_mode else {})
+        with per_block.attached(root, "", tensors, merge) as outer:
+            assert per_block.TABLE not in outer and outer.keys() == (merged | buffers).keys()
+            out = functional_call(root, outer, (x,), strict=True)
+        assert "forward" not in vars(root.layers[0])  # unpatched on exit
+        out.sum().backward()
+        grads.append((out.detach(), table.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])
+    assert per_block.block_paths(root) == ["layers.0", "layers.1"]

@@ -167,7 +167,8 @@ class MergedModel(nn.Module):
 
         Args:
             table: The learned coefficients (T, G).
-            names: Full tensor names (``<prefix>.<name>``).
+            names: Full tensor names (``<prefix>.<name>``); those that are not merged tensors (buffers)
+                are skipped.
 
         Returns:
             Full name -> merged tensor, differentiable w.r.t. ``table``.
@@ -175,7 +176,7 @@ class MergedModel(nn.Module):
         origin = self._origin(None)
         short = {self.full_name(n): n for n in self.names}
         with torch.autocast(device_type=table.device.type, enabled=False):
-            return {full: self._merge_one(short[full], table, origin) for full in names}
+            return {full: self._merge_one(short[full], table, origin) for full in names if full in short}
 
     def block_tensors(self) -> set[str]:
         """Full names of the merged tensors that lie in a repeated block (``per_block.block_paths``)."""

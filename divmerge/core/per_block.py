@@ -31,7 +31,7 @@ TABLE = "@table"
 """Key of the coefficient table in per-block merged tensors ('@' never occurs in a module path)."""
 
 MergeBlock = Callable[[Tensor, Sequence[str]], dict[str, Tensor]]
-"""(table (T, G), tensor names) -> those tensors merged, by name."""
+"""(table (T, G), tensor names) -> those of them that are merged (not buffers), merged, by name."""
 
 
 def block_paths(root: nn.Module) -> list[str]:
@@ -100,11 +100,11 @@ def _runner(
 ) -> Callable[..., Any]:
     """The patched forward of one block: its merge and its forward under one activation checkpoint."""
     cut = len(path) + 1
-    merged_names = [k for k in own if "@" not in k]  # dense tensors; LoRA factors are merged already
+    dense_names = [full(k) for k in own if "@" not in k]  # LoRA factors are merged already
 
     def run(table: Tensor, *args: Any, **kwargs: Any) -> Any:
-        merged = merge_block(table, [full(k) for k in merged_names])  # this block's tensors only
-        local = {k[cut:]: v for k, v in own.items()} | {k[cut:]: merged[full(k)] for k in merged_names}
+        merged = merge_block(table, dense_names)  # this block's tensors only (buffers stay as they are)
+        local = {k[cut:]: merged.get(full(k), v) for k, v in own.items()}
         dense, factors = lora.split(local)
         # the class's forward, not this runner (in backward's recomputation the runner is gone already)
         forward = block.__dict__.pop("forward", None)
