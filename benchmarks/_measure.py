@@ -1,7 +1,12 @@
 """Memory probes every benchmark shares: resident set, peak resident set, and a peak reset (Linux /proc)."""
 
+import json
 import resource
+import subprocess
+import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 MB = 1e6  # reported megabytes are 10^6 bytes
 
@@ -40,3 +45,26 @@ def reset_peak() -> bool:
     except OSError:
         return False
     return True
+
+
+def run_worker_process(script: str | Path, config: Mapping[str, Any], timeout: float | None = None) -> dict:
+    """Run ``script --worker <config as JSON>`` in a fresh Python process (so peaks never mix).
+
+    Args:
+        script: The benchmark script; its ``--worker`` mode prints its result as one JSON line.
+        config: The worker's configuration; must be JSON-serialisable.
+        timeout: Seconds before the subprocess is killed (None: no limit).
+
+    Returns:
+        The worker's last printed JSON object.
+
+    Raises:
+        RuntimeError: If the subprocess fails; the message carries the end of its stderr.
+    """
+    cmd = [sys.executable, str(Path(script).resolve()), "--worker", json.dumps(dict(config))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+        raise RuntimeError(f"worker failed (exit {proc.returncode}) for {dict(config)}: {tail}")
+    return json.loads(lines[-1])

@@ -26,7 +26,6 @@ import argparse
 import gc
 import json
 import statistics
-import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -38,7 +37,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks._measure import MB, peak_rss_mb, reset_peak, rss_mb  # noqa: E402
+from benchmarks._measure import MB, peak_rss_mb, reset_peak, rss_mb, run_worker_process  # noqa: E402
 from benchmarks.step_cost import format_table, interleaved_times  # noqa: E402  (offline environment)
 from divmerge.core import per_block  # noqa: E402
 from divmerge.core.merge import accumulate_over_tasks  # noqa: E402
@@ -122,13 +121,7 @@ def run_worker(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def measure(config: Mapping[str, Any]) -> dict[str, Any]:
     """:func:`run_worker` in a fresh Python process, so peaks never mix."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(dict(config))]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
-        raise RuntimeError(f"worker failed (exit {proc.returncode}): {tail}")
-    return json.loads(lines[-1])
+    return run_worker_process(__file__, config)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -43,7 +43,6 @@ import hashlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -61,7 +60,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from benchmarks._measure import MB, peak_rss_mb, rss_mb  # noqa: E402
+from benchmarks._measure import MB, peak_rss_mb, rss_mb, run_worker_process  # noqa: E402
 from divmerge.core.expert_set import ExpertSet  # noqa: E402
 from divmerge.core.merged_model import MergedModel  # noqa: E402
 from divmerge.engine import DEFAULT_LR, Merger  # noqa: E402
@@ -619,13 +618,7 @@ def measure_in_subprocess(config: Mapping[str, Any], timeout: float = 1800.0) ->
         RuntimeError: If the subprocess fails; the message carries the end of its stderr.
 
     """
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(dict(config))]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
-        raise RuntimeError(f"worker failed (exit {proc.returncode}) for {dict(config)}: {tail}")
-    return json.loads(lines[-1])
+    return run_worker_process(__file__, config, timeout)
 
 
 # --------------------------------------------------------------------------- tables

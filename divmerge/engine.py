@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerBase
 from divmerge import static
 from divmerge.core.coefficients import Granularity, get_space
 from divmerge.core.expert_set import ExpertSet
-from divmerge.core.merged_model import MergedModel, MergeMode
+from divmerge.core.merged_model import MergedModel, MergeMode, check_merge_mode
 from divmerge.data import Rows, TaskDataset, TaskSpec
 from divmerge.errors import DivMergeError
 from divmerge.experts.sources import default_cache_dir
@@ -205,9 +205,7 @@ class Merger:
         self.init, self.clamp = init, clamp
         self.task_vector_dtype = task_vector_dtype
         self.backbone_pass = backbone_pass
-        if merge_mode not in ("whole", "per_block"):
-            raise DivMergeError(f"model.merge_mode must be 'whole' or 'per_block', not {merge_mode!r}.")
-        self.merge_mode = merge_mode
+        self.merge_mode = check_merge_mode(merge_mode)  # before loading anything
         self.family_options = dict(family_options or {})
         self.cache_dir = str(cache_dir or default_cache_dir())
         check_writable_dir(Path(self.cache_dir), "model.cache_dir (the teacher cache)")

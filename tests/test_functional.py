@@ -9,6 +9,7 @@ from divmerge.core.merged_model import MergedModel
 from divmerge.families import load_experts
 from divmerge.families.classification import step_loss
 from divmerge.objectives import js_divergence
+from tests.tiny import random_batches, randomise_coefficients
 
 
 @pytest.fixture(scope="module")
@@ -44,19 +45,11 @@ def test_merge_saves_only_the_stored_task_vectors_for_backward(expert_set):
 
 
 def test_per_task_pass_equals_joint_pass(tiny, expert_set):
-    g = torch.Generator().manual_seed(3)
-    batches = {
-        0: {"input_ids": torch.randint(1000, 2000, (3, 6), generator=g), "attention_mask": torch.ones(3, 6)},
-        1: {"input_ids": torch.randint(1000, 2000, (2, 8), generator=g), "attention_mask": torch.ones(2, 8)},
-    }
-    batches[1]["attention_mask"][0, 5:] = 0
-    teachers = {0: torch.log_softmax(torch.randn(3, 2, generator=g), -1)}
-    teachers[1] = torch.log_softmax(torch.randn(2, 3, generator=g), -1)
+    batches, teachers = random_batches()
     results = {}
     for mode in ("joint", "per_task"):
         merged = MergedModel(expert_set)
-        with torch.no_grad():
-            merged.coefficients.weight.uniform_(-0.5, 1.0, generator=torch.Generator().manual_seed(4))
+        randomise_coefficients(merged)
         loss, per_task = step_loss(
             merged,
             merged.merged_params(),

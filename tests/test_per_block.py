@@ -18,28 +18,12 @@ from tests import tiny_lm
 from tests.test_cli import coefficients, write_config
 from tests.test_generative import PROMPTS, prompts
 from tests.test_lora_causal import setup  # noqa: F401  (a tiny Qwen2 base, a full expert, a LoRA adapter)
+from tests.tiny import random_batches, randomise_coefficients
 
 
 @pytest.fixture(scope="module")
 def expert_set(tiny):
     return load_experts(tiny["base"], tiny["experts"])
-
-
-def randomise(merged: MergedModel) -> None:
-    with torch.no_grad():
-        merged.coefficients.weight.uniform_(-0.5, 1.0, generator=torch.Generator().manual_seed(4))
-
-
-def classification_batches() -> tuple[dict, dict]:
-    g = torch.Generator().manual_seed(3)
-    batches = {
-        0: {"input_ids": torch.randint(1000, 2000, (3, 6), generator=g), "attention_mask": torch.ones(3, 6)},
-        1: {"input_ids": torch.randint(1000, 2000, (2, 8), generator=g), "attention_mask": torch.ones(2, 8)},
-    }
-    batches[1]["attention_mask"][0, 5:] = 0
-    teachers = {0: torch.log_softmax(torch.randn(3, 2, generator=g), -1)}
-    teachers[1] = torch.log_softmax(torch.randn(2, 3, generator=g), -1)
-    return batches, teachers
 
 
 def test_block_paths_are_the_transformer_layers(expert_set):
@@ -57,14 +41,14 @@ def test_block_paths_are_the_transformer_layers(expert_set):
 @pytest.mark.parametrize("backbone_pass", ["per_task", "joint"])
 @pytest.mark.parametrize(("granularity", "start"), [("layer", None), ("row", None), ("block", "tsv_m")])
 def test_step_equals_the_whole_model_merge(expert_set, granularity, start, backbone_pass):
-    batches, teachers = classification_batches()
+    batches, teachers = random_batches()
     results = {}
     for mode in ("whole", "per_block"):
         merger = Merger.from_expert_set(
             expert_set, granularity=granularity, start_from=start, merge_mode=mode
         )
         merged = merger.build()
-        randomise(merged)
+        randomise_coefficients(merged)
         loss, per_task = step_loss(
             merged,
             merged.step_params(),
@@ -83,11 +67,11 @@ def test_step_equals_the_whole_model_merge(expert_set, granularity, start, backb
 
 def test_bf16_autocast_step_matches_the_whole_merge(expert_set):
     """Under bf16-mixed the blocks run in bf16 and the merge in float32, in both modes alike."""
-    batches, teachers = classification_batches()
+    batches, teachers = random_batches()
     grads = {}
     for mode in ("whole", "per_block"):
         merged = MergedModel(expert_set, merge_mode=mode)
-        randomise(merged)
+        randomise_coefficients(merged)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss, _ = step_loss(
                 merged,
@@ -130,7 +114,7 @@ def test_causal_lm_with_a_lora_expert_equals_whole_and_keeps_no_block_for_backwa
     for mode in ("whole", "per_block"):
         merged = MergedModel(experts, merge_mode=mode)
         assert merged.lora_b  # the adapter stays factored in both modes
-        randomise(merged)
+        randomise_coefficients(merged)
         if mode == "per_block":
             merge = merged.merge_block
             merged.merge_block = lambda table, names, merge=merge: (

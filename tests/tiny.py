@@ -156,3 +156,25 @@ class MetricsProbe(Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         path = Path(trainer.logger.log_dir) / "metrics.csv"
         self.rows.append(len(path.read_text().splitlines()) - 1 if path.is_file() else 0)
+
+
+def random_batches() -> tuple[dict, dict]:
+    """Two tasks' random batches and teacher log-probs for the tiny setup's 2- and 3-class experts.
+
+    Returns ({task: batch of 3 x 6 or 2 x 8 tokens, one row padded}, {task: (B_t, C_t) log-probs}).
+    """
+    g = torch.Generator().manual_seed(3)
+    batches = {
+        0: {"input_ids": torch.randint(1000, 2000, (3, 6), generator=g), "attention_mask": torch.ones(3, 6)},
+        1: {"input_ids": torch.randint(1000, 2000, (2, 8), generator=g), "attention_mask": torch.ones(2, 8)},
+    }
+    batches[1]["attention_mask"][0, 5:] = 0
+    teachers = {0: torch.log_softmax(torch.randn(3, 2, generator=g), -1)}
+    teachers[1] = torch.log_softmax(torch.randn(2, 3, generator=g), -1)
+    return batches, teachers
+
+
+def randomise_coefficients(merged) -> None:
+    """Seeded uniform(-0.5, 1) coefficients, so that no merge is a plain average."""
+    with torch.no_grad():
+        merged.coefficients.weight.uniform_(-0.5, 1.0, generator=torch.Generator().manual_seed(4))

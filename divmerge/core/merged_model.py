@@ -25,6 +25,13 @@ from divmerge.errors import DivMergeError
 MergeMode = Literal["whole", "per_block"]
 
 
+def check_merge_mode(merge_mode: str) -> MergeMode:
+    """``merge_mode`` if it is ``whole`` or ``per_block``, else one line naming both."""
+    if merge_mode not in ("whole", "per_block"):
+        raise DivMergeError(f"model.merge_mode must be 'whole' or 'per_block', not {merge_mode!r}.")
+    return merge_mode  # type: ignore[return-value]
+
+
 class MergedModel(nn.Module):
     """Base model + learnable combination of task vectors, evaluated functionally per task.
 
@@ -57,9 +64,7 @@ class MergedModel(nn.Module):
         merge_mode: MergeMode = "whole",
     ) -> None:
         super().__init__()
-        if merge_mode not in ("whole", "per_block"):
-            raise DivMergeError(f"model.merge_mode must be 'whole' or 'per_block', not {merge_mode!r}.")
-        self.merge_mode = merge_mode
+        self.merge_mode = check_merge_mode(merge_mode)
         self._block_tensors: set[str] | None = None
         self.task_names = list(experts.task_names)
         self.all_tasks = experts.all_tasks  # heads/skeletons index: merged tasks, then held-out ones
