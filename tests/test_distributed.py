@@ -57,13 +57,12 @@ def test_ddp_two_processes_equal_one_process_on_the_same_global_batch(tmp_path, 
     assert (ddp - single).abs().max() < 1e-4
 
 
-def test_sharded_task_vectors_two_processes_equal_one_process(tmp_path, tiny):
-    """ModelParallelStrategy: each rank keeps half of every task vector; same coefficients as 1 process."""
-    config = write_config(tmp_path, tiny, epochs=2)
-    log = run_fit(
+def sharded_fit(config: str, tmp_path: Path, name: str, *flags: str) -> str:
+    """A 2-process fit under ModelParallelStrategy (each rank keeps half the base and task vectors)."""
+    return run_fit(
         config,
         tmp_path,
-        tmp_path / "sharded",
+        tmp_path / name,
         "--trainer.strategy",
         "lightning.pytorch.strategies.ModelParallelStrategy",
         "--trainer.strategy.data_parallel_size",
@@ -76,21 +75,28 @@ def test_sharded_task_vectors_two_processes_equal_one_process(tmp_path, tiny):
         "2",
         "--data.batch_size_per_task",
         "2",
+        *flags,
     )
-    kept = re.findall(r"rank (\d) keeps ([\d.]+) of ([\d.]+) MB", log)
+
+
+def test_sharded_storage_two_processes_equal_one_process(tmp_path, tiny):
+    """ModelParallelStrategy, whole and per-block merges: each rank keeps half of the base and task vectors
+    and learns the coefficients one process learns on the same global batch."""
+    config = write_config(tmp_path, tiny, epochs=2)
+    log = sharded_fit(config, tmp_path, "sharded")
+    kept = re.findall(r"rank (\d) keeps ([\d.]+) of ([\d.]+) MB of the base and task vectors", log)
     assert sorted(r for r, _, _ in kept) == ["0", "1"], log[-2000:]
     assert all(abs(float(local) - float(total) / 2) < 0.01 * float(total) for _, local, total in kept)
     assert "| ANP" in log and "task arithmetic" in log  # test after fit, reference merged through shards
+    sharded_fit(config, tmp_path, "per_block", "--model.merge_mode", "per_block")
     run_fit(
         config, tmp_path, tmp_path / "single", "--trainer.devices", "1", "--data.batch_size_per_task", "4"
     )
-    sharded, single = (
-        coefficients(tmp_path / "sharded" / "last.ckpt"),
-        coefficients(tmp_path / "single" / "last.ckpt"),
-    )
+    single = coefficients(tmp_path / "single" / "last.ckpt")
     assert not torch.allclose(single, torch.full_like(single, 0.5))
-    # sums split across shards change float rounding; Adam magnifies it where a gradient is ~0
-    assert (sharded - single).abs().max() < 1e-4
+    for name in ("sharded", "per_block"):
+        # sums split across shards change float rounding; Adam magnifies it where a gradient is ~0
+        assert (coefficients(tmp_path / name / "last.ckpt") - single).abs().max() < 1e-4, name
 
 
 def test_sharding_refuses_distributed_checkpoints(tmp_path, tiny):

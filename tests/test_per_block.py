@@ -154,8 +154,6 @@ def test_fit_per_block_learns_the_same_coefficients(tmp_path, tiny):
 def test_bad_merge_modes_are_refused(tmp_path, tiny, expert_set, capsys):
     with pytest.raises(DivMergeError, match="merge_mode must be 'whole' or 'per_block', not 'blocks'"):
         Merger(tiny["base"], tiny["experts"], merge_mode="blocks")
-    with pytest.raises(DivMergeError, match="per_block does not run with the sharded strategy yet"):
-        MergedModel(expert_set, merge_mode="per_block").shard(None)
     with pytest.raises(SystemExit) as exit_info:  # the CLI's own check of the Literal
         train.main(["fit", "--config", write_config(tmp_path, tiny), "--model.merge_mode", "x"])
     assert exit_info.value.code == 2

@@ -19,7 +19,7 @@ from divmerge.core import lora, per_block
 from divmerge.core.coefficients import Granularity, MergeCoefficients
 from divmerge.core.expert_set import ExpertSet
 from divmerge.core.merge import FrozenTensors
-from divmerge.core.sharding import is_sharded, shard_stacks, sharded_weighted_sum
+from divmerge.core.sharding import is_sharded, shard_flat, shard_stacks, sharded_weighted_sum
 from divmerge.errors import DivMergeError
 
 MergeMode = Literal["whole", "per_block"]
@@ -70,9 +70,9 @@ class MergedModel(nn.Module):
         self.all_tasks = experts.all_tasks  # heads/skeletons index: merged tasks, then held-out ones
         self.names = list(experts.names)
         self.prefix = experts.prefix
-        shapes = {n: experts.base[n].shape for n in self.names}
+        self.shapes = {n: experts.base[n].shape for n in self.names}
         self.coefficients = MergeCoefficients(
-            len(self.task_names), shapes, granularity, init, clamp, space_options
+            len(self.task_names), self.shapes, granularity, init, clamp, space_options
         )
         space = self.coefficients.space
         if space.per_tensor and (experts.lora or experts.dense_rows):
@@ -132,11 +132,15 @@ class MergedModel(nn.Module):
         coef = self.coefficients.columns(table, name)  # (T, K)
         rows = self.dense_rows.get(name)  # None: all T tasks
         if rows == []:  # only adapters' low-rank updates (or nothing) change this tensor
-            return origin[name]
+            return (
+                origin[name].full_tensor().reshape(self.shapes[name])
+                if is_sharded(origin[name])
+                else origin[name]
+            )
         coef = coef if rows is None else coef[rows]
         tau = self.task_vectors[name]  # stored by the space, or a sharded DTensor (rows, numel)
         if is_sharded(tau):
-            return sharded_weighted_sum(coef[:, 0], origin[name], tau)
+            return sharded_weighted_sum(coef[:, 0], origin[name], tau, self.shapes[name])
         return self.coefficients.space.merge(coef, origin[name], tau)
 
     def _merge_lora(self, table: Tensor, merged: dict[str, Tensor]) -> None:
@@ -163,9 +167,19 @@ class MergedModel(nn.Module):
         with torch.autocast(device_type=table.device.type, enabled=False):
             for name in self.names:
                 full = self.full_name(name)
-                merged[full] = origin[name] if full in blocks else self._merge_one(name, table, origin)
+                merged[full] = (
+                    self._placeholder(name, origin)
+                    if full in blocks
+                    else self._merge_one(name, table, origin)
+                )
             self._merge_lora(table, merged)
         return merged
+
+    def _placeholder(self, name: str, origin: FrozenTensors) -> Tensor:
+        """A block tensor's entry in ``step_params``: its origin, or a storage-free stand-in when sharded."""
+        if not is_sharded(origin[name]):
+            return origin[name]
+        return torch.zeros((), dtype=origin[name].dtype, device=origin[name].device).expand(self.shapes[name])
 
     def merge_block(self, table: Tensor, names: Sequence[str]) -> dict[str, Tensor]:
         """The learned merge of some tensors only (one block's, in the per-block mode).
@@ -202,31 +216,41 @@ class MergedModel(nn.Module):
         Args:
             start: Name -> tensor, (*shape), for every merged tensor (``names``, unprefixed).
         """
-        missing = [n for n in self.names if n not in start or start[n].shape != self.base[n].shape]
+        missing = [n for n in self.names if n not in start or start[n].shape != self.shapes[n]]
         if missing:
             raise DivMergeError(f"The start merge lacks tensor {missing[0]!r} or has another shape.")
         self.start = FrozenTensors({n: start[n].to(self.base[n].dtype) for n in self.names})
 
     def shard(self, mesh: DeviceMesh) -> None:
-        """Keep only this rank's column slice of every stacked task vector (see ``divmerge.sharding``).
+        """Keep only this rank's column slice of every stacked task vector and of the base and start.
 
-        From then on ``merged_params`` is a collective: every rank of ``mesh`` must call it alike.
+        See ``divmerge.core.sharding``. From then on ``merged_params``, ``step_params`` and the per-block
+        merge are collectives: every rank of ``mesh`` must call them alike. Explicit tables (an expert's
+        one-hot, the base) still merge, through the same shards.
 
         Args:
             mesh: The 1-D mesh of ranks to shard over (Lightning's data-parallel mesh).
 
         """
-        if self.merge_mode == "per_block":
-            raise DivMergeError(
-                "merge_mode per_block does not run with the sharded strategy yet: use merge_mode whole "
-                "with it, or per_block with a data-parallel strategy (ddp) or one device."
-            )
         if self.coefficients.space.per_tensor:
             raise DivMergeError(
                 f"Granularity {self.coefficients.granularity!r} does not run sharded: use granularity task, "
                 "layer or block with the sharded strategy, or a data-parallel strategy (ddp)."
             )
         self.task_vectors = FrozenTensors(shard_stacks(dict(self.task_vectors.items()), mesh))
+        self.base = FrozenTensors(shard_flat(dict(self.base.items()), mesh))
+        if len(self.start):
+            self.start = FrozenTensors(shard_flat(dict(self.start.items()), mesh))
+
+    def stored_bytes(self) -> tuple[int, int]:
+        """Bytes of the base, start and task vectors (LoRA factors included): (this rank's, all ranks')."""
+        local = total = 0
+        for store in (self.base, self.start, self.task_vectors, self.lora_a, self.lora_b):
+            for _, value in store.items():
+                for t in value if isinstance(value, tuple) else (value,):
+                    total += t.numel() * t.element_size()
+                    local += (t.to_local() if is_sharded(t) else t).numel() * t.element_size()
+        return local, total
 
     @property
     def sharded(self) -> bool:

@@ -1,14 +1,17 @@
 """Task vectors sharded across ranks with DTensor, for Lightning's ``ModelParallelStrategy``.
 
 When base + T task vectors do not fit one device, each of N ranks keeps a 1/N column slice of every
-stacked task vector (``DTensor``, placement ``Shard(1)`` of the (T, numel) matrix), like FSDP / ZeRO-3
+stacked task vector (``DTensor``, placement ``Shard(1)`` of the (T, numel) matrix) and the same slice of
+the merge's origin (theta_0, or the start merge: ``Shard(0)`` of the flat tensor), like FSDP / ZeRO-3
 shard parameters. A merge is then
 
-    merged = theta_0 + all_gather_over_ranks( c @ tau[:, my columns] )
+    merged = all_gather_over_ranks( theta_0[my columns] + c @ tau[:, my columns] )
 
-computed by DTensor (a local (1, T) @ (T, numel / N) product, then ``full_tensor``): one all-gather of
-ONE model's size per step, never of the T task vectors. Every rank keeps the full base and merged
-tensors (1 model each), so per-rank memory is base + merged + grads + activations + T x model / N.
+computed by DTensor (a local (1, T) @ (T, numel / N) product and sum, then ``full_tensor``): one
+all-gather of the merged tensor, never of the T task vectors. Stored per rank: (1 + T) x model / N. The
+whole-model merge then holds the full merged tensors and their gradient (2 models) on every rank; the
+per-block merge (``divmerge.core.per_block``) only one block's at a time, so per-rank memory is
+(1 + T) x model / N + 2 blocks + activations.
 
 Ranks see different data (data parallel), so the merged tensors' gradients differ per rank; they are
 averaged across ranks right where they enter the merge (``_MeanGrad``), and DTensor's backward sums the
@@ -56,6 +59,23 @@ def shard_stacks(stacks: dict[str, Tensor], mesh: DeviceMesh) -> dict[str, Tenso
     return out
 
 
+def shard_flat(tensors: dict[str, Tensor], mesh: DeviceMesh) -> dict[str, Tensor]:
+    """Shard each tensor's flat view over ``mesh``, in the same column chunks as ``shard_stacks``.
+
+    Args:
+        tensors: Name -> tensor (*shape), the same on every rank; already sharded ones are kept.
+        mesh: A 1-D device mesh (the data-parallel ranks).
+
+    Returns:
+        Name -> DTensor (numel,) with placement ``Shard(0)``.
+
+    """
+    return {
+        n: t if is_sharded(t) else distribute_tensor(t.reshape(-1), mesh, [Shard(0)])
+        for n, t in tensors.items()
+    }
+
+
 class _MeanGrad(torch.autograd.Function):
     """Identity forward; backward averages the gradient over the mesh's ranks (all-reduce)."""
 
@@ -71,15 +91,16 @@ class _MeanGrad(torch.autograd.Function):
         return grad / ctx.mesh.size(), None
 
 
-def sharded_weighted_sum(coef: Tensor, base: Tensor, tau: DTensor) -> Tensor:
-    """The merge base + sum_t coef[t] * tau[t] from column-sharded task vectors; a collective.
+def sharded_weighted_sum(coef: Tensor, base: DTensor, tau: DTensor, shape: torch.Size) -> Tensor:
+    """The merge base + sum_t coef[t] * tau[t] from column-sharded origin and task vectors; a collective.
 
     Every rank of ``tau``'s mesh must call it with the same ``coef`` (the coefficients are replicated).
 
     Args:
         coef: Coefficients (T,), a plain (replicated) tensor.
-        base: theta_0 of this tensor, (*shape), full on every rank.
+        base: The origin of this tensor (theta_0 or the start) as a DTensor (numel,), ``Shard(0)``.
         tau: Stacked task vectors as a DTensor (T, numel), ``Shard(1)``.
+        shape: The merged tensor's shape.
 
     Returns:
         The full merged tensor (*shape) in base's dtype, differentiable w.r.t. ``coef``.
@@ -87,6 +108,6 @@ def sharded_weighted_sum(coef: Tensor, base: Tensor, tau: DTensor) -> Tensor:
     """
     mesh = tau.device_mesh
     c = DTensor.from_local(coef.to(torch.float32), mesh, [Replicate()], run_check=False)  # (T,)
-    delta = (c.unsqueeze(0) @ tau.to(torch.float32)).full_tensor()  # (1, numel): local cols, all-gathered
-    merged = base.to(torch.float32) + delta.reshape(base.shape)  # (*shape)
+    local = c.unsqueeze(0) @ tau.to(torch.float32) + base.to(torch.float32).unsqueeze(0)  # (1, numel)
+    merged = local.full_tensor().reshape(shape)  # local columns merged, then all-gathered: (*shape)
     return _MeanGrad.apply(merged, mesh).to(base.dtype)

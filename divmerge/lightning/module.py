@@ -295,11 +295,10 @@ class DivMergeModule(L.LightningModule):
             )
         self.merged.shard(self.device_mesh["data_parallel"])
         self.engine.release_expert_set()  # the whole stacks: every teacher is cached by now (setup)
-        total = sum(t.numel() * t.element_size() for _, t in self.merged.task_vectors.items())  # global
-        local = sum(t.to_local().numel() * t.element_size() for _, t in self.merged.task_vectors.items())
+        local, total = self.merged.stored_bytes()
         print(
-            f"divmerge: rank {self.global_rank} keeps {local / 1e6:.2f} of {total / 1e6:.2f} MB of the task "
-            "vectors",
+            f"divmerge: rank {self.global_rank} keeps {local / 1e6:.2f} of {total / 1e6:.2f} MB of the base "
+            "and task vectors",
             flush=True,
         )
 
