@@ -1,5 +1,8 @@
 """Memory probes every benchmark shares: resident set, peak resident set, and a peak reset (Linux /proc)."""
 
+import contextlib
+import ctypes
+import gc
 import json
 import resource
 import subprocess
@@ -45,6 +48,13 @@ def reset_peak() -> bool:
     except OSError:
         return False
     return True
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the system (glibc ``malloc_trim``), if it can."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def run_worker_process(script: str | Path, config: Mapping[str, Any], timeout: float | None = None) -> dict:

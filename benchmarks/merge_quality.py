@@ -69,6 +69,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Subset
 
+from benchmarks._measure import release_memory
 from divmerge.core.coefficients import GRANULARITIES
 from divmerge.core.expert_set import ExpertSet
 from divmerge.core.merged_model import MergedModel
@@ -1124,6 +1125,9 @@ def run(settings: Settings) -> tuple[list[dict[str, Any]], str]:
     if settings.dry_run:
         return [], ""
 
+    if workers > 1:  # the workers load their own experts: this process only collects their rows
+        prep.merger = None  # type: ignore[assignment]
+        release_memory()
     done: dict[int, dict[str, Any]] = {}
     out_dir = Path(settings.out_dir)
     t0 = time.perf_counter()

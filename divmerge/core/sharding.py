@@ -39,7 +39,7 @@ def shard_stacks(stacks: dict[str, Tensor], mesh: DeviceMesh) -> dict[str, Tenso
     """Shard each stacked task vector (T, *shape) over ``mesh`` by columns of its (T, numel) view.
 
     Every rank must pass the same tensors (as after loading the experts on each rank); each keeps only its
-    own columns.
+    own columns, cut locally (no communication: ranks may shard at different times).
 
     Args:
         stacks: Name -> stacked task vectors (T, *shape); already sharded ones are kept.
@@ -54,7 +54,9 @@ def shard_stacks(stacks: dict[str, Tensor], mesh: DeviceMesh) -> dict[str, Tenso
     out = {}
     for name, tau in stacks.items():
         out[name] = (
-            tau if is_sharded(tau) else distribute_tensor(tau.reshape(tau.shape[0], -1), mesh, [Shard(1)])
+            tau
+            if is_sharded(tau)
+            else distribute_tensor(tau.reshape(tau.shape[0], -1), mesh, [Shard(1)], src_data_rank=None)
         )
     return out
 
@@ -71,7 +73,7 @@ def shard_flat(tensors: dict[str, Tensor], mesh: DeviceMesh) -> dict[str, Tensor
 
     """
     return {
-        n: t if is_sharded(t) else distribute_tensor(t.reshape(-1), mesh, [Shard(0)])
+        n: t if is_sharded(t) else distribute_tensor(t.reshape(-1), mesh, [Shard(0)], src_data_rank=None)
         for n, t in tensors.items()
     }
 

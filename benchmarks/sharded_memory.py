@@ -1,0 +1,224 @@
+"""Per-rank memory and step time of sharded storage over N processes, whole vs per-block merge.
+
+For each N (``--ranks``, default 1, 2, 4) and each merge mode, N fresh processes form a gloo process
+group on this machine (CPU), as N ranks of ``ModelParallelStrategy`` would: each loads the expert set with
+``load_experts`` (the real SmolLM2-135M demo experts by default), builds the merged model (layer-wise
+coefficients) and keeps only its 1/N share of the base and task vectors (``MergedModel.shard``). The
+ranks load one after another (so this machine holds one whole expert set at a time; every rank still
+reads every expert whole, see the README), then run data-parallel training steps as ``DivMergeModule``
+does: the global batch (``--batch_size`` prompts per task) split over the ranks, ``per_task``
+accumulation, the LM head on the last ``--answer`` positions, JS against fixed random teachers, Adam.
+
+Each rank reports, and the table shows the largest over ranks:
+
+- ``stored_mb``: the base and task-vector bytes this rank keeps; it must fall as (1 + T) / N;
+- ``rss_mb``: its resident set once sharded (storage + interpreter and libraries: ~0.5 GB);
+- ``step_peak_mb``: the peak resident set during the steps above ``rss_mb``: the transient merged
+  tensors and their gradient (the whole model's, or about one block's in the per-block mode), the
+  activations of ``batch_size / N`` prompts, and the collectives' buffers;
+- ``step_s``: the median step (ranks in lock step; on 2 cores, N > 2 processes share them).
+
+``merged_mb`` is the model's merged float32 size and ``block_mb`` one block's, for comparison with
+``step_peak_mb``. The table is printed and written to ``<out_dir>/sharded_memory.md`` (and ``.json``).
+Run ``python benchmarks/sharded_memory.py --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
+
+from benchmarks._measure import MB, peak_rss_mb, release_memory, reset_peak, rss_mb  # noqa: E402
+from benchmarks.per_block_memory import TASKS, sizes, step_closure  # noqa: E402
+from benchmarks.step_cost import format_table  # noqa: E402
+from divmerge.core.merged_model import MergedModel  # noqa: E402
+from divmerge.families import load_experts  # noqa: E402
+from divmerge.zoo import resolve_model  # noqa: E402
+
+COLUMNS = (
+    "ranks",
+    "mode",
+    "stored_mb",
+    "x_stored",
+    "rss_mb",
+    "step_peak_mb",
+    "merged_mb",
+    "block_mb",
+    "step_s",
+)
+LEGEND = (
+    "Largest over the ranks. stored_mb: base + task vectors this rank keeps; x_stored: stored_mb over "
+    "one rank's; rss_mb: resident once sharded; step_peak_mb: peak resident set during the steps above "
+    "rss_mb (transient merged tensors and gradient + activations of batch_size / N prompts + collective "
+    "buffers); merged_mb: all merged float32 tensors; block_mb: the largest block's; step_s: median step. "
+    "MB = 10^6 bytes."
+)
+
+
+def run_rank(config: Mapping[str, Any]) -> dict[str, Any]:
+    """One rank: load in turn, shard, step; returns this rank's measurements."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    torch.manual_seed(0)
+    torch.set_num_threads(int(config["threads"]))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,))
+    merged = None
+    for turn in range(world):  # one rank loads at a time: one whole expert set in this machine's RAM
+        if turn == rank:
+            merged = MergedModel(
+                load_experts(config["base"], config["experts"]), "layer", merge_mode=config["mode"]
+            )
+            merged.shard(mesh)
+            release_memory()
+        dist.barrier()
+    assert merged is not None
+    step = step_closure(merged, {**config, "batch_size": max(1, int(config["batch_size"]) // world)})
+    loaded = rss_mb()
+    reset_peak()
+    times = []
+    for i in range(int(config["warmup"]) + int(config["steps"])):
+        dist.barrier()
+        start = time.perf_counter()
+        step()
+        if i >= int(config["warmup"]):
+            times.append(time.perf_counter() - start)
+    peak = peak_rss_mb() - loaded
+    coef = merged.coefficients.weight.detach().clone()  # (T, G): the same on every rank, or a bug
+    gathered = [torch.zeros_like(coef) for _ in range(world)]
+    dist.all_gather(gathered, coef)
+    dist.destroy_process_group()
+    local, total = merged.stored_bytes()
+    info = sizes(merged)
+    return {
+        "rank": rank,
+        "stored_mb": local / MB,
+        "total_mb": total / MB,
+        "rss_mb": loaded,
+        "step_peak_mb": peak,
+        "merged_mb": info["merged_mb"],
+        "block_mb": info["block_mb"],
+        "step_s": statistics.median(times),
+        "coef_spread": max(float((g - coef).abs().max()) for g in gathered),
+    }
+
+
+def free_port() -> int:
+    """A free TCP port on this machine for the process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def measure(config: Mapping[str, Any], world: int, timeout: float | None = None) -> list[dict[str, Any]]:
+    """Run ``world`` rank processes of :func:`run_rank`; their results, by rank."""
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "WORLD_SIZE": str(world),
+    }
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(dict(config))]
+    procs = [
+        subprocess.Popen(
+            cmd, env={**env, "RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for r in range(world)
+    ]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=timeout)
+        lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            tail = "\n".join(err.strip().splitlines()[-5:])
+            raise RuntimeError(f"rank failed (exit {proc.returncode}) at N = {world}: {tail}")
+        results.append(json.loads(lines[-1]))
+    return results
+
+
+def summarise(world: int, mode: str, ranks: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One table row: the largest of each measurement over the ranks."""
+    row: dict[str, Any] = {"ranks": world, "mode": mode}
+    for key in ("stored_mb", "rss_mb", "step_peak_mb", "merged_mb", "block_mb", "step_s", "coef_spread"):
+        row[key] = max(float(r[key]) for r in ranks)
+    row["total_mb"] = ranks[0]["total_mb"]
+    return row
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser."""
+    p = argparse.ArgumentParser(prog="sharded_memory", description=__doc__.split("\n\n")[0])
+    p.add_argument("--base", default="zoo:smollm2", help="base model source (default: SmolLM2-135M)")
+    p.add_argument(
+        "--experts",
+        default=",".join(f"zoo:smollm2/{t}" for t in TASKS),
+        help="comma-separated expert sources (default: the four generative demo experts)",
+    )
+    p.add_argument("--ranks", default="1,2,4", help="comma-separated numbers of processes")
+    p.add_argument("--modes", default="whole,per_block", help="comma-separated merge modes")
+    p.add_argument("--batch_size", type=int, default=4, help="prompts per task per step, over all ranks")
+    p.add_argument("--seq_len", type=int, default=64, help="tokens per prompt")
+    p.add_argument("--answer", type=int, default=8, help="positions whose logits the loss reads")
+    p.add_argument("--steps", type=int, default=2, help="timed steps (after the warm-up)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    p.add_argument(
+        "--out_dir", type=Path, default=ROOT / "benchmarks" / "results", help="where the table goes"
+    )
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Measure every (N, mode) in fresh processes; print and save the table."""
+    args = build_parser().parse_args(argv)
+    if args.worker is not None:
+        print(json.dumps(run_rank(json.loads(args.worker))))
+        return 0
+    sources = [s for s in args.experts.split(",") if s]
+    experts = {  # demo experts are built here, once, not in the ranks
+        f"expert{i}": resolve_model(s[len("zoo:") :], build=True) if s.startswith("zoo:smollm2/") else s
+        for i, s in enumerate(sources)
+    }
+    keys = ("base", "batch_size", "seq_len", "answer", "steps", "warmup", "threads")
+    common = {k: getattr(args, k) for k in keys} | {"experts": experts}
+    rows = []
+    for world in (int(n) for n in args.ranks.split(",")):
+        for mode in args.modes.split(","):
+            row = summarise(world, mode, measure({**common, "mode": mode}, world))
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    one = {r["mode"]: r["stored_mb"] for r in rows if r["ranks"] == min(x["ranks"] for x in rows)}
+    for row in rows:
+        row["x_stored"] = row["stored_mb"] / one[row["mode"]]
+    header = (
+        f"# Sharded storage over N CPU processes (gloo; base {args.base}, T = {len(experts)}, global "
+        f"batch {args.batch_size} x {args.seq_len} tokens per task, loss on the last {args.answer} "
+        f"positions, {args.threads} threads per rank, {os.cpu_count()} cores)\n\n"
+    )
+    text = header + format_table(rows, COLUMNS) + "\n\n" + LEGEND + "\n"
+    print(text)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "sharded_memory.md").write_text(text)
+    (args.out_dir / "sharded_memory.json").write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
