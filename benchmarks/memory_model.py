@@ -1,0 +1,202 @@
+"""The per-rank memory model of a learned merge, and how many 80 GB GPUs a 0.5B / 7B / 70B merge needs.
+
+Per rank, with P parameters (P_blk in the largest repeated block, P_out outside the blocks: embeddings,
+LM head, final norm), T experts, N ranks sharing the storage (``ModelParallelStrategy``; N = 1
+otherwise), s bytes per stored element (2 for bf16 storage, 4 for float32) and a start merge or not
+(S = 1 or 0):
+
+    stored    = (1 + T + S) * P * s / N                       base, task vectors (and start), sharded
+    whole     = stored + 2 * P * s + 8 * P_max + A            + merged model and its gradient
+    per_block = stored + 2 * P_out * s + (2 * s + 8) * P_blk + 8 * P_max + A
+
+where 8 * P_max is the largest tensor's float32 merge before and after its all-gather, and A the
+activations plus allocator and library overhead at the chosen batch. The per-block merge holds one
+block's merged tensors and gradient (``2 s``) plus its float32 merge (``8``) at a time, and the tensors
+outside the blocks whole. Measured on CPU (SmolLM2-135M, T = 4, float32;
+``benchmarks/sharded_memory.py`` and ``benchmarks/per_block_memory.py``): ``stored`` exactly, and
+falling as 1/N; the steps' peak above it 2.06 GB whole and 0.87 GB per block (4 x 64 tokens per task),
+i.e. A of about 0.6 GB there.
+
+``python benchmarks/memory_model.py`` prints the table for 8 experts of three common sizes with bf16
+storage, both modes, and the fewest 80 GB GPUs each needs (at most 90 % of a GPU used, A as given by
+``--activations_gb``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A decoder-only transformer's tensor sizes (enough to count what the memory model needs).
+
+    Args:
+        name: Label for the table.
+        hidden: Hidden size.
+        layers: Number of repeated blocks.
+        intermediate: MLP inner size (gated MLP: three matrices).
+        vocab: Vocabulary rows of the embedding (and LM head).
+        kv_dim: Width of the key and value projections (heads_kv x head_dim).
+        tied: Whether the LM head is the embedding.
+        qkv_bias: Whether q, k, v carry biases (Qwen2).
+    """
+
+    name: str
+    hidden: int
+    layers: int
+    intermediate: int
+    vocab: int
+    kv_dim: int
+    tied: bool
+    qkv_bias: bool = False
+
+    @property
+    def block(self) -> int:
+        """Parameters of one block: attention, gated MLP, two norms."""
+        h, kv = self.hidden, self.kv_dim
+        attention = 2 * h * h + 2 * h * kv + ((h + 2 * kv) if self.qkv_bias else 0)
+        return attention + 3 * h * self.intermediate + 2 * h
+
+    @property
+    def outside(self) -> int:
+        """Parameters outside the blocks: embedding, untied LM head, final norm."""
+        return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
+
+    @property
+    def params(self) -> int:
+        """All parameters."""
+        return self.layers * self.block + self.outside
+
+    @property
+    def largest(self) -> int:
+        """The largest single tensor (the embedding or an MLP matrix)."""
+        return max(self.vocab * self.hidden, self.hidden * self.intermediate)
+
+
+ARCHITECTURES = {
+    "smollm2-135m": Architecture("SmolLM2-135M", 576, 30, 1536, 49152, 192, tied=True),
+    "qwen2.5-0.5b": Architecture("Qwen2.5-0.5B", 896, 24, 4864, 151936, 128, tied=True, qkv_bias=True),
+    "llama-2-7b": Architecture("Llama-2-7B", 4096, 32, 11008, 32000, 4096, tied=False),
+    "llama-3-70b": Architecture("Llama-3-70B", 8192, 80, 28672, 128256, 1024, tied=False),
+}
+
+
+def per_rank_bytes(
+    arch: Architecture,
+    experts: int,
+    ranks: int,
+    storage_bytes: int,
+    mode: str,
+    activations: float,
+    start: bool = False,
+) -> dict[str, float]:
+    """The memory model's terms for one rank, in bytes (see the module docstring).
+
+    Args:
+        arch: The experts' architecture.
+        experts: T, the number of merged experts.
+        ranks: N, the ranks sharing the stored tensors.
+        storage_bytes: s, bytes per stored element (base and task vectors).
+        mode: ``whole`` or ``per_block``.
+        activations: A, activations and overhead per rank, bytes.
+        start: Whether a start merge is stored (``model.start_from``).
+
+    Returns:
+        ``stored``, ``transient`` (merged tensors, their gradient and float32 merges), ``activations``
+        and ``total``.
+    """
+    if mode not in ("whole", "per_block"):
+        raise ValueError(f"mode must be 'whole' or 'per_block', not {mode!r}")
+    stored = (1 + experts + int(start)) * arch.params * storage_bytes / ranks
+    gathered = 8 * arch.largest
+    if mode == "whole":
+        transient = 2 * arch.params * storage_bytes + gathered
+    else:
+        transient = 2 * arch.outside * storage_bytes + (2 * storage_bytes + 8) * arch.block + gathered
+    return {
+        "stored": stored,
+        "transient": transient,
+        "activations": activations,
+        "total": stored + transient + activations,
+    }
+
+
+def fewest_gpus(
+    arch: Architecture,
+    experts: int,
+    storage_bytes: int,
+    mode: str,
+    activations: float,
+    gpu_bytes: float = 80 * GB,
+    usable: float = 0.9,
+    most: int = 4096,
+) -> int | None:
+    """The fewest ranks N whose per-rank total fits ``usable`` of one GPU (None: none up to ``most``)."""
+    for n in range(1, most + 1):
+        if per_rank_bytes(arch, experts, n, storage_bytes, mode, activations)["total"] <= usable * gpu_bytes:
+            return n
+    return None
+
+
+def table(experts: int, storage_bytes: int, activations: float) -> str:
+    """The markdown table: per-rank GB at 8 ranks and the fewest 80 GB GPUs, per size and mode."""
+    lines = [
+        "| experts | P | mode | stored / rank at N = 8 | transient | per rank at N = 8 | fewest 80 GB GPUs |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for key in ("qwen2.5-0.5b", "llama-2-7b", "llama-3-70b"):
+        arch = ARCHITECTURES[key]
+        for mode in ("whole", "per_block"):
+            terms = per_rank_bytes(arch, experts, 8, storage_bytes, mode, activations)
+            n = fewest_gpus(arch, experts, storage_bytes, mode, activations)
+            nodes = "none" if n is None else f"{n} ({math.ceil(n / 8)} node{'s' if n > 8 else ''})"
+            lines.append(
+                f"| {arch.name} x {experts} | {arch.params / 1e9:.2f} B | {mode} "
+                f"| {terms['stored'] / GB:.1f} GB "
+                f"| {terms['transient'] / GB:.1f} GB | {terms['total'] / GB:.1f} GB | {nodes} |"
+            )
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser."""
+    p = argparse.ArgumentParser(prog="memory_model", description=__doc__.split("\n\n")[0])
+    p.add_argument("--experts", type=int, default=8, help="T, experts merged (default 8)")
+    p.add_argument("--storage_bytes", type=int, default=2, help="bytes per stored element (2: bf16)")
+    p.add_argument(
+        "--activations_gb",
+        type=float,
+        default=8.0,
+        help="A: activations and overhead per rank, GB (default 8: a few thousand tokens per step)",
+    )
+    p.add_argument("--out", type=Path, default=None, help="also write the table here (markdown)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print (and optionally write) the table."""
+    args = build_parser().parse_args(argv)
+    text = (
+        f"# Memory model: {args.experts} experts, {args.storage_bytes}-byte storage, A = "
+        f"{args.activations_gb:g} GB per rank, at most 90 % of an 80 GB GPU\n\n"
+        + table(args.experts, args.storage_bytes, args.activations_gb * GB)
+        + "\n"
+    )
+    print(text)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

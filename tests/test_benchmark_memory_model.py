@@ -1,0 +1,62 @@
+"""benchmarks/memory_model.py: its parameter counts match real models, its terms behave as the README says."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_model.py"
+spec = importlib.util.spec_from_file_location("benchmark_memory_model", SCRIPT)
+mm = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = mm  # its dataclass looks its module up
+spec.loader.exec_module(mm)
+
+
+def config(arch):
+    kind = Qwen2Config if arch.qkv_bias else LlamaConfig
+    heads = arch.hidden // 64 if arch.hidden < 4096 else arch.hidden // 128
+    return kind(
+        hidden_size=arch.hidden,
+        num_hidden_layers=arch.layers,
+        intermediate_size=arch.intermediate,
+        vocab_size=arch.vocab,
+        num_attention_heads=heads,
+        num_key_value_heads=arch.kv_dim // (arch.hidden // heads),
+        tie_word_embeddings=arch.tied,
+    )
+
+
+@pytest.mark.parametrize("key", sorted(mm.ARCHITECTURES))
+def test_parameter_counts_match_the_transformers_model(key):
+    arch = mm.ARCHITECTURES[key]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config(arch))
+    assert sum(p.numel() for p in model.parameters()) == arch.params
+    assert sum(p.numel() for p in model.model.layers[0].parameters()) == arch.block
+
+
+def test_terms_shard_and_per_block_is_smaller():
+    arch = mm.ARCHITECTURES["llama-2-7b"]
+    one = mm.per_rank_bytes(arch, 8, 1, 2, "per_block", 0.0)
+    eight = mm.per_rank_bytes(arch, 8, 8, 2, "per_block", 0.0)
+    assert eight["stored"] == pytest.approx(one["stored"] / 8) == pytest.approx(9 * arch.params * 2 / 8)
+    whole = mm.per_rank_bytes(arch, 8, 8, 2, "whole", 0.0)
+    assert eight["transient"] < whole["transient"] / 5
+    assert mm.per_rank_bytes(arch, 8, 8, 2, "whole", 1e9, start=True)["stored"] == pytest.approx(
+        10 * arch.params * 2 / 8
+    )
+    with pytest.raises(ValueError, match="mode must be"):
+        mm.per_rank_bytes(arch, 8, 8, 2, "blocks", 0.0)
+
+
+def test_the_issue_goals_under_the_model_and_the_table(tmp_path):
+    a = 8 * mm.GB
+    assert mm.fewest_gpus(mm.ARCHITECTURES["llama-2-7b"], 8, 2, "per_block", a) <= 8  # one 8-GPU node
+    assert mm.fewest_gpus(mm.ARCHITECTURES["llama-3-70b"], 8, 2, "per_block", a) <= 64  # eight nodes
+    assert mm.fewest_gpus(mm.ARCHITECTURES["llama-3-70b"], 8, 2, "whole", a) is None  # the whole merge never
+    assert mm.main(["--out", str(tmp_path / "t.md")]) == 0
+    text = (tmp_path / "t.md").read_text()
+    assert text.count("| per_block |") == 3 and "Llama-3-70B x 8" in text
