@@ -56,20 +56,35 @@ LEGEND = (
 )
 
 
+AUTOCAST = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+"""Lightning precision -> the autocast dtype of the forward (None: float32 throughout)."""
+
+
 def step_closure(merged: MergedModel, config: Mapping[str, Any]) -> Any:
-    """One training step of ``merged`` on fixed random prompts and teachers (see the module docstring)."""
+    """One training step of ``merged`` on fixed random prompts and teachers (see the module docstring).
+
+    ``config`` may name a ``device`` (default: where the merged model is) and a Lightning ``precision``
+    (``AUTOCAST``'s keys; default 32-true) for the forward; the merge itself stays float32.
+    """
     g = torch.Generator().manual_seed(0)
+    device = torch.device(config.get("device", "cpu"))
+    dtype = AUTOCAST[config.get("precision", "32-true")]
     vocab = int(merged.skeleton(0).config.vocab_size)
     batch, length, answer = int(config["batch_size"]), int(config["seq_len"]), int(config["answer"])
     tasks = range(len(merged.task_names))
-    ids = {t: torch.randint(0, vocab, (batch, length), generator=g) for t in tasks}  # (B, L)
-    mask = torch.ones(batch, length, dtype=torch.long)
-    teachers = {t: torch.log_softmax(torch.randn(batch * answer, vocab, generator=g), -1) for t in tasks}
+    ids = {t: torch.randint(0, vocab, (batch, length), generator=g).to(device) for t in tasks}  # (B, L)
+    mask = torch.ones(batch, length, dtype=torch.long, device=device)
+    teachers = {  # (B * A, V)
+        t: torch.log_softmax(torch.randn(batch * answer, vocab, generator=g), -1).to(device) for t in tasks
+    }
     optimizer = torch.optim.Adam(merged.coefficients.parameters(), lr=1e-3)
 
     def task_loss(t: int, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        logits = causal_lm.forward(merged, params, ids[t], mask, logits_to_keep=answer).logits  # (B, A, V)
-        return js_divergence(teachers[t], logits.reshape(-1, vocab)).mean()
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = causal_lm.forward(
+                merged, params, ids[t], mask, logits_to_keep=answer
+            ).logits  # (B, A, V)
+        return js_divergence(teachers[t], logits.float().reshape(-1, vocab)).mean()
 
     def step() -> None:
         loss, _ = accumulate_over_tasks(
@@ -94,6 +109,15 @@ def sizes(merged: MergedModel) -> dict[str, float]:
         "storage_mb": stored / MB,
         "merged_mb": 4 * sum(numel.values()) / MB,
         "block_mb": 4 * max(blocks.values(), default=0) / MB,
+    }
+
+
+def expert_sources(text: str) -> dict[str, str]:
+    """Comma-separated expert sources -> ``expert<i>``: source; zoo SmolLM2 experts are built (cached)."""
+    sources = [s for s in text.split(",") if s]
+    return {
+        f"expert{i}": resolve_model(s[len("zoo:") :], build=True) if s.startswith("zoo:smollm2/") else s
+        for i, s in enumerate(sources)
     }
 
 
@@ -153,11 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.worker is not None:
         print(json.dumps(run_worker(json.loads(args.worker))))
         return 0
-    sources = [s for s in args.experts.split(",") if s]
-    experts = {  # demo experts are built here, once, not in the workers
-        f"expert{i}": resolve_model(s[len("zoo:") :], build=True) if s.startswith("zoo:smollm2/") else s
-        for i, s in enumerate(sources)
-    }
+    experts = expert_sources(args.experts)  # demo experts are built here, once, not in the workers
     keys = ("base", "batch_size", "seq_len", "answer", "steps", "warmup", "threads")
     common = {k: getattr(args, k) for k in keys} | {"experts": experts}
     times = measure({**common, "job": "time"})

@@ -46,11 +46,10 @@ import torch.distributed as dist  # noqa: E402
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 
 from benchmarks._measure import MB, peak_rss_mb, release_memory, reset_peak, rss_mb  # noqa: E402
-from benchmarks.per_block_memory import TASKS, sizes, step_closure  # noqa: E402
+from benchmarks.per_block_memory import TASKS, expert_sources, sizes, step_closure  # noqa: E402
 from benchmarks.step_cost import format_table  # noqa: E402
 from divmerge.core.merged_model import MergedModel  # noqa: E402
 from divmerge.families import load_experts  # noqa: E402
-from divmerge.zoo import resolve_model  # noqa: E402
 
 COLUMNS = (
     "ranks",
@@ -191,11 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.worker is not None:
         print(json.dumps(run_rank(json.loads(args.worker))))
         return 0
-    sources = [s for s in args.experts.split(",") if s]
-    experts = {  # demo experts are built here, once, not in the ranks
-        f"expert{i}": resolve_model(s[len("zoo:") :], build=True) if s.startswith("zoo:smollm2/") else s
-        for i, s in enumerate(sources)
-    }
+    experts = expert_sources(args.experts)  # demo experts are built here, once, not in the ranks
     keys = ("base", "batch_size", "seq_len", "answer", "steps", "warmup", "threads")
     common = {k: getattr(args, k) for k in keys} | {"experts": experts}
     rows = []

@@ -1,0 +1,152 @@
+"""One GPU, a few minutes: peak GPU memory against the memory model, and step time, per precision and mode.
+
+For each precision (``bf16-mixed``, ``16-mixed``) and merge mode (``whole``, ``per_block``) it builds the
+merged model of the real SmolLM2-135M demo experts (T = 4, layer-wise, float32 storage) on the device and
+runs training steps as ``benchmarks/per_block_memory.py`` does (its ``step_closure``), then reports:
+
+- ``stored_mb``: memory allocated once the merged model is on the device (base + task vectors), and
+  ``model_stored_mb``, the memory model's ``stored`` (``benchmarks/memory_model.py``);
+- ``step_peak_mb``: the peak allocated during the steps above ``stored_mb``, and ``model_transient_mb``,
+  the model's ``transient`` (the rest of the peak is activations: A);
+- ``step_s``: the median step.
+
+``benchmarks/gpu_check.sh`` runs it, then two short ``train.py fit`` runs (bf16-mixed and 16-mixed,
+per-block) of the SmolLM2 demo. On a machine without a GPU, ``--device cpu`` runs the same table (the
+tests do, on tiny models).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from benchmarks._measure import MB  # noqa: E402
+from benchmarks.memory_model import ARCHITECTURES, per_rank_bytes  # noqa: E402
+from benchmarks.per_block_memory import TASKS, expert_sources, step_closure  # noqa: E402
+from benchmarks.step_cost import format_table  # noqa: E402
+from divmerge.core.merged_model import MergedModel  # noqa: E402
+from divmerge.families import load_experts  # noqa: E402
+
+COLUMNS = (
+    "precision",
+    "mode",
+    "stored_mb",
+    "model_stored_mb",
+    "step_peak_mb",
+    "model_transient_mb",
+    "step_s",
+)
+
+
+def allocated(device: torch.device) -> tuple[float, float]:
+    """(allocated, peak allocated) MB on a CUDA device; (0, 0) elsewhere (no allocator statistics)."""
+    if device.type != "cuda":
+        return 0.0, 0.0
+    torch.cuda.synchronize(device)
+    return torch.cuda.memory_allocated(device) / MB, torch.cuda.max_memory_allocated(device) / MB
+
+
+def measure(experts: Any, precision: str, mode: str, config: dict[str, Any]) -> dict[str, Any]:
+    """One (precision, mode) row: memory on the device and the median step."""
+    device = torch.device(config["device"])
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    before, _ = allocated(device)
+    merged = MergedModel(experts, "layer", merge_mode=mode).to(device)
+    stored, _ = allocated(device)
+    step = step_closure(merged, {**config, "precision": precision})
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for i in range(int(config["warmup"]) + int(config["steps"])):
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= int(config["warmup"]):
+            times.append(time.perf_counter() - start)
+    _, peak = allocated(device)
+    arch = ARCHITECTURES.get(config["architecture"])
+    model = per_rank_bytes(arch, len(merged.task_names), 1, 4, mode, 0.0) if arch else None
+    del merged, step
+    return {
+        "precision": precision,
+        "mode": mode,
+        "stored_mb": stored - before,
+        "model_stored_mb": model["stored"] / MB if model else float("nan"),
+        "step_peak_mb": peak - stored,
+        "model_transient_mb": model["transient"] / MB if model else float("nan"),
+        "step_s": statistics.median(times),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser."""
+    p = argparse.ArgumentParser(prog="gpu_check", description=__doc__.split("\n\n")[0])
+    p.add_argument("--base", default="zoo:smollm2", help="base model source (default: SmolLM2-135M)")
+    p.add_argument(
+        "--experts",
+        default=",".join(f"zoo:smollm2/{t}" for t in TASKS),
+        help="comma-separated expert sources (default: the four generative demo experts)",
+    )
+    p.add_argument(
+        "--architecture",
+        default="smollm2-135m",
+        help=f"memory-model preset of the experts ({', '.join(ARCHITECTURES)}; other: no prediction)",
+    )
+    p.add_argument("--device", default="cuda", help="torch device (default cuda)")
+    p.add_argument("--precisions", default="bf16-mixed,16-mixed", help="comma-separated precisions")
+    p.add_argument("--modes", default="whole,per_block", help="comma-separated merge modes")
+    p.add_argument("--batch_size", type=int, default=16, help="prompts per task per step")
+    p.add_argument("--seq_len", type=int, default=128, help="tokens per prompt")
+    p.add_argument("--answer", type=int, default=8, help="positions whose logits the loss reads")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (after the warm-up)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps")
+    p.add_argument(
+        "--out_dir", type=Path, default=ROOT / "benchmarks" / "results" / "gpu", help="where the table goes"
+    )
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Measure every (precision, mode); print and save the table."""
+    args = build_parser().parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device is visible (run it on a GPU machine, or pass --device cpu)")
+        return 2
+    experts = load_experts(args.base, expert_sources(args.experts))
+    keys = ("device", "architecture", "batch_size", "seq_len", "answer", "steps", "warmup")
+    config = {k: getattr(args, k) for k in keys}
+    rows = []
+    for precision in args.precisions.split(","):
+        for mode in args.modes.split(","):
+            rows.append(measure(experts, precision, mode, config))
+            print(json.dumps(rows[-1]), flush=True)
+    name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else args.device
+    header = (
+        f"# GPU check on {name} (base {args.base}, T = {len(experts.task_names)}, {args.batch_size} x "
+        f"{args.seq_len} tokens per task, loss on the last {args.answer} positions; "
+        f"torch {torch.__version__})\n\n"
+    )
+    text = header + format_table(rows, COLUMNS) + "\n"
+    print(text)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "gpu_check.md").write_text(text)
+    (args.out_dir / "gpu_check.json").write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
