@@ -161,3 +161,22 @@ def test_a_second_live_run_on_the_same_checkpoint_directory(tmp_path, tiny, caps
     lock.write_text(f"999999999 {os.uname().nodename}")  # left by a dead process: taken over
     train.main(["fit", "--config", config])
     assert (ckpt_dir / "last.ckpt").is_file() and not lock.exists()
+
+
+def test_expert_file_missing_a_tensor_the_others_have(tmp_path, tiny, capsys):
+    from safetensors.torch import load_file, save_file
+
+    short = tmp_path / "short"
+    short.mkdir()
+    for f in Path(tiny["experts"]["alpha"]).iterdir():
+        if f.suffix != ".safetensors":
+            (short / f.name).write_bytes(f.read_bytes())
+            continue
+        tensors = load_file(f)
+        dropped = next(n for n in sorted(tensors) if "layer.0." in n and n.endswith("weight"))
+        del tensors[dropped]
+        save_file(tensors, short / f.name, metadata={"format": "pt"})
+    config = cfg(tmp_path, tiny, edit=lambda c: c["model"]["experts"].update(alpha=str(short)))
+    err = expect_error(capsys, ["fit", "--config", config], "lacks trained weights")
+    assert dropped.split(".", 1)[-1] in err and "'alpha'" in err
+    assert not (tmp_path / "run").exists()

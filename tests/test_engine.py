@@ -94,3 +94,13 @@ def test_bad_settings_fail_before_loading(tiny):
         Merger(tiny["base"], tiny["experts"], objective="hellinger")
     with pytest.raises(DivMergeError, match="backbone_pass"):
         Merger(tiny["base"], tiny["experts"], backbone_pass="sideways")
+
+
+def test_a_cache_this_rank_cannot_see_is_refused_in_one_line(prepared, tmp_path):
+    """A rank on another node whose cache_dir is local: rank 0 built the files there, this rank finds none."""
+    merger, dm = prepared
+    paths = merger.teacher_paths(dm, ("unlabelled",))
+    assert all(path.exists() for path in paths.values())
+    node_local = {key: tmp_path / path.name for key, path in paths.items()}  # the same names, another disk
+    with pytest.raises(DivMergeError, match="missing on this rank: use a shared cache_dir"):
+        merger.load_teachers(dm, node_local)
