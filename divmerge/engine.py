@@ -9,6 +9,7 @@ Every caller uses it: the LightningModule (``divmerge.lightning.module``), expor
 with expert outputs read from the teacher cache, computed once per task split.
 """
 
+import logging
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -16,23 +17,27 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from divmerge import static
 from divmerge.core.coefficients import Granularity, get_space
 from divmerge.core.expert_set import ExpertSet
-from divmerge.core.merged_model import MergedModel, MergeMode, check_merge_mode
+from divmerge.core.merged_model import MergedModel, MergeMode, check_merge_mode, check_shardable
 from divmerge.data import Rows, TaskDataset, TaskSpec
 from divmerge.errors import DivMergeError
 from divmerge.experts.sources import default_cache_dir
+from divmerge.experts.weight_files import column_range
 from divmerge.families import FAMILIES, detect_family, load_experts
 from divmerge.families.base import ModelFamily, Teacher
 from divmerge.families.classification import BackbonePass
 from divmerge.objectives import Objective, get_objective
-from divmerge.teachers import cache_path, get_or_compute, load_cached
+from divmerge.teachers import cache_path, get_or_compute, load_cached, save_atomic
 
+log = logging.getLogger(__name__)
 LEARNED = "divmerge"
 """The ``method`` name of a learned merge; every other method name is a static merge."""
 DEFAULT_LR = 0.05
@@ -232,13 +237,30 @@ class Merger:
         """Every model source: base, experts, held-out classifiers."""
         return [self.base, *self.experts.values(), *self.held_out_sources.values()]
 
-    def build(self) -> MergedModel:
-        """Load base and experts and create the coefficients (once)."""
+    def build(self, mesh: DeviceMesh | None = None) -> MergedModel:
+        """Load base and experts and create the coefficients (once).
+
+        Args:
+            mesh: Ranks to shard the base and task vectors over (``MergedModel.shard``); every rank then
+                reads only its share of the experts where they allow it (sharded loading) and calls this
+                alike. A model built earlier without a mesh is sharded now. None keeps them whole.
+        """
+        if mesh is not None:
+            check_shardable(get_space(self.granularity, self.space_options), self.granularity)
         if self.merged is None:
             dtype = getattr(torch, self.task_vector_dtype)
             family = detect_family(self.experts).from_options(self.family_options)
-            self._attach(load_experts(self.base, self.experts, self.held_out_sources, dtype, family), family)
+            if mesh is not None and self.start_from is not None:
+                log.warning(
+                    "divmerge: every rank reads the experts whole: start_from merges them whole first."
+                )
+            load_mesh = mesh if self.start_from is None else None
+            experts = load_experts(self.base, self.experts, self.held_out_sources, dtype, family, load_mesh)
+            self._attach(experts, family)
         assert self.merged is not None
+        if mesh is not None and not self.merged.sharded:
+            self.merged.shard(mesh)
+            self.release_expert_set()
         return self.merged
 
     def _attach(self, experts: ExpertSet, family: ModelFamily) -> None:
@@ -434,8 +456,20 @@ class Merger:
         return paths
 
     @torch.no_grad()
-    def compute_teacher(self, data: TaskData, task: str, split: str, device: torch.device) -> Teacher:
+    def compute_teacher(
+        self,
+        data: TaskData,
+        task: str,
+        split: str,
+        device: torch.device,
+        rows: TaskDataset | None = None,
+        merge_only: bool = False,
+    ) -> Teacher | None:
         """Expert outputs on one task split: the merged model with one-hot coefficients.
+
+        ``rows`` restricts it to those inputs of the split (a rank's share; rows in their order);
+        ``merge_only`` merges the expert and returns None (a rank with no share still joins the
+        sharded merge, a collective).
 
         For a held-out task the "expert" is the base backbone (all-zero coefficients) with its head. A
         space whose one-hot coefficients do not reproduce the experts (``svd`` at a rank below full)
@@ -452,8 +486,13 @@ class Merger:
             merged = MergedModel(self.expert_set, "layer").to(device)
         t = self.all_tasks.index(task)
         table = merged.one_hot_table(t) if task in self.task_names else merged.base_table()
-        size = len(data.dataset(task, split))  # type: ignore[arg-type]
+        if merge_only:
+            merged.merged_params(table.to(device))
+            return None
         loader = data.eval_loader(task, split)  # type: ignore[arg-type]
+        if rows is not None:
+            loader = DataLoader(rows, batch_size=loader.batch_size, collate_fn=loader.collate_fn)
+        size = len(loader.dataset)  # type: ignore[arg-type]
         return self.family.teacher(merged, t, table.to(device), loader, size, split)
 
     @property
@@ -467,7 +506,8 @@ class Merger:
         if self.expert_set is None:
             return False
         return any(
-            not isinstance(stored := merged.task_vectors[n], Tensor) or stored.data_ptr() != t.data_ptr()
+            not isinstance(stored := merged.task_vectors[n], Tensor)
+            or (stored is not t and stored.data_ptr() != t.data_ptr())
             for n, t in self.expert_set.task_vectors.items()
         )
 
@@ -481,9 +521,24 @@ class Merger:
             self.expert_set = None
 
     def build_teachers(
-        self, data: TaskData, paths: Mapping[tuple[str, str], Path], device: torch.device
+        self,
+        data: TaskData,
+        paths: Mapping[tuple[str, str], Path],
+        device: torch.device,
+        mesh: DeviceMesh | None = None,
     ) -> list:
-        """Compute every missing cache file (call on one rank); returns the (task, split) built."""
+        """Compute every missing cache file; returns the (task, split, path) built.
+
+        Args:
+            data: The task data.
+            paths: (task, split) -> cache file (``teacher_paths``).
+            device: Where to run the experts.
+            mesh: None: call on one rank, which builds every file. A mesh: every rank of it calls this
+                alike (the merged model is sharded over it); each decodes its share of each split's inputs
+                and rank 0 writes the joined file (``build_teacher_shares``).
+        """
+        if mesh is not None:
+            return self.build_teacher_shares(data, paths, device, mesh)
         built = []
         for (task, split), path in paths.items():
             if len(data.dataset(task, split)):  # type: ignore[arg-type]
@@ -494,6 +549,40 @@ class Merger:
                 )
                 if new:
                     built.append((task, split, path))
+        return built
+
+    def build_teacher_shares(
+        self, data: TaskData, paths: Mapping[tuple[str, str], Path], device: torch.device, mesh: DeviceMesh
+    ) -> list:
+        """Every rank of ``mesh`` computes its share of each missing cache file; rank 0 joins and writes it.
+
+        Rank r decodes the contiguous rows ``column_range(N, r, world)`` of a split of N inputs; the
+        shares are gathered on rank 0 in rank order, joined by the family (``join_teachers``: padded to the
+        longest answer as one process would) and written atomically, so the file equals a one-process
+        build. Which files are missing is decided on rank 0 (the cache directory must be shared).
+        """
+        assert self.family is not None
+        group, rank, world = mesh.get_group(), mesh.get_local_rank(), mesh.size()
+        first = dist.get_global_rank(group, 0)
+        missing = [[k for k, path in paths.items() if len(data.dataset(*k)) and load_cached(path) is None]]
+        dist.broadcast_object_list(missing, src=first, group=group)
+        built = []
+        for task, split in missing[0]:
+            dataset = data.dataset(task, split)  # type: ignore[arg-type]
+            lo, hi = column_range(len(dataset), rank, world)
+            labels = None if dataset.labels is None else dataset.labels[lo:hi]
+            share = TaskDataset(dataset.encodings[lo:hi], labels)
+            if len(share):
+                part = self.compute_teacher(data, task, split, device, share)
+            else:  # no rows here, but the one-hot merge is a collective every rank joins
+                part = None
+                self.compute_teacher(data, task, split, device, share, merge_only=True)
+            parts: list = [None] * world if rank == 0 else []
+            dist.gather_object(part, parts if rank == 0 else None, dst=first, group=group)
+            if rank == 0:
+                joined = self.family.join_teachers([p for p in parts if p is not None])
+                save_atomic(joined, paths[task, split])
+            built.append((task, split, paths[task, split]))
         return built
 
     def load_teachers(self, data: TaskData, paths: Mapping[tuple[str, str], Path]) -> None:

@@ -15,7 +15,7 @@ import hashlib
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -162,3 +162,34 @@ def get_or_compute(
     value = compute()
     save_atomic(value, path)
     return value, True
+
+
+def join_rows(
+    parts: Sequence[Tensor | Mapping[str, Tensor]], fill: Mapping[str, int] | None = None
+) -> Tensor | dict[str, Tensor]:
+    """Teachers of consecutive row ranges joined into one, as if computed in one go.
+
+    Each part's tensors have its rows first; trailing dimensions that vary between parts (the longest
+    answer of a share) are padded to the largest, with ``fill[key]`` (default 0).
+
+    Args:
+        parts: Teachers of rows [0, n_0), [n_0, n_0 + n_1), ... in order: tensors, or dicts of them.
+        fill: Padding value per dict key.
+
+    Returns:
+        The joined teacher.
+    """
+    fill = fill or {}
+
+    def cat(tensors: Sequence[Tensor], value: int) -> Tensor:
+        tail = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
+        out = tensors[0].new_full((sum(len(t) for t in tensors), *tail), value)  # (N, *tail)
+        start = 0
+        for t in tensors:
+            out[(slice(start, start + len(t)), *(slice(0, n) for n in t.shape[1:]))] = t
+            start += len(t)
+        return out
+
+    if isinstance(parts[0], Tensor):
+        return cat(parts, 0)  # type: ignore[arg-type]
+    return {k: cat([p[k] for p in parts], fill.get(k, 0)) for k in parts[0]}  # type: ignore[index]

@@ -7,8 +7,12 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
 
+from divmerge.teachers import load_cached
 from tests.test_cli import coefficients, write_config
+from tests.test_generative import write_config as write_lm_config
+from tests.tiny import cpu_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,3 +131,59 @@ def test_evaluation_counts_every_example_once_on_uneven_processes(tmp_path, tiny
     three = scores("three", "--trainer.strategy", "ddp", "--trainer.devices", "3")
     assert three == one
     assert {n for n, *_ in one.values()} == {8}
+
+
+def cached_teachers(cache: Path) -> dict[str, dict]:
+    """Every teacher file of a cache directory, by name: its outputs (dicts of tensors for causal LMs)."""
+    return {p.name: load_cached(p) for p in sorted((cache / "teachers").iterdir())}
+
+
+def lm_config(tmp_path: Path, lm: dict) -> str:
+    """The generative tests' config with a checkpoint callback (``last.ckpt``), 2 epochs."""
+    path = Path(write_lm_config(tmp_path, lm, epochs=2))
+    config = yaml.safe_load(path.read_text())
+    config["trainer"]["callbacks"] = cpu_trainer(tmp_path / "run", 2, checkpoints=True)["callbacks"]
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_sharded_loading_and_parallel_teachers_on_causal_lm_experts(tmp_path, lm):
+    """Causal-LM experts under ModelParallelStrategy, 2 processes: each rank reads only its half of the
+    base and experts (no whole load), the two ranks build the teacher cache together (each decodes half of
+    every split), the files equal those one process builds, and the coefficients equal one process's."""
+    (tmp_path / "two").mkdir()
+    config = lm_config(tmp_path / "two", lm)
+    log = sharded_fit(config, tmp_path / "two", "sharded")
+    assert "reads the experts whole" not in log
+    kept = re.findall(r"rank (\d) keeps ([\d.]+) of ([\d.]+) MB of the base and task vectors", log)
+    assert sorted(r for r, _, _ in kept) == ["0", "1"], log[-2000:]
+    assert all(abs(float(local) - float(total) / 2) <= 0.01 for _, local, total in kept), kept  # 2 decimals
+    assert log.count("teacher cache: built") == 6  # unlabelled, val and test of two tasks, built once
+    (tmp_path / "one").mkdir()
+    config = lm_config(tmp_path / "one", lm)
+    run_fit(config, tmp_path / "one", tmp_path / "single", "--data.batch_size_per_task", "4")
+    two, one = cached_teachers(tmp_path / "two" / "cache"), cached_teachers(tmp_path / "one" / "cache")
+    assert two.keys() == one.keys() and len(one) == 6  # same file names: same expert fingerprints
+    for name, value in one.items():
+        assert value.keys() == two[name].keys()
+        for key in value:  # the same answers; distributions up to float rounding (other batch padding)
+            assert value[key].shape == two[name][key].shape, (name, key)
+            if key == "logprobs":
+                assert torch.allclose(value[key], two[name][key], atol=1e-4), (name, key)
+            else:
+                assert torch.equal(value[key], two[name][key]), (name, key)
+    single = coefficients(tmp_path / "single" / "last.ckpt")
+    assert not torch.allclose(single, torch.full_like(single, 0.5))
+    assert (coefficients(tmp_path / "two" / "sharded" / "last.ckpt") - single).abs().max() < 1e-4
+
+
+def test_sharding_refuses_tensor_parallel_ranks(tmp_path, tiny):
+    config = write_config(tmp_path, tiny, epochs=1)
+    cmd = [sys.executable, str(ROOT / "train.py"), "fit", "--config", config, "--trainer.devices", "2"]
+    cmd += ["--trainer.strategy", "lightning.pytorch.strategies.ModelParallelStrategy"]
+    cmd += ["--trainer.strategy.tensor_parallel_size", "2", "--trainer.strategy.data_parallel_size", "1"]
+    cmd += ["--trainer.strategy.save_distributed_checkpoint", "false"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "set the strategy's tensor_parallel_size: 1" in proc.stderr.strip().splitlines()[-1]
+    assert not list((tmp_path / "run").rglob("*.ckpt")) and not (tmp_path / "cache" / "teachers").exists()

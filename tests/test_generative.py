@@ -34,12 +34,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def lm(tmp_path_factory) -> dict:
-    """A tiny Qwen2 base and two experts fine-tuned on synthetic generative tasks; shared read-only."""
-    return tiny_lm.make_setup(tmp_path_factory.mktemp("tiny_lm"))
-
-
-@pytest.fixture(scope="module")
 def merged(lm) -> MergedModel:
     return MergedModel(load_experts(lm["base"], lm["experts"]), granularity="layer")
 

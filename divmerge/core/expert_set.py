@@ -16,16 +16,6 @@ from divmerge.core.lora import LoraStack
 from divmerge.errors import DivMergeError
 
 
-def tensor_digest(tensor: Tensor, samples: int = 1024) -> str:
-    """A cheap content hash: shape, dtype, an evenly strided sample of values and their float64 sum."""
-    flat = tensor.detach().reshape(-1)
-    step = max(1, flat.numel() // samples)
-    sample = flat[::step][:samples].to(torch.float64).cpu()
-    h = hashlib.sha256(f"{tuple(tensor.shape)}|{tensor.dtype}|{flat.double().sum().item():.10e}".encode())
-    h.update(sample.numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 @dataclass
 class ExpertSet:
     """A base model and T experts, reduced to what merging needs.
@@ -53,6 +43,8 @@ class ExpertSet:
         family: Name of the model family that loaded the set (``divmerge.families``), e.g.
             ``classification`` or ``causal_lm`` (every weight merged, ``prefix`` empty, no heads,
             ``num_labels`` the vocabulary size).
+        shapes: Each merged tensor's shape, where ``base`` and ``task_vectors`` hold flat shards of them
+            (sharded loading, ``divmerge.experts.sharded_loading``); empty when they are whole.
 
     """
 
@@ -72,6 +64,7 @@ class ExpertSet:
     dense_rows: dict[str, list[int]] = field(default_factory=dict)
     lora: dict[str, LoraStack] = field(default_factory=dict)
     family: str = "classification"
+    shapes: dict[str, torch.Size] = field(default_factory=dict)
 
     @property
     def num_tasks(self) -> int:
@@ -124,4 +117,5 @@ class ExpertSet:
             dense_rows=dense_rows,
             lora=lora,
             family=self.family,
+            shapes=self.shapes,
         )

@@ -17,6 +17,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from divmerge.core import lora, per_block
 from divmerge.core.coefficients import Granularity, MergeCoefficients
+from divmerge.core.coefficients.base import CoefficientSpace
 from divmerge.core.expert_set import ExpertSet
 from divmerge.core.merge import FrozenTensors
 from divmerge.core.sharding import is_sharded, shard_flat, shard_stacks, sharded_weighted_sum
@@ -30,6 +31,15 @@ def check_merge_mode(merge_mode: str) -> MergeMode:
     if merge_mode not in ("whole", "per_block"):
         raise DivMergeError(f"model.merge_mode must be 'whole' or 'per_block', not {merge_mode!r}.")
     return merge_mode  # type: ignore[return-value]
+
+
+def check_shardable(space: CoefficientSpace, granularity: str) -> None:
+    """Refuse, in one line, a coefficient space whose storage cannot be sharded by columns."""
+    if space.per_tensor:
+        raise DivMergeError(
+            f"Granularity {granularity!r} does not run sharded: use granularity task, layer or block with "
+            "the sharded strategy, or a data-parallel strategy (ddp)."
+        )
 
 
 class MergedModel(nn.Module):
@@ -70,7 +80,7 @@ class MergedModel(nn.Module):
         self.all_tasks = experts.all_tasks  # heads/skeletons index: merged tasks, then held-out ones
         self.names = list(experts.names)
         self.prefix = experts.prefix
-        self.shapes = {n: experts.base[n].shape for n in self.names}
+        self.shapes = dict(experts.shapes) or {n: experts.base[n].shape for n in self.names}
         self.coefficients = MergeCoefficients(
             len(self.task_names), self.shapes, granularity, init, clamp, space_options
         )
@@ -232,11 +242,7 @@ class MergedModel(nn.Module):
             mesh: The 1-D mesh of ranks to shard over (Lightning's data-parallel mesh).
 
         """
-        if self.coefficients.space.per_tensor:
-            raise DivMergeError(
-                f"Granularity {self.coefficients.granularity!r} does not run sharded: use granularity task, "
-                "layer or block with the sharded strategy, or a data-parallel strategy (ddp)."
-            )
+        check_shardable(self.coefficients.space, self.coefficients.granularity)
         self.task_vectors = FrozenTensors(shard_stacks(dict(self.task_vectors.items()), mesh))
         self.base = FrozenTensors(shard_flat(dict(self.base.items()), mesh))
         if len(self.start):

@@ -8,18 +8,24 @@ directory over the base (``divmerge.experts.adapters``): its plain LoRA factors 
 """
 
 import hashlib
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import torch
 from torch import Tensor
+from torch.distributed.device_mesh import DeviceMesh
 from transformers import PreTrainedModel
 
-from divmerge.core.expert_set import ExpertSet, tensor_digest
+from divmerge.core.digest import tensor_digest
+from divmerge.core.expert_set import ExpertSet
 from divmerge.core.lora import LoraStack
 from divmerge.errors import DivMergeError
 from divmerge.experts.adapters import AdapterTaskType, is_adapter, load_adapter
+from divmerge.experts.sharded_loading import load_sharded, sharded_refusal
 from divmerge.experts.sources import load_pretrained, resolve_source
+
+log = logging.getLogger(__name__)
 
 
 class ExpertKind(Protocol):
@@ -77,6 +83,10 @@ class ExpertKind(Protocol):
         """Turn a loaded expert into forward code on the meta device, in place."""
         ...
 
+    def sharded_refusal(self) -> str | None:
+        """Why these experts cannot be read in column shards (after ``check_sources``); None if they can."""
+        ...
+
 
 def load_expert_set(
     kind: ExpertKind,
@@ -84,6 +94,7 @@ def load_expert_set(
     experts: Mapping[str, str],
     held_out: Mapping[str, str] | None = None,
     task_vector_dtype: torch.dtype | None = None,
+    mesh: DeviceMesh | None = None,
 ) -> ExpertSet:
     """Load the base and every expert, validate them and compute stacked task vectors.
 
@@ -96,6 +107,9 @@ def load_expert_set(
         task_vector_dtype: Dtype the stacked task vectors are stored in (each tau_t is computed in the
             base's dtype, then rounded into the stack: a bf16 stack never holds a float32 copy); None
             keeps the base's dtype.
+        mesh: Ranks that will shard the base and task vectors (``divmerge.core.sharding``): each then
+            reads only its columns (``divmerge.experts.sharded_loading``) where the experts allow it, and
+            otherwise loads them whole (a warning says why); a collective then. None loads them whole.
 
     Returns:
         The expert set.
@@ -109,6 +123,12 @@ def load_expert_set(
     if clash:
         raise DivMergeError(f"Tasks {clash} are both experts and held out: list each task in one of them.")
     kind.check_sources(base, experts, held_out)
+    if mesh is not None:
+        paths = {"base": resolve_source(base), **{t: resolve_source(s) for t, s in experts.items()}}
+        reason = sharded_refusal(kind, paths, held_out)
+        if reason is None:
+            return load_sharded(kind, {"base": base, **experts}, paths, mesh, task_vector_dtype)
+        log.warning("every rank reads the experts whole: %s.", reason)
     base_model = load_pretrained(kind.base_class, base, "the base model")
     kind.extend_base(base_model)
     theta0 = {n: p.detach() for n, p in base_model.named_parameters()}  # tied tensors appear once

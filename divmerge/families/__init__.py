@@ -7,6 +7,7 @@ Adding a family is one file (a :class:`~divmerge.families.base.ModelFamily` subc
 from collections.abc import Mapping
 
 import torch
+from torch.distributed.device_mesh import DeviceMesh
 
 from divmerge.core.expert_set import ExpertSet
 from divmerge.experts.loading import load_expert_set
@@ -39,6 +40,7 @@ def load_experts(
     held_out: Mapping[str, str] | None = None,
     task_vector_dtype: torch.dtype | None = None,
     family: ModelFamily | None = None,
+    mesh: DeviceMesh | None = None,
 ) -> ExpertSet:
     """Load base and experts with the loader loop, under the experts' own (or the given) family.
 
@@ -48,9 +50,11 @@ def load_experts(
         held_out: Task name -> classifier whose head scores a held-out task (classification only).
         task_vector_dtype: Storage dtype of the stacked task vectors (None: the base's).
         family: The family to load with; None detects it from the experts.
+        mesh: Ranks that shard the base and task vectors: each reads only its share where it can
+            (``divmerge.experts.loading.load_expert_set``); a collective then.
 
     Returns:
         The expert set (``family`` records the family's name).
     """
     family = family or detect_family(experts)()
-    return load_expert_set(family, base, experts, held_out, task_vector_dtype)
+    return load_expert_set(family, base, experts, held_out, task_vector_dtype, mesh)

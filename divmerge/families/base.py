@@ -18,6 +18,7 @@ from divmerge.core.merged_model import MergedModel
 from divmerge.data import Rows, TaskSpec
 from divmerge.experts.adapters import AdapterTaskType
 from divmerge.objectives import Objective
+from divmerge.teachers import join_rows
 
 Teacher = Tensor | dict[str, Tensor]
 """A task split's cached expert outputs: log-probabilities (N, C), or a dict of per-example tensors."""
@@ -99,6 +100,10 @@ class ModelFamily(ABC):
         """Turn a loaded expert into forward code on the meta device, in place."""
         model.requires_grad_(False).to("meta").eval()
 
+    def sharded_refusal(self) -> str | None:
+        """Why these experts cannot be read in column shards (default: the family reads them whole)."""
+        return f"the {self.name} family reads its experts whole"
+
     # ------------------------------------------------------------------ data
     def check_tasks(self, specs: Sequence[TaskSpec], backbone_pass: str) -> None:  # noqa: B027 (optional hook)
         """Refuse tasks (or settings) this family cannot serve, before any teacher is built.
@@ -137,6 +142,10 @@ class ModelFamily(ABC):
             size: Number of examples N.
             split: ``unlabelled``, ``val`` or ``test``.
         """
+
+    def join_teachers(self, parts: Sequence[Teacher]) -> Teacher:
+        """The teacher of a split from the teachers of its consecutive row ranges (ranks' shares)."""
+        return join_rows(parts)
 
     @staticmethod
     def teacher_rows(teacher: Teacher, idx: Tensor) -> Teacher:

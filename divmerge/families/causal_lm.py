@@ -40,6 +40,7 @@ from divmerge.families.generation import (
     pad_sequences,
 )
 from divmerge.objectives import Objective
+from divmerge.teachers import join_rows
 
 CAUSAL_LM_CLASSES = frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 # exact match, or a torchmetrics.text metric that scores a string against references, higher is better
@@ -570,6 +571,12 @@ class CausalLM(ModelFamily):
             for i, end in enumerate(ends):
                 added[i, :end] -= mean[:end].to(added.dtype)
 
+    def sharded_refusal(self) -> str | None:
+        """Every weight is merged, under the base's names: readable in shards unless vocabularies differ."""
+        if self.vocab is not None and self.vocab.extended:
+            return "some experts extend the base's vocabulary"
+        return None
+
     def prefix(self, model: PreTrainedModel) -> str:
         """The whole model is merged: names are full parameter names."""
         return ""
@@ -635,6 +642,10 @@ class CausalLM(ModelFamily):
             self.teacher_top_k,
             keep_distributions=split == "unlabelled",
         )
+
+    def join_teachers(self, parts: Sequence[Teacher]) -> Teacher:
+        """Shares joined as one build pads them: answer tokens with the pad id, the rest with zeros."""
+        return join_rows(parts, {"tokens": self.pad_id})
 
     def step_loss(
         self,

@@ -16,6 +16,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from divmerge.core.coefficients import Granularity
 from divmerge.core.merged_model import MergedModel, MergeMode
@@ -166,6 +167,7 @@ class DivMergeModule(L.LightningModule):
         self._eval_params: dict[str, dict[str, Tensor]] = {}
         self._val_divergence: dict[str, list[float]] = {}  # task -> [sum over inputs, count]
         self.last_results: list[TaskResult] = []
+        self._storage_reported = False
 
     # ---------------------------------------------------------------- building
     @property
@@ -193,11 +195,17 @@ class DivMergeModule(L.LightningModule):
         for source in self.engine.sources():
             resolve_source(source, build=True)
 
-    def build(self) -> MergedModel:
-        """Load base and experts and create the coefficients (once); registered as ``self.merged``."""
-        if self.merged is None:
-            self.merged = self.engine.build()
-            self.metrics = self.engine.new_metrics()
+    def build(self, mesh: DeviceMesh | None = None) -> MergedModel:
+        """Load base and experts and create the coefficients (once); registered as ``self.merged``.
+
+        Args:
+            mesh: Ranks to shard the base and task vectors over (``Merger.build``); None keeps them whole.
+        """
+        if self.merged is None or mesh is not None:
+            first = self.merged is None
+            self.merged = self.engine.build(mesh)
+            if first:
+                self.metrics = self.engine.new_metrics()
         return self.merged
 
     def check_data(self, dm: object) -> MergeDataModule:
@@ -242,21 +250,27 @@ class DivMergeModule(L.LightningModule):
         return self.check_data(getattr(self.trainer, "datamodule", None))
 
     def setup(self, stage: str) -> None:
-        """Load experts, check the data against them, and fill the teacher cache for this stage."""
-        merged = self.build()
+        """Load experts, check the data against them, and fill the teacher cache for this stage.
+
+        Under ``ModelParallelStrategy`` every rank reads only its share of the experts (sharded loading,
+        ``divmerge.experts.sharded_loading``) and the teacher cache is built by all ranks together, each
+        decoding its share of the inputs (``Merger.build_teachers``); otherwise rank 0 builds it.
+        """
+        mesh = self.sharding_mesh()
+        merged = self.build(mesh)
         dm = self._datamodule()
         self.engine.check_data(dm)
         splits = _STAGE_SPLITS.get(stage, ("unlabelled", "val", "test"))
-        if self.shards_task_vectors or self.engine.holds_two_copies:
+        if mesh is not None or self.engine.holds_two_copies:
             # once sharded, a merge is a collective: no rank-0-only teachers later; a space that stores
             # its own form of the task vectors (svd) releases the dense ones after its teachers
             splits = ("unlabelled", "val", "test")
         paths = self.engine.teacher_paths(dm, splits)
         with timed(TEACHER_PHASE):  # reported in the phase table (divmerge.lightning.timing)
-            if self.trainer.is_global_zero:
-                device = self.trainer.strategy.root_device
+            device = self.trainer.strategy.root_device
+            if mesh is not None or self.trainer.is_global_zero:
                 merged.to(device)
-                for task, split, path in self.engine.build_teachers(dm, paths, device):
+                for task, split, path in self.engine.build_teachers(dm, paths, device, mesh):
                     rank_zero_info(f"teacher cache: built {task}/{split} -> {path}")
             self.trainer.strategy.barrier("divmerge_teacher_cache")
         self.engine.load_teachers(dm, paths)
@@ -268,16 +282,19 @@ class DivMergeModule(L.LightningModule):
         trainer = self._trainer
         return trainer is not None and isinstance(trainer.strategy, ModelParallelStrategy)
 
-    def configure_model(self) -> None:
-        """Under ``ModelParallelStrategy``, keep only this rank's slice of the task vectors.
+    def sharding_mesh(self) -> DeviceMesh | None:
+        """Under ``ModelParallelStrategy``, the data-parallel mesh the base and task vectors are sharded over.
 
-        Each of the data-parallel ranks keeps 1/N of every stacked task vector (``divmerge.sharding``): for
-        expert sets whose T task vectors do not fit one device. Use ``tensor_parallel_size: 1`` (the ranks
-        are data parallel) and ``save_distributed_checkpoint: false`` (one small coefficient file).
+        Each of the N data-parallel ranks keeps 1/N of the base and of every stacked task vector
+        (``divmerge.core.sharding``): for expert sets whose T task vectors do not fit one device. Use
+        ``tensor_parallel_size: 1`` (the ranks are data parallel) and ``save_distributed_checkpoint:
+        false`` (one small coefficient file).
+
+        Returns:
+            The mesh, or None under any other strategy.
         """
-        if not self.shards_task_vectors or self.merged is None or self.merged.sharded:
-            return
-        strategy = self.trainer.strategy
+        if not self.shards_task_vectors:
+            return None
         if self.device_mesh["tensor_parallel"].size() != 1:
             raise DivMergeError(
                 "divmerge shards task vectors over the data-parallel ranks: set the strategy's "
@@ -288,13 +305,21 @@ class DivMergeModule(L.LightningModule):
                 f"Static merge {self.hparams.method!r} needs every task vector whole: run it without "
                 "ModelParallelStrategy (e.g. strategy: ddp or one device)."
             )
-        if getattr(strategy, "_save_distributed_checkpoint", False):
+        if getattr(self.trainer.strategy, "_save_distributed_checkpoint", False):
             raise DivMergeError(
                 "Set ModelParallelStrategy's save_distributed_checkpoint: false: divmerge checkpoints "
                 "hold only the coefficients, written as one small file."
             )
-        self.merged.shard(self.device_mesh["data_parallel"])
-        self.engine.release_expert_set()  # the whole stacks: every teacher is cached by now (setup)
+        return self.device_mesh["data_parallel"]
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy``, say how much of the base and task vectors this rank keeps.
+
+        The sharding itself happens in ``setup`` (sharded loading), before the teachers are built.
+        """
+        if self.merged is None or not self.merged.sharded or self._storage_reported:
+            return
+        self._storage_reported = True
         local, total = self.merged.stored_bytes()
         print(
             f"divmerge: rank {self.global_rank} keeps {local / 1e6:.2f} of {total / 1e6:.2f} MB of the base "
