@@ -2,16 +2,20 @@
 
 For each N (``--ranks``, default 1, 2, 4) and each merge mode, N fresh processes form a gloo process
 group on this machine (CPU), as N ranks of ``ModelParallelStrategy`` would: each loads the expert set with
-``load_experts`` (the real SmolLM2-135M demo experts by default), builds the merged model (layer-wise
-coefficients) and keeps only its 1/N share of the base and task vectors (``MergedModel.shard``). The
-ranks load one after another (so this machine holds one whole expert set at a time; every rank still
-reads every expert whole, see the README), then run data-parallel training steps as ``DivMergeModule``
-does: the global batch (``--batch_size`` prompts per task) split over the ranks, ``per_task``
-accumulation, the LM head on the last ``--answer`` positions, JS against fixed random teachers, Adam.
+``load_experts`` (the real SmolLM2-135M demo experts by default) and builds the merged model (layer-wise
+coefficients) keeping only its 1/N share of the base and task vectors. With ``--loading sharded`` (the
+default, what ``train.py`` does under ``ModelParallelStrategy``) the ranks load at the same time and each
+reads only its columns of the safetensors files (``divmerge.experts.sharded_loading``); with ``--loading
+whole`` each rank loads every expert whole and then shards (``MergedModel.shard``), one rank after
+another. The ranks then run data-parallel training steps as ``DivMergeModule`` does: the global batch
+(``--batch_size`` prompts per task) split over the ranks, ``per_task`` accumulation, the LM head on the
+last ``--answer`` positions, JS against fixed random teachers, Adam.
 
 Each rank reports, and the table shows the largest over ranks:
 
 - ``stored_mb``: the base and task-vector bytes this rank keeps; it must fall as (1 + T) / N;
+- ``load_peak_mb``: its peak resident set while loading, above the interpreter and libraries: about its
+  share (plus one tensor's rows being read) when sharded, (2 + T) x model when whole;
 - ``rss_mb``: its resident set once sharded (storage + interpreter and libraries: ~0.5 GB);
 - ``step_peak_mb``: the peak resident set during the steps above ``rss_mb``: the transient merged
   tensors and their gradient (the whole model's, or about one block's in the per-block mode), the
@@ -56,6 +60,7 @@ COLUMNS = (
     "mode",
     "stored_mb",
     "x_stored",
+    "load_peak_mb",
     "rss_mb",
     "step_peak_mb",
     "merged_mb",
@@ -64,7 +69,8 @@ COLUMNS = (
 )
 LEGEND = (
     "Largest over the ranks. stored_mb: base + task vectors this rank keeps; x_stored: stored_mb over "
-    "one rank's; rss_mb: resident once sharded; step_peak_mb: peak resident set during the steps above "
+    "one rank's; load_peak_mb: peak resident set while loading, above the interpreter's; rss_mb: "
+    "resident once sharded; step_peak_mb: peak resident set during the steps above "
     "rss_mb (transient merged tensors and gradient + activations of batch_size / N prompts + collective "
     "buffers); merged_mb: all merged float32 tensors; block_mb: the largest block's; step_s: median step. "
     "MB = 10^6 bytes."
@@ -72,21 +78,32 @@ LEGEND = (
 
 
 def run_rank(config: Mapping[str, Any]) -> dict[str, Any]:
-    """One rank: load in turn, shard, step; returns this rank's measurements."""
+    """One rank: load (sharded, or whole in turn), step; returns this rank's measurements."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.manual_seed(0)
     torch.set_num_threads(int(config["threads"]))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     mesh = init_device_mesh("cpu", (world,))
-    merged = None
-    for turn in range(world):  # one rank loads at a time: one whole expert set in this machine's RAM
-        if turn == rank:
-            merged = MergedModel(
-                load_experts(config["base"], config["experts"]), "layer", merge_mode=config["mode"]
-            )
-            merged.shard(mesh)
-            release_memory()
-        dist.barrier()
+    release_memory()
+    before = rss_mb()
+    if config["loading"] == "sharded":  # every rank at once, each reading only its columns of the files
+        reset_peak()
+        experts = load_experts(config["base"], config["experts"], mesh=mesh)
+        merged = MergedModel(experts, "layer", merge_mode=config["mode"])
+        load_peak = peak_rss_mb() - before
+        del experts
+    else:  # whole: one rank at a time (this machine holds one whole expert set at a time)
+        merged, load_peak = None, 0.0
+        for turn in range(world):
+            if turn == rank:
+                reset_peak()
+                merged = MergedModel(
+                    load_experts(config["base"], config["experts"]), "layer", merge_mode=config["mode"]
+                )
+                merged.shard(mesh)
+                load_peak = peak_rss_mb() - before
+            dist.barrier()
+    release_memory()
     assert merged is not None
     step = step_closure(merged, {**config, "batch_size": max(1, int(config["batch_size"]) // world)})
     loaded = rss_mb()
@@ -110,6 +127,7 @@ def run_rank(config: Mapping[str, Any]) -> dict[str, Any]:
         "stored_mb": local / MB,
         "total_mb": total / MB,
         "rss_mb": loaded,
+        "load_peak_mb": load_peak,
         "step_peak_mb": peak,
         "merged_mb": info["merged_mb"],
         "block_mb": info["block_mb"],
@@ -154,7 +172,8 @@ def measure(config: Mapping[str, Any], world: int, timeout: float | None = None)
 def summarise(world: int, mode: str, ranks: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """One table row: the largest of each measurement over the ranks."""
     row: dict[str, Any] = {"ranks": world, "mode": mode}
-    for key in ("stored_mb", "rss_mb", "step_peak_mb", "merged_mb", "block_mb", "step_s", "coef_spread"):
+    keys = ("stored_mb", "load_peak_mb", "rss_mb", "step_peak_mb", "merged_mb", "block_mb", "step_s")
+    for key in (*keys, "coef_spread"):
         row[key] = max(float(r[key]) for r in ranks)
     row["total_mb"] = ranks[0]["total_mb"]
     return row
@@ -178,6 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument(
+        "--loading",
+        choices=("sharded", "whole"),
+        default="sharded",
+        help="sharded: every rank reads only its columns of the files, all at once (what train.py does "
+        "under ModelParallelStrategy); whole: each rank loads every expert whole, one rank at a time",
+    )
+    p.add_argument(
         "--out_dir", type=Path, default=ROOT / "benchmarks" / "results", help="where the table goes"
     )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -191,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(run_rank(json.loads(args.worker))))
         return 0
     experts = expert_sources(args.experts)  # demo experts are built here, once, not in the ranks
-    keys = ("base", "batch_size", "seq_len", "answer", "steps", "warmup", "threads")
+    keys = ("base", "batch_size", "seq_len", "answer", "steps", "warmup", "threads", "loading")
     common = {k: getattr(args, k) for k in keys} | {"experts": experts}
     rows = []
     for world in (int(n) for n in args.ranks.split(",")):
@@ -203,7 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for row in rows:
         row["x_stored"] = row["stored_mb"] / one[row["mode"]]
     header = (
-        f"# Sharded storage over N CPU processes (gloo; base {args.base}, T = {len(experts)}, global "
+        f"# Sharded storage over N CPU processes (gloo; {args.loading} loading; base {args.base}, "
+        f"T = {len(experts)}, global "
         f"batch {args.batch_size} x {args.seq_len} tokens per task, loss on the last {args.answer} "
         f"positions, {args.threads} threads per rank, {os.cpu_count()} cores)\n\n"
     )
