@@ -87,12 +87,14 @@ def test_sharded_storage_two_processes_equal_one_process(tmp_path, tiny):
     """ModelParallelStrategy, whole and per-block merges: each rank keeps half of the base and task vectors
     and learns the coefficients one process learns on the same global batch."""
     config = write_config(tmp_path, tiny, epochs=2)
-    log = sharded_fit(config, tmp_path, "sharded")
+    log = sharded_fit(config, tmp_path, "sharded", "--model.merge_mode", "whole")
+    assert "merge_mode: whole (as configured)" in log
     kept = re.findall(r"rank (\d) keeps ([\d.]+) of ([\d.]+) MB of the base and task vectors", log)
     assert sorted(r for r, _, _ in kept) == ["0", "1"], log[-2000:]
     assert all(abs(float(local) - float(total) / 2) < 0.01 * float(total) for _, local, total in kept)
     assert "| ANP" in log and "task arithmetic" in log  # test after fit, reference merged through shards
-    sharded_fit(config, tmp_path, "per_block", "--model.merge_mode", "per_block")
+    log = sharded_fit(config, tmp_path, "per_block")  # merge_mode auto: per_block, as sharded
+    assert "merge_mode: per_block (auto: the base and task vectors are sharded" in log
     run_fit(
         config, tmp_path, tmp_path / "single", "--trainer.devices", "1", "--data.batch_size_per_task", "4"
     )

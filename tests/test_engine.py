@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from divmerge.data import TaskSpec
-from divmerge.engine import LEARNED, Merger, check_method
+from divmerge.engine import LEARNED, Merger, check_method, choose_merge_mode
 from divmerge.errors import DivMergeError
 from divmerge.families import FAMILIES, detect_family
 from divmerge.families.causal_lm import CausalLM
@@ -104,3 +104,20 @@ def test_a_cache_this_rank_cannot_see_is_refused_in_one_line(prepared, tmp_path)
     node_local = {key: tmp_path / path.name for key, path in paths.items()}  # the same names, another disk
     with pytest.raises(DivMergeError, match="missing on this rank: use a shared cache_dir"):
         merger.load_teachers(dm, node_local)
+
+
+@pytest.mark.parametrize(
+    "option, numel, sharded, memory, mode",
+    [
+        ("auto", 135_000_000, False, 24 * 10**9, "whole"),  # SmolLM2 on this machine: 1.1 GB of 6 GB
+        ("auto", 7_000_000_000, False, 80 * 10**9, "per_block"),  # 7B on an 80 GB GPU: 56 GB of 20 GB
+        ("auto", 135_000_000, True, 24 * 10**9, "per_block"),  # sharded: never a whole merge per rank
+        ("whole", 7_000_000_000, True, 80 * 10**9, "whole"),  # a configured mode is kept
+        ("per_block", 1_000, False, 24 * 10**9, "per_block"),
+    ],
+)
+def test_auto_merge_mode_merges_per_block_when_sharded_or_when_the_whole_merge_is_large(
+    option, numel, sharded, memory, mode
+):
+    chosen, reason = choose_merge_mode(option, numel, sharded, memory)
+    assert chosen == mode and reason.startswith("auto" if option == "auto" else "as configured")

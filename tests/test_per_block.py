@@ -12,7 +12,7 @@ from divmerge.core.merged_model import MergedModel
 from divmerge.engine import Merger
 from divmerge.errors import DivMergeError
 from divmerge.families import causal_lm, load_experts
-from divmerge.families.classification import step_loss
+from divmerge.families.classification import step_loss, task_logits
 from divmerge.objectives import js_divergence
 from tests import tiny_lm
 from tests.test_cli import coefficients, write_config
@@ -152,8 +152,10 @@ def test_fit_per_block_learns_the_same_coefficients(tmp_path, tiny):
 
 
 def test_bad_merge_modes_are_refused(tmp_path, tiny, expert_set, capsys):
-    with pytest.raises(DivMergeError, match="merge_mode must be 'whole' or 'per_block', not 'blocks'"):
+    with pytest.raises(DivMergeError, match="must be one of 'auto', 'whole', 'per_block', not 'blocks'"):
         Merger(tiny["base"], tiny["experts"], merge_mode="blocks")
+    with pytest.raises(DivMergeError, match="must be one of 'whole', 'per_block', not 'auto'"):
+        MergedModel(expert_set, merge_mode="auto")  # the engine resolves auto before the model sees it
     with pytest.raises(SystemExit) as exit_info:  # the CLI's own check of the Literal
         train.main(["fit", "--config", write_config(tmp_path, tiny), "--model.merge_mode", "x"])
     assert exit_info.value.code == 2
@@ -212,3 +214,39 @@ def test_attached_merges_each_block_and_leaves_buffers_alone():
     torch.testing.assert_close(grads[0][0], grads[1][0])
     torch.testing.assert_close(grads[0][1], grads[1][1])
     assert per_block.block_paths(root) == ["layers.0", "layers.1"]
+
+
+def test_teachers_and_evaluation_merge_per_block_and_match_the_whole_merge(lm, expert_set):
+    """In the per-block mode an expert's teacher (a one-hot merge) and a learned-merge evaluation merge
+    one block at a time, never the whole model, and give the whole merge's answers and distributions."""
+    experts = load_experts(lm["base"], lm["experts"])
+    batch = dict(
+        zip(("input_ids", "attention_mask"), causal_lm.pad_sequences(prompts(PROMPTS), 0), strict=True)
+    )
+    batch["idx"] = torch.arange(len(PROMPTS))
+    outputs = {}
+    for mode in ("whole", "per_block"):
+        merged = MergedModel(experts, merge_mode=mode)
+        params = merged.step_params(merged.one_hot_table(1))
+        assert (per_block.TABLE in params) == (mode == "per_block")
+        merges, wholes = [], []
+        merge_block, merged_params = merged.merge_block, merged.merged_params
+        merged.merge_block = lambda t, names, f=merge_block, seen=merges: seen.append(names) or f(t, names)
+        merged.merged_params = lambda *a, f=merged_params, seen=wholes: seen.append(a) or f(*a)
+        teacher = causal_lm.build_teacher(merged, 1, [batch], len(PROMPTS), 1, 0, max_new_tokens=4, top_k=3)
+        assert bool(merges) == (mode == "per_block") != bool(wholes)  # per block: never a whole merge
+        assert all(set(n) <= merged.block_tensors() for n in merges)
+        outputs[mode] = teacher
+    assert torch.equal(outputs["whole"]["tokens"], outputs["per_block"]["tokens"])
+    torch.testing.assert_close(outputs["whole"]["logprobs"], outputs["per_block"]["logprobs"])
+    # classification: the learned merge's evaluation params, per block, score as the whole merge does
+    batches, _ = random_batches()
+    logits = {}
+    for mode in ("whole", "per_block"):
+        merger = Merger.from_expert_set(expert_set, merge_mode=mode)
+        randomise_coefficients(merger.build())
+        params = merger.learned_params(whole=False)
+        assert (per_block.TABLE in params) == (mode == "per_block")
+        assert all(not v.requires_grad for v in params.values())
+        logits[mode] = task_logits(merger.merged, 1, params, **batches[1])
+    torch.testing.assert_close(logits["whole"], logits["per_block"])

@@ -20,16 +20,28 @@ from divmerge.core.coefficients import Granularity, MergeCoefficients
 from divmerge.core.coefficients.base import CoefficientSpace
 from divmerge.core.expert_set import ExpertSet
 from divmerge.core.merge import FrozenTensors
-from divmerge.core.sharding import is_sharded, shard_flat, shard_stacks, sharded_weighted_sum
+from divmerge.core.sharding import (
+    gather_columns,
+    is_sharded,
+    local_merge,
+    shard_flat,
+    shard_stacks,
+    sharded_weighted_sum,
+    summed_grad,
+)
 from divmerge.errors import DivMergeError
 
 MergeMode = Literal["whole", "per_block"]
+MergeModeOption = Literal["auto", "whole", "per_block"]
+"""A configured merge mode: ``auto`` is resolved by the engine (``divmerge.engine.choose_merge_mode``)."""
 
 
-def check_merge_mode(merge_mode: str) -> MergeMode:
-    """``merge_mode`` if it is ``whole`` or ``per_block``, else one line naming both."""
-    if merge_mode not in ("whole", "per_block"):
-        raise DivMergeError(f"model.merge_mode must be 'whole' or 'per_block', not {merge_mode!r}.")
+def check_merge_mode(merge_mode: str, auto: bool = False) -> MergeMode:
+    """``merge_mode`` if it is ``whole`` or ``per_block`` (or ``auto`` where allowed), else one line."""
+    allowed = ("auto", "whole", "per_block") if auto else ("whole", "per_block")
+    if merge_mode not in allowed:
+        names = ", ".join(repr(m) for m in allowed)
+        raise DivMergeError(f"model.merge_mode must be one of {names}, not {merge_mode!r}.")
     return merge_mode  # type: ignore[return-value]
 
 
@@ -125,7 +137,7 @@ class MergedModel(nn.Module):
 
         """
         origin = self._origin(table)
-        table = self.coefficients() if table is None else table
+        table = self._table(table)
         merged = {}
         with torch.autocast(device_type=table.device.type, enabled=False):  # merge in full precision
             for name in self.names:
@@ -133,45 +145,71 @@ class MergedModel(nn.Module):
             self._merge_lora(table, merged)
         return merged
 
+    def _table(self, table: Tensor | None) -> Tensor:
+        """The coefficients to merge with (None: the learned ones); sharded: gradient summed over ranks."""
+        table = self.coefficients() if table is None else table
+        return summed_grad(table, self._mesh()) if self.sharded else table
+
+    def _mesh(self) -> DeviceMesh:
+        """The mesh the task vectors are sharded over."""
+        return next(t for _, t in self.task_vectors.items() if is_sharded(t)).device_mesh
+
+    def _coef(self, name: str, table: Tensor) -> Tensor:
+        """The coefficients of tensor ``name``'s stored task-vector rows, (rows, K)."""
+        coef = self.coefficients.columns(table, name)  # (T, K)
+        rows = self.dense_rows.get(name)  # None: all T tasks
+        return coef if rows is None else coef[rows]
+
     def _origin(self, table: Tensor | None) -> FrozenTensors:
         """What the coefficients merge around: the start for the learned ones when set, else theta_0."""
         return self.start if table is None and len(self.start) else self.base
 
     def _merge_one(self, name: str, table: Tensor, origin: FrozenTensors) -> Tensor:
         """One merged tensor, origin + sum_t c[t, g(name)] * tau_t(name), (*shape)."""
-        coef = self.coefficients.columns(table, name)  # (T, K)
-        rows = self.dense_rows.get(name)  # None: all T tasks
-        if rows == []:  # only adapters' low-rank updates (or nothing) change this tensor
+        if self.dense_rows.get(name) == []:  # only adapters' low-rank updates (or nothing) change it
             return (
                 origin[name].full_tensor().reshape(self.shapes[name])
                 if is_sharded(origin[name])
                 else origin[name]
             )
-        coef = coef if rows is None else coef[rows]
+        coef = self._coef(name, table)  # (rows, K)
         tau = self.task_vectors[name]  # stored by the space, or a sharded DTensor (rows, numel)
         if is_sharded(tau):
             return sharded_weighted_sum(coef[:, 0], origin[name], tau, self.shapes[name])
         return self.coefficients.space.merge(coef, origin[name], tau)
 
     def _merge_lora(self, table: Tensor, merged: dict[str, Tensor]) -> None:
-        """Add every LoRA module's ``@lora_A`` and coefficient-scaled ``@lora_B`` entries to ``merged``."""
+        """Add every LoRA module's ``@lora_A`` and coefficient-scaled ``@lora_B`` entries to ``merged``.
+
+        Sharded, the factors are whole on every rank, so their share of the coefficient gradient is this
+        rank's own, not a column slice: it is scaled by 1 / N before the ranks' gradients are summed.
+        """
+        if self.sharded and self.lora_b:
+            scale = 1 / self._mesh().size()
+            table = table.detach() + scale * (table - table.detach())  # the value; gradient x 1 / N
         for m, b in self.lora_b.items():
             coef = self.coefficients.column(table, f"{m}.weight")  # (T,)
             merged[self.full_name(m) + lora.LORA_A] = self.lora_a[m]  # (R, in)
             merged[self.full_name(m) + lora.LORA_B] = lora.merged_b(b, self.lora_task[m], coef)  # (out, R)
 
-    def step_params(self) -> dict[str, Tensor]:
-        """The learned merge as a training step's loss reads it, in this model's ``merge_mode``.
+    def step_params(self, table: Tensor | None = None) -> dict[str, Tensor]:
+        """The merge as a forward reads it, in this model's ``merge_mode``: training steps and evaluation.
 
-        ``whole``: ``merged_params()``. ``per_block``: the tensors outside the repeated blocks merged,
-        each block tensor's entry holding its origin, and the coefficient table under
+        ``whole``: ``merged_params(table)``. ``per_block``: the tensors outside the repeated blocks
+        merged, each block tensor's entry holding its origin, and the coefficient table under
         ``per_block.TABLE``, so that the family's forward (``per_block.attached``) merges each block just
-        in time; differentiable w.r.t. the coefficients either way.
+        in time: no whole merged model exists, in training or in evaluation (teachers, generation);
+        differentiable w.r.t. the coefficients either way.
+
+        Args:
+            table: Coefficients (T, G) to merge with around theta_0 (an expert's one-hot, a constant);
+                None: the learned ones, around the start when one is set. An explicit table with a start
+                set merges whole (a block merges around the learned origin).
         """
-        if self.merge_mode == "whole":
-            return self.merged_params()
-        origin = self._origin(None)
-        table = self.coefficients()  # (T, G)
+        if self.merge_mode == "whole" or (table is not None and len(self.start)):
+            return self.merged_params(table)
+        origin = self._origin(table)
+        table = self._table(table)  # (T, G)
         blocks = self.block_tensors()
         merged: dict[str, Tensor] = {per_block.TABLE: table}
         with torch.autocast(device_type=table.device.type, enabled=False):
@@ -185,6 +223,21 @@ class MergedModel(nn.Module):
             self._merge_lora(table, merged)
         return merged
 
+    def eval_params(self, table: Tensor | None = None) -> dict[str, Tensor]:
+        """The merge for evaluation forwards (teachers, generation, scores): per block where it can be.
+
+        ``step_params(table)`` in the per-block mode on unsharded storage: no whole merged model exists.
+        Sharded, ``merged_params(table)``: one collective merge per call, because a per-block forward is
+        a collective that every rank must run in lock step, and decoding does not (answers end at
+        different steps, ranks hold different numbers of examples).
+
+        Args:
+            table: Coefficients (T, G); None: the learned ones.
+        """
+        if self.sharded:
+            return self.merged_params(table)
+        return self.step_params(table)
+
     def _placeholder(self, name: str, origin: FrozenTensors) -> Tensor:
         """A block tensor's entry in ``step_params``: its origin, or a storage-free stand-in when sharded."""
         if not is_sharded(origin[name]):
@@ -192,10 +245,10 @@ class MergedModel(nn.Module):
         return torch.zeros((), dtype=origin[name].dtype, device=origin[name].device).expand(self.shapes[name])
 
     def merge_block(self, table: Tensor, names: Sequence[str]) -> dict[str, Tensor]:
-        """The learned merge of some tensors only (one block's, in the per-block mode).
+        """The merge of some tensors only (one block's, in the per-block mode), around the learned origin.
 
         Args:
-            table: The learned coefficients (T, G).
+            table: The coefficients (T, G): the learned ones, or (without a start) any table.
             names: Full tensor names (``<prefix>.<name>``); those that are not merged tensors (buffers)
                 are skipped.
 
@@ -204,8 +257,22 @@ class MergedModel(nn.Module):
         """
         origin = self._origin(None)
         short = {self.full_name(n): n for n in self.names}
+        wanted = [short[full] for full in names if full in short]
         with torch.autocast(device_type=table.device.type, enabled=False):
-            return {full: self._merge_one(short[full], table, origin) for full in names if full in short}
+            if not self.sharded:
+                return {self.full_name(n): self._merge_one(n, table, origin) for n in wanted}
+            # sharded: every tensor's local columns merged, then the block gathered in one collective
+            batched = [n for n in wanted if self.dense_rows.get(n) != []]
+            out = {self.full_name(n): self._merge_one(n, table, origin) for n in wanted if n not in batched}
+            parts = [
+                local_merge(self._coef(n, table)[:, 0], origin[n], self.task_vectors[n]) for n in batched
+            ]
+            numels = [self.shapes[n].numel() for n in batched]
+            for n, full in zip(
+                batched, gather_columns(parts, numels, self._mesh()) if parts else (), strict=True
+            ):
+                out[self.full_name(n)] = full.reshape(self.shapes[n]).to(origin[n].dtype)
+            return out
 
     def block_tensors(self) -> set[str]:
         """Full names of the merged tensors that lie in a repeated block (``per_block.block_paths``)."""

@@ -7,16 +7,17 @@ shard parameters. A merge is then
 
     merged = all_gather_over_ranks( theta_0[my columns] + c @ tau[:, my columns] )
 
-computed by DTensor (a local (1, T) @ (T, numel / N) product and sum, then ``full_tensor``): one
-all-gather of the merged tensor, never of the T task vectors. Stored per rank: (1 + T) x model / N. The
-whole-model merge then holds the full merged tensors and their gradient (2 models) on every rank; the
-per-block merge (``divmerge.core.per_block``) only one block's at a time, so per-rank memory is
-(1 + T) x model / N + 2 blocks + activations.
+a local weighted sum over this rank's columns (``WeightedSum``), then one all-gather of the merged
+tensor, never of the T task vectors; the per-block merge gathers all the tensors of a block in one
+collective (``gather_columns``). Stored per rank: (1 + T) x model / N. The whole-model merge then holds
+the full merged tensors and their gradient (2 models) on every rank; the per-block merge
+(``divmerge.core.per_block``) only one block's at a time.
 
-Ranks see different data (data parallel), so the merged tensors' gradients differ per rank; they are
-averaged across ranks right where they enter the merge (``_MeanGrad``), and DTensor's backward sums the
-per-shard partial products <grad merged[cols], tau_t[cols]> into the full coefficient gradient, the
-same on every rank: the coefficients then step identically without DDP.
+Ranks see different data (data parallel), so the merged tensors' gradients differ per rank; in backward
+they are averaged across ranks and each rank keeps its own columns (one reduce-scatter per gather), from
+which it finds its partial coefficient gradient <grad merged[cols], tau_t[cols]>; the coefficient table
+sums those over ranks (``summed_grad``, one small all-reduce per step), so the gradient is the same on
+every rank and the coefficients step identically without DDP.
 """
 
 from typing import Any
@@ -25,8 +26,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
+from divmerge.core.merge import WeightedSum
 from divmerge.errors import DivMergeError
 
 
@@ -78,25 +80,111 @@ def shard_flat(tensors: dict[str, Tensor], mesh: DeviceMesh) -> dict[str, Tensor
     }
 
 
-class _MeanGrad(torch.autograd.Function):
-    """Identity forward; backward averages the gradient over the mesh's ranks (all-reduce)."""
+class _SumGrad(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over the mesh's ranks (one all-reduce)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, mesh: DeviceMesh) -> Tensor:
-        ctx.mesh = mesh
+    def forward(ctx: Any, x: Tensor, group: dist.ProcessGroup) -> Tensor:
+        ctx.group = group
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.mesh.get_group())
-        return grad / ctx.mesh.size(), None
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def summed_grad(table: Tensor, mesh: DeviceMesh) -> Tensor:
+    """``table`` whose gradient is summed over the ranks of ``mesh`` in backward.
+
+    Each rank's merge computes its columns only, so the coefficient gradient it finds,
+    <grad merged[my columns], tau_t[my columns]>, is partial; summed over ranks it is the full gradient,
+    the same on every rank. Apply it once to the coefficient table of a step (one small all-reduce).
+    """
+    return _SumGrad.apply(table, mesh.get_group()) if table.requires_grad else table
+
+
+class _GatherColumns(torch.autograd.Function):
+    """All-gather the column shards of several tensors in one collective; backward reduce-scatters.
+
+    In backward the ranks' gradients of the full tensors are averaged and each rank keeps its columns.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, group: dist.ProcessGroup, numels: list[int], *parts: Tensor) -> tuple[Tensor, ...]:
+        world = dist.get_world_size(group)
+        chunks = [-(-m // world) for m in numels]  # each tensor's columns per rank (the last ranks shorter)
+        width = sum(chunks)
+        send = parts[0].new_zeros(width)  # this rank's columns of every tensor, each padded to its chunk
+        offsets = [sum(chunks[:i]) for i in range(len(chunks))]
+        for part, start in zip(parts, offsets, strict=True):
+            send[start : start + len(part)] = part
+        received = send.new_empty(world * width)  # (world * width,): rank r's send at [r * width, ...)
+        dist.all_gather_single(received, send, group=group)
+        ctx.group, ctx.numels, ctx.chunks, ctx.offsets = group, numels, chunks, offsets
+        ctx.lengths = [len(p) for p in parts]
+        if len(parts) == 1:  # one tensor: the gathered buffer is its flat order already (a view)
+            return (received[: numels[0]],)
+        rows = received.view(world, width)
+        return tuple(
+            rows[:, start : start + chunk].reshape(-1)[:m]
+            for m, chunk, start in zip(numels, chunks, offsets, strict=True)
+        )
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        world = dist.get_world_size(ctx.group)
+        width = sum(ctx.chunks)
+        like = next(g for g in grads if g is not None)
+        send = like.new_zeros((world, width))  # rank r's columns of every gradient, at row r
+        for grad, m, chunk, start in zip(grads, ctx.numels, ctx.chunks, ctx.offsets, strict=True):
+            if grad is not None:
+                padded = like.new_zeros(world * chunk)
+                padded[:m] = grad.reshape(-1)
+                send[:, start : start + chunk] = padded.view(world, chunk)
+        mine = like.new_empty(width)
+        dist.reduce_scatter_single(mine, send.reshape(-1), group=ctx.group)  # summed over ranks
+        mine /= world  # ranks saw different data: the mean, as data parallelism averages
+        return (
+            None,
+            None,
+            *(mine[s : s + n] for s, n in zip(ctx.offsets, ctx.lengths, strict=True)),
+        )
+
+
+def gather_columns(parts: list[Tensor], numels: list[int], mesh: DeviceMesh) -> tuple[Tensor, ...]:
+    """The full flat tensors from every rank's columns of them; a collective (one all-gather for all).
+
+    Args:
+        parts: This rank's columns of each tensor, (hi - lo,) as ``column_range`` gives them, one dtype.
+        numels: Each tensor's number of elements.
+        mesh: The 1-D mesh the columns are sharded over.
+
+    Returns:
+        Each full tensor, flat (numel,); in backward the ranks' gradients are averaged and each rank
+        keeps its own columns.
+    """
+    return _GatherColumns.apply(mesh.get_group(), list(numels), *parts)
+
+
+def local_merge(coef: Tensor, base: DTensor, tau: DTensor) -> Tensor:
+    """This rank's columns of base + sum_t coef[t] * tau[t], (hi - lo,) float32, via ``WeightedSum``.
+
+    Args:
+        coef: Coefficients (T,) (summed over ranks in backward by ``summed_grad`` on the table).
+        base: The origin, a DTensor (numel,) ``Shard(0)``.
+        tau: Stacked task vectors, a DTensor (T, numel) ``Shard(1)``.
+    """
+    return WeightedSum.apply(coef, base.to_local().to(torch.float32), tau.to_local())
 
 
 def sharded_weighted_sum(coef: Tensor, base: DTensor, tau: DTensor, shape: torch.Size) -> Tensor:
     """The merge base + sum_t coef[t] * tau[t] from column-sharded origin and task vectors; a collective.
 
-    Every rank of ``tau``'s mesh must call it with the same ``coef`` (the coefficients are replicated).
+    Every rank of ``tau``'s mesh must call it with the same ``coef``, taken from a table passed through
+    ``summed_grad`` (so the coefficient gradient is complete on every rank).
 
     Args:
         coef: Coefficients (T,), a plain (replicated) tensor.
@@ -108,8 +196,5 @@ def sharded_weighted_sum(coef: Tensor, base: DTensor, tau: DTensor, shape: torch
         The full merged tensor (*shape) in base's dtype, differentiable w.r.t. ``coef``.
 
     """
-    mesh = tau.device_mesh
-    c = DTensor.from_local(coef.to(torch.float32), mesh, [Replicate()], run_check=False)  # (T,)
-    local = c.unsqueeze(0) @ tau.to(torch.float32) + base.to(torch.float32).unsqueeze(0)  # (1, numel)
-    merged = local.full_tensor().reshape(shape)  # local columns merged, then all-gathered: (*shape)
-    return _MeanGrad.apply(merged, mesh).to(base.dtype)
+    (full,) = gather_columns([local_merge(coef, base, tau)], [shape.numel()], tau.device_mesh)
+    return full.reshape(shape).to(base.dtype)

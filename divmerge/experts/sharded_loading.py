@@ -111,6 +111,7 @@ def load_sharded(
         )
     cols = {n: column_range(shapes[n].numel(), rank, world) for n in names}
     theta0 = {n: base_files.read_columns(n, *cols[n]) for n in names}  # (hi - lo,) float32
+    base_files.close()  # its mapped pages leave the resident set: one file open at a time
     parts: dict[str, dict[str, DigestPart]] = {
         "base": {n: partial_digest(theta0[n], cols[n][0], s.numel()) for n, s in shapes.items()}
     }
@@ -136,7 +137,6 @@ def load_sharded(
         num_labels.append(kind.num_outputs(model))
         kind.to_skeleton(model)
         skeletons.append(model)
-    base_files.close()
     fingerprint, task_digests = gathered_digests(kind, task_names, types, shapes, parts, mesh)
     return ExpertSet(
         task_names=task_names,

@@ -294,7 +294,7 @@ def build_teacher(
 
     """
     device = merged.base[merged.names[0]].device
-    params = merged.merged_params(merged.one_hot_table(task).to(device))
+    params = merged.eval_params(merged.one_hot_table(task).to(device))  # per block in per_block mode
     parts: list[tuple[Tensor, Decoded]] = []
     seen = 0
     for batch in batches:

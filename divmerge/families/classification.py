@@ -82,7 +82,7 @@ class Classification(ModelFamily):
     ) -> Teacher:
         """The expert's log-probabilities (N, C_t): the merged model with ``table`` (one-hot) and its head."""
         device = table.device
-        params = merged.merged_params(table)
+        params = merged.eval_params(table)  # per block in the per_block mode
 
         def forward(batch: Mapping[str, Tensor]) -> Tensor:
             inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}

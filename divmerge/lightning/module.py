@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from divmerge.core.coefficients import Granularity
-from divmerge.core.merged_model import MergedModel, MergeMode
+from divmerge.core.merged_model import MergedModel, MergeModeOption
 from divmerge.engine import DEFAULT_LR, LEARNED, Merger, TaskVectorDtype, check_method, check_trainable
 from divmerge.errors import DivMergeError
 from divmerge.evaluation import TaskResult, anp, format_table, write_report
@@ -72,11 +72,14 @@ class DivMergeModule(L.LightningModule):
             the merged tensors' gradients: activations of one task's batch at a time, so memory grows by
             one task vector per expert. ``joint`` runs every task in one concatenated pass: larger
             matmuls, but activation memory grows with the number of tasks.
-        merge_mode: ``whole`` (default) merges every tensor before a training step's forward and keeps
-            the merged model and its gradient until backward; ``per_block`` merges each transformer
-            block's tensors just before it runs and recomputes them with the block in backward, so only
-            one block's merged tensors and gradient exist at a time, for about one more forward of
-            compute: for experts too large for two more model copies. Evaluation merges whole.
+        merge_mode: ``whole`` merges every tensor before a training step's forward and keeps the merged
+            model and its gradient until backward; ``per_block`` merges each transformer block's tensors
+            just before it runs and recomputes them with the block in backward, so only one block's
+            merged tensors and gradient exist at a time (and only each block's input is kept: activation
+            checkpointing), for about one more forward of compute: for experts too large for two more
+            model copies, or long prompts. ``auto`` (default) picks ``per_block`` under
+            ModelParallelStrategy or when the merged model and its gradient (8 bytes per parameter) would
+            take over a quarter of the device's memory, else ``whole``. Evaluation merges whole.
         held_out: Held-out tasks (arXiv 2410.03617): task name -> a classifier whose head scores that task
             on the merged backbone; it is not merged, and is normalised against the base backbone with
             the same head. Its data needs labelled val/test examples only.
@@ -113,7 +116,7 @@ class DivMergeModule(L.LightningModule):
         reference_options: dict[str, float | int | str] | None = None,
         task_vector_dtype: TaskVectorDtype = "float32",
         backbone_pass: BackbonePass = "per_task",
-        merge_mode: MergeMode = "whole",
+        merge_mode: MergeModeOption = "auto",
         held_out: dict[str, str] | None = None,
         cache_dir: str | None = None,
         max_new_tokens: int = 16,
@@ -195,15 +198,16 @@ class DivMergeModule(L.LightningModule):
         for source in self.engine.sources():
             resolve_source(source, build=True)
 
-    def build(self, mesh: DeviceMesh | None = None) -> MergedModel:
+    def build(self, mesh: DeviceMesh | None = None, device: torch.device | None = None) -> MergedModel:
         """Load base and experts and create the coefficients (once); registered as ``self.merged``.
 
         Args:
             mesh: Ranks to shard the base and task vectors over (``Merger.build``); None keeps them whole.
+            device: The training device, whose memory ``merge_mode: auto`` weighs.
         """
-        if self.merged is None or mesh is not None:
+        if self.merged is None or mesh is not None or device is not None:
             first = self.merged is None
-            self.merged = self.engine.build(mesh)
+            self.merged = self.engine.build(mesh, device)
             if first:
                 self.metrics = self.engine.new_metrics()
         return self.merged
@@ -257,7 +261,8 @@ class DivMergeModule(L.LightningModule):
         decoding its share of the inputs (``Merger.build_teachers``); otherwise rank 0 builds it.
         """
         mesh = self.sharding_mesh()
-        merged = self.build(mesh)
+        merged = self.build(mesh, self.trainer.strategy.root_device)
+        rank_zero_info(f"merge_mode: {merged.merge_mode} ({self.engine.merge_mode_reason})")
         dm = self._datamodule()
         self.engine.check_data(dm)
         splits = _STAGE_SPLITS.get(stage, ("unlabelled", "val", "test"))
@@ -353,10 +358,15 @@ class DivMergeModule(L.LightningModule):
         """Whether ``method`` is a static merge (no training)."""
         return self.hparams.method != LEARNED
 
-    def eval_params(self) -> dict[str, Tensor]:
-        """The merged tensors this module evaluates: learned coefficients or the static merge."""
+    def eval_params(self, whole: bool = True) -> dict[str, Tensor]:
+        """The merged tensors this module evaluates: learned coefficients or the static merge.
+
+        Args:
+            whole: Every tensor merged (export); False: a learned merge in the model's merge mode (per
+                block in the per-block mode: no whole merged model while evaluating).
+        """
         self.build()
-        return self.engine.params(self.hparams.method, self.hparams.method_options)
+        return self.engine.params(self.hparams.method, self.hparams.method_options, whole)
 
     def reference_params(self) -> dict[str, Tensor] | None:
         """The reference column's merged tensors (None where sharded task vectors cannot give them)."""
@@ -369,7 +379,7 @@ class DivMergeModule(L.LightningModule):
         return params
 
     def _eval_start(self) -> None:
-        self._eval_params = {"merged": self.eval_params()}
+        self._eval_params = {"merged": self.eval_params(whole=False)}
         if self.trainer.state.fn != TrainerFn.FITTING:
             reference = self.reference_params()
             if reference is not None:
