@@ -1,18 +1,24 @@
 """The per-rank memory model of a learned merge, and how many 80 GB GPUs a 0.5B / 7B / 70B merge needs.
 
 Per rank, with P parameters (P_blk in the largest repeated block, P_out outside the blocks: embeddings,
-LM head, final norm), T experts, N ranks sharing the storage (``ModelParallelStrategy``; N = 1
-otherwise), s bytes per stored element (2 for bf16 storage, 4 for float32) and a start merge or not
-(S = 1 or 0):
+LM head, final norm; P_max the largest tensor), T experts, N ranks sharing the storage
+(``ModelParallelStrategy``; N = 1 otherwise), s bytes per stored task-vector element (2 for bf16
+storage, 4 for float32) and a start merge or not (S = 1 or 0):
 
-    stored    = (1 + T + S) * P * s / N                       base, task vectors (and start), sharded
-    whole     = stored + 2 * P * s + 8 * P_max + A            + merged model and its gradient
-    per_block = stored + 2 * P_out * s + (2 * s + 8) * P_blk + 8 * P_max + A
+    stored    = (4 * (1 + S) + T * s) * P / N                 float32 base (and start), task vectors
+    whole     = stored + 8 * P + 8 * P_max + A                + float32 merged model and its gradient
+    per_block = stored + 8 * P_out + 16 * P_blk + 8 * P_max + A
+    load      = stored + (4 * P_max + s * P) / N      sharded loading (a whole load: 8 * P + T * s * P)
 
-where 8 * P_max is the largest tensor's float32 merge before and after its all-gather, and A the
-activations plus allocator and library overhead at the chosen batch. The per-block merge holds one
-block's merged tensors and gradient (``2 s``) plus its float32 merge (``8``) at a time, and the tensors
-outside the blocks whole. Measured on CPU (SmolLM2-135M, T = 4, float32;
+The base and the merged tensors are float32 whatever ``task_vector_dtype`` is (the merge is computed and
+kept in float32; autocast casts a weight to bf16 per use). 8 * P_max is the largest tensor's float32
+merge before and after its all-gather, and A the activations plus allocator and library overhead at the
+chosen batch. The per-block merge holds one block's merged tensors and gradient plus its float32 merge
+at a time, and the tensors outside the blocks whole. ``load`` is the host RAM a rank needs while
+loading: with sharded loading its share, the pages of one expert's file it reads (its share of that
+file, memory-mapped, counted in the resident set until the file is closed) and the rows of one tensor
+in float32; with a whole load the float32 base, one float32 expert and the stacks.
+Measured on CPU (SmolLM2-135M, T = 4, float32;
 ``benchmarks/sharded_memory.py`` and ``benchmarks/per_block_memory.py``): ``stored`` exactly, and
 falling as 1/N; the steps' peak above it 2.06 GB whole and 0.87 GB per block (4 x 64 tokens per task),
 i.e. A of about 0.6 GB there.
@@ -111,22 +117,23 @@ def per_rank_bytes(
         start: Whether a start merge is stored (``model.start_from``).
 
     Returns:
-        ``stored``, ``transient`` (merged tensors, their gradient and float32 merges), ``activations``
-        and ``total``.
+        ``stored``, ``transient`` (merged tensors, their gradient and float32 merges), ``activations``,
+        ``total``, and the host RAM while loading: ``load`` (sharded loading), ``load_whole``.
     """
     if mode not in ("whole", "per_block"):
         raise ValueError(f"mode must be 'whole' or 'per_block', not {mode!r}")
-    stored = (1 + experts + int(start)) * arch.params * storage_bytes / ranks
+    p = arch.params
+    stored = (4 * (1 + int(start)) + experts * storage_bytes) * p / ranks
     gathered = 8 * arch.largest
-    if mode == "whole":
-        transient = 2 * arch.params * storage_bytes + gathered
-    else:
-        transient = 2 * arch.outside * storage_bytes + (2 * storage_bytes + 8) * arch.block + gathered
+    blocks = 8 * arch.outside + 16 * arch.block  # per_block: the outside tensors and one block
+    transient = (8 * p if mode == "whole" else blocks) + gathered
     return {
         "stored": stored,
         "transient": transient,
         "activations": activations,
         "total": stored + transient + activations,
+        "load": stored + (4 * arch.largest + storage_bytes * p) / ranks,
+        "load_whole": 8 * p + experts * storage_bytes * p,
     }
 
 
@@ -147,11 +154,21 @@ def fewest_gpus(
     return None
 
 
+def host_ram(arch: Architecture, experts: int, storage_bytes: int, ranks: int | None) -> str:
+    """Host RAM per node while loading with ``ranks`` ranks, 8 a node: sharded, (whole) loading."""
+    if ranks is None:
+        return "-"
+    terms = per_rank_bytes(arch, experts, ranks, storage_bytes, "per_block", 0.0)
+    per_node = min(8, ranks)
+    return f"{per_node * terms['load'] / GB:.0f} GB ({per_node * terms['load_whole'] / GB:.0f} GB)"
+
+
 def table(experts: int, storage_bytes: int, activations: float) -> str:
     """The markdown table: per-rank GB at 8 ranks and the fewest 80 GB GPUs, per size and mode."""
     lines = [
-        "| experts | P | mode | stored / rank at N = 8 | transient | per rank at N = 8 | fewest 80 GB GPUs |",
-        "|---|---:|---|---:|---:|---:|---:|",
+        "| experts | P | mode | stored / rank at N = 8 | transient | per rank at N = 8 | fewest 80 GB GPUs "
+        "| host RAM per node at load there (8 ranks a node): sharded (whole) loading |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for key in ("qwen2.5-0.5b", "llama-2-7b", "llama-3-70b"):
         arch = ARCHITECTURES[key]
@@ -162,7 +179,8 @@ def table(experts: int, storage_bytes: int, activations: float) -> str:
             lines.append(
                 f"| {arch.name} x {experts} | {arch.params / 1e9:.2f} B | {mode} "
                 f"| {terms['stored'] / GB:.1f} GB "
-                f"| {terms['transient'] / GB:.1f} GB | {terms['total'] / GB:.1f} GB | {nodes} |"
+                f"| {terms['transient'] / GB:.1f} GB | {terms['total'] / GB:.1f} GB | {nodes} "
+                f"| {host_ram(arch, experts, storage_bytes, n)} |"
             )
     return "\n".join(lines)
 
