@@ -189,3 +189,15 @@ def test_sharding_refuses_tensor_parallel_ranks(tmp_path, tiny):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "set the strategy's tensor_parallel_size: 1" in proc.stderr.strip().splitlines()[-1]
     assert not list((tmp_path / "run").rglob("*.ckpt")) and not (tmp_path / "cache" / "teachers").exists()
+
+
+def test_sharding_refuses_static_merges(tmp_path, tiny):
+    config = write_config(tmp_path, tiny, epochs=1)
+    cmd = [sys.executable, str(ROOT / "train.py"), "test", "--config", config, "--model.method", "ties"]
+    cmd += ["--trainer.strategy", "lightning.pytorch.strategies.ModelParallelStrategy"]
+    cmd += ["--trainer.strategy.tensor_parallel_size", "1"]
+    cmd += ["--trainer.strategy.save_distributed_checkpoint", "false"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "Static merge 'ties' needs every task vector whole: run it without ModelParallelStrategy" in last

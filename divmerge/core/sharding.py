@@ -116,10 +116,13 @@ class _GatherColumns(torch.autograd.Function):
         world = dist.get_world_size(group)
         chunks = [-(-m // world) for m in numels]  # each tensor's columns per rank (the last ranks shorter)
         width = sum(chunks)
-        send = parts[0].new_zeros(width)  # this rank's columns of every tensor, each padded to its chunk
         offsets = [sum(chunks[:i]) for i in range(len(chunks))]
-        for part, start in zip(parts, offsets, strict=True):
-            send[start : start + len(part)] = part
+        if len(parts) == 1 and len(parts[0]) == width:  # one tensor, a full chunk: send it as it is
+            send = parts[0].contiguous()
+        else:  # this rank's columns of every tensor, each padded to its chunk
+            send = parts[0].new_zeros(width)
+            for part, start in zip(parts, offsets, strict=True):
+                send[start : start + len(part)] = part
         received = send.new_empty(world * width)  # (world * width,): rank r's send at [r * width, ...)
         dist.all_gather_single(received, send, group=group)
         ctx.group, ctx.numels, ctx.chunks, ctx.offsets = group, numels, chunks, offsets
@@ -139,8 +142,10 @@ class _GatherColumns(torch.autograd.Function):
         width = sum(ctx.chunks)
         like = next(g for g in grads if g is not None)
         send = like.new_zeros((world, width))  # rank r's columns of every gradient, at row r
+        if len(grads) == 1:  # one tensor: rank-major columns are its flat order
+            send.view(-1)[: ctx.numels[0]] = like.reshape(-1)
         for grad, m, chunk, start in zip(grads, ctx.numels, ctx.chunks, ctx.offsets, strict=True):
-            if grad is not None:
+            if grad is not None and len(grads) > 1:
                 padded = like.new_zeros(world * chunk)
                 padded[:m] = grad.reshape(-1)
                 send[:, start : start + chunk] = padded.view(world, chunk)

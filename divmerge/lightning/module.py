@@ -79,7 +79,8 @@ class DivMergeModule(L.LightningModule):
             checkpointing), for about one more forward of compute: for experts too large for two more
             model copies, or long prompts. ``auto`` (default) picks ``per_block`` under
             ModelParallelStrategy or when the merged model and its gradient (8 bytes per parameter) would
-            take over a quarter of the device's memory, else ``whole``. Evaluation merges whole.
+            take over a quarter of the device's memory, else ``whole``. Evaluation follows the mode on
+            one device and merges whole under sharding.
         held_out: Held-out tasks (arXiv 2410.03617): task name -> a classifier whose head scores that task
             on the merged backbone; it is not merged, and is normalised against the base backbone with
             the same head. Its data needs labelled val/test examples only.
