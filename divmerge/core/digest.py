@@ -4,11 +4,12 @@ A digest covers the shape, the dtype, an exact checksum of every element (the su
 as integers: associative, so shards' partial sums add up to the whole's exactly, in any order) and an
 evenly strided sample of values. :func:`tensor_digest` digests a whole tensor; a rank holding only the
 flat columns [lo, hi) computes :func:`partial_digest`, and :func:`combine_digest` of every rank's parts
-gives the same string as :func:`tensor_digest` of the whole tensor.
+gives the same string as :func:`tensor_digest` of the whole tensor. :func:`model_digest` and
+:func:`set_fingerprint` assemble them into an expert set's fingerprint, the same way for both loaders.
 """
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -79,3 +80,31 @@ def combine_digest(shape: Sequence[int], dtype: torch.dtype, parts: Sequence[Dig
 def tensor_digest(tensor: Tensor) -> str:
     """A cheap content digest of a whole tensor (see the module docstring)."""
     return combine_digest(tensor.shape, tensor.dtype, [partial_digest(tensor, 0, tensor.numel())])
+
+
+def entry(name: str, digest: str) -> str:
+    """One tensor's line in a model digest."""
+    return f"{name}:{digest}|"
+
+
+def model_digest(header: str, entries: Iterable[str]) -> str:
+    """The digest (hex) of one model: a header, then its entries (``entry`` lines, in a fixed order)."""
+    h = hashlib.sha256(header.encode())
+    for line in entries:
+        h.update(line.encode())
+    return h.hexdigest()
+
+
+def set_fingerprint(tasks: Sequence[str], experts: Sequence[str], base: str) -> tuple[str, list[str]]:
+    """(fingerprint of the expert set, each task's digest of base + that expert), 16 hex digits each.
+
+    Args:
+        tasks: Task names, in order.
+        experts: Each task's expert digest (``model_digest``).
+        base: The base's digest (``model_digest`` with an empty header).
+    """
+    h = hashlib.sha256()
+    for task, expert in zip(tasks, experts, strict=True):
+        h.update(f"{task}|{expert}|".encode())
+    h.update(bytes.fromhex(base))
+    return h.hexdigest()[:16], [hashlib.sha256(f"{base}|{e}".encode()).hexdigest()[:16] for e in experts]

@@ -1,91 +1,30 @@
 """ONE loader loop for every model family: base + experts -> an ``ExpertSet`` with stacked task vectors.
 
-The loop is family-agnostic: a model family (``divmerge.families``) passes an :class:`ExpertKind` that
-says how to load its models and which of an expert's tensors are merged. Experts are loaded one at a
-time, so peak memory is base + task vectors + one expert. An expert may be a peft LoRA adapter
-directory over the base (``divmerge.experts.adapters``): its plain LoRA factors are kept stacked
-(adapter-sized) and only its other, densified changes get task-vector rows (``dense_rows``).
+The loop is family-agnostic: a model family (``divmerge.families``) passes an
+:class:`~divmerge.experts.kind.ExpertKind` that says how to load its models and which of an expert's
+tensors are merged. Experts are loaded one at a time, so peak memory is base + task vectors + one
+expert. An expert may be a peft LoRA adapter directory over the base (``divmerge.experts.adapters``):
+its plain LoRA factors are kept stacked (adapter-sized) and only its other, densified changes get
+task-vector rows (``dense_rows``).
 """
 
-import hashlib
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Protocol
 
 import torch
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
-from transformers import PreTrainedModel
 
-from divmerge.core.digest import tensor_digest
+from divmerge.core.digest import entry, model_digest, set_fingerprint, tensor_digest
 from divmerge.core.expert_set import ExpertSet
 from divmerge.core.lora import LoraStack
 from divmerge.errors import DivMergeError
-from divmerge.experts.adapters import AdapterTaskType, is_adapter, load_adapter
+from divmerge.experts.adapters import is_adapter, load_adapter
+from divmerge.experts.kind import ExpertKind
 from divmerge.experts.sharded_loading import load_sharded, sharded_refusal
 from divmerge.experts.sources import load_pretrained, resolve_source
 
 log = logging.getLogger(__name__)
-
-
-class ExpertKind(Protocol):
-    """What the loader loop needs to know of a model family.
-
-    Attributes:
-        name: The family's name (recorded in ``ExpertSet.family``).
-        base_class: transformers auto class of the base (the part that is merged).
-        expert_class: transformers auto class of a full expert.
-        adapter_task_type: peft task type of its adapter experts.
-        digest_tag: Tag of a merged expert in the fingerprint (kept stable: checkpoints record it).
-        complete_experts: Refuse a full expert that lacks some of its weights (e.g. no trained head).
-    """
-
-    name: str
-    base_class: type
-    expert_class: type
-    adapter_task_type: AdapterTaskType
-    digest_tag: str
-    complete_experts: bool
-
-    def check_sources(self, base: str, experts: Mapping[str, str], held_out: Mapping[str, str]) -> None:
-        """Refuse sources this family cannot merge, before anything heavy is loaded."""
-        ...
-
-    def extend_base(self, base: PreTrainedModel) -> None:
-        """Grow the loaded base in place before task vectors are taken (e.g. added vocabulary rows)."""
-        ...
-
-    def split(
-        self, task: str, model: PreTrainedModel, base: PreTrainedModel, theta0: Mapping[str, Tensor]
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """(merged tensors by base name, the expert's own unmerged tensors by full name), checked."""
-        ...
-
-    def complete(
-        self,
-        task_names: Sequence[str],
-        full: Sequence[int],
-        theta0: Mapping[str, Tensor],
-        stacked: Mapping[str, Tensor],
-    ) -> None:
-        """Adjust base and stacked task vectors in place once every expert is loaded."""
-        ...
-
-    def prefix(self, model: PreTrainedModel) -> str:
-        """Attribute path of the merged part inside an expert ('' when the whole model is merged)."""
-        ...
-
-    def num_outputs(self, model: PreTrainedModel) -> int:
-        """Size of an expert's output (classes, or vocabulary)."""
-        ...
-
-    def to_skeleton(self, model: PreTrainedModel) -> None:
-        """Turn a loaded expert into forward code on the meta device, in place."""
-        ...
-
-    def sharded_refusal(self) -> str | None:
-        """Why these experts cannot be read in column shards (after ``check_sources``); None if they can."""
-        ...
 
 
 def load_expert_set(
@@ -141,7 +80,6 @@ def load_expert_set(
     names: list[str] | None = None
     stacked: dict[str, Tensor] = {}
     heads, skeletons, num_labels, prefix, expert_digests = [], [], [], "", []
-    digest = hashlib.sha256()
     for t, task in enumerate([*task_names, *held_out]):
         if is_adapter(paths[task]):
             model, factors = load_adapter(
@@ -181,26 +119,18 @@ def load_expert_set(
             )
         heads.append({k: v.clone() for k, v in own.items()})
         num_labels.append(kind.num_outputs(model))
-        one = hashlib.sha256(
-            f"{model.config.model_type}|{kind.digest_tag if merged_task else 'held-out head'}|".encode()
-        )
-        for n in names if merged_task else []:  # a held-out classifier contributes its head only
-            one.update(f"{n}:{tensor_digest(merged_part[n])}|".encode())
-        if merged_task:
-            one.update(factors_digest(factors).encode())
-        for n, v in own.items():
-            one.update(f"{n}:{tensor_digest(v)}|".encode())
-        expert_digests.append(one.hexdigest())
-        digest.update(f"{task}|{one.hexdigest()}|".encode())
+        header = f"{model.config.model_type}|{kind.digest_tag if merged_task else 'held-out head'}|"
+        lines = [entry(n, tensor_digest(merged_part[n])) for n in names] if merged_task else []
+        lines += [factors_digest(factors)] if merged_task else []  # a held-out one: its head only
+        lines += [entry(n, tensor_digest(v)) for n, v in own.items()]
+        expert_digests.append(model_digest(header, lines))
         kind.to_skeleton(model)
         skeletons.append(model)
     assert names is not None
     kind.complete(task_names, full, {n: theta0[n] for n in names}, stacked)
     dense_rows = append_adapter_rows(stacked, full, adapter_rows) if len(full) < len(task_names) else {}
-    base_digest = hashlib.sha256()
-    for n in names:
-        base_digest.update(f"{n}:{tensor_digest(theta0[n])}|".encode())
-    digest.update(base_digest.digest())
+    base_digest = model_digest("", [entry(n, tensor_digest(theta0[n])) for n in names])
+    fingerprint, task_digests = set_fingerprint([*task_names, *held_out], expert_digests, base_digest)
     base_buffers = {n: b.detach() for n, b in base_model.named_buffers()}
     return ExpertSet(
         task_names=task_names,
@@ -212,10 +142,8 @@ def load_expert_set(
         skeletons=skeletons,
         prefix=prefix,
         num_labels=num_labels,
-        fingerprint=digest.hexdigest()[:16],
-        task_digests=[
-            hashlib.sha256(f"{base_digest.hexdigest()}|{d}".encode()).hexdigest()[:16] for d in expert_digests
-        ],
+        fingerprint=fingerprint,
+        task_digests=task_digests,
         sources={"base": base, **sources},
         held_out=list(held_out),
         dense_rows=dense_rows,

@@ -13,9 +13,7 @@ assembled from every rank's partial digests (``divmerge.core.digest``), so it eq
 whole load: checkpoints and teacher caches are interchangeable between the two ways of loading.
 """
 
-import hashlib
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -24,17 +22,23 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 from transformers import AutoConfig, PreTrainedModel
 
-from divmerge.core.digest import DigestPart, combine_digest, partial_digest
+from divmerge.core.digest import (
+    DigestPart,
+    combine_digest,
+    entry,
+    model_digest,
+    partial_digest,
+    set_fingerprint,
+)
 from divmerge.core.expert_set import ExpertSet
 from divmerge.errors import DivMergeError
 from divmerge.experts.adapters import is_adapter
+from divmerge.experts.kind import ExpertKind
+from divmerge.experts.sources import missing_weights
 from divmerge.experts.weight_files import WeightFiles, column_range
 
-if TYPE_CHECKING:
-    from divmerge.experts.loading import ExpertKind
 
-
-def sharded_refusal(kind: "ExpertKind", paths: Mapping[str, str], held_out: Mapping[str, str]) -> str | None:
+def sharded_refusal(kind: ExpertKind, paths: Mapping[str, str], held_out: Mapping[str, str]) -> str | None:
     """Why this expert set cannot be loaded sharded (None: it can).
 
     Args:
@@ -77,7 +81,7 @@ def empty_model(model_class: type, source: str) -> PreTrainedModel:
 
 
 def load_sharded(
-    kind: "ExpertKind",
+    kind: ExpertKind,
     sources: Mapping[str, str],
     paths: Mapping[str, str],
     mesh: DeviceMesh,
@@ -160,11 +164,7 @@ def check_tensors(task: str, source: str, files: WeightFiles, shapes: Mapping[st
     """Refuse an expert whose files lack a merged tensor or store one in another shape."""
     missing = sorted(n for n in shapes if n not in files.names())
     if missing:
-        raise DivMergeError(
-            f"Expert {task!r} at {source!r} lacks trained weights {missing[:3]}: transformers would "
-            "initialise them at random (was the base model, or a model of another task, given as this "
-            "expert?); point to the fine-tuned model."
-        )
+        raise missing_weights(f"expert {task!r}", source, missing)
     for n, shape in shapes.items():
         if files.shape(n) != tuple(shape):
             raise DivMergeError(
@@ -174,7 +174,7 @@ def check_tensors(task: str, source: str, files: WeightFiles, shapes: Mapping[st
 
 
 def gathered_digests(
-    kind: "ExpertKind",
+    kind: ExpertKind,
     task_names: list[str],
     types: list[str],
     shapes: Mapping[str, torch.Size],
@@ -188,20 +188,12 @@ def gathered_digests(
     def digest(key: str, name: str) -> str:
         return combine_digest(shapes[name], torch.float32, [p[key][name] for p in everyone])  # type: ignore[index]
 
-    base_digest = hashlib.sha256()
-    for n in shapes:
-        base_digest.update(f"{n}:{digest('base', n)}|".encode())
-    digest_all, task_digests = hashlib.sha256(), []
-    for task, model_type in zip(task_names, types, strict=True):
-        one = hashlib.sha256(f"{model_type}|{kind.digest_tag}|".encode())
-        for n in shapes:
-            one.update(f"{n}:{digest(task, n)}|".encode())
-        digest_all.update(f"{task}|{one.hexdigest()}|".encode())
-        task_digests.append(
-            hashlib.sha256(f"{base_digest.hexdigest()}|{one.hexdigest()}".encode()).hexdigest()[:16]
-        )
-    digest_all.update(base_digest.digest())
-    return digest_all.hexdigest()[:16], task_digests
+    base = model_digest("", [entry(n, digest("base", n)) for n in shapes])
+    experts = [
+        model_digest(f"{model_type}|{kind.digest_tag}|", [entry(n, digest(task, n)) for n in shapes])
+        for task, model_type in zip(task_names, types, strict=True)
+    ]
+    return set_fingerprint(task_names, experts, base)
 
 
 def sharded_flat(local: Tensor, numel: int, mesh: DeviceMesh) -> DTensor:

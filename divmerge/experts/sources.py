@@ -139,9 +139,14 @@ def load_pretrained(loader: type, source: str, what: str, complete: bool = False
         ) from err
     missing = sorted(info.get("missing_keys") or [])
     if complete and missing:
-        raise DivMergeError(
-            f"{what.capitalize()} at {source!r} lacks trained weights {missing[:3]}: transformers would "
-            "initialise them at random (was the base model, or a model of another task, given as this "
-            "expert?); point to the fine-tuned model."
-        )
+        raise missing_weights(what, source, missing)
     return model
+
+
+def missing_weights(what: str, source: str, missing: list[str]) -> DivMergeError:
+    """The one-line error for an expert whose weights files lack some of its model's tensors."""
+    return DivMergeError(
+        f"{what.capitalize()} at {source!r} lacks trained weights {missing[:3]}: transformers would "
+        "initialise them at random (was the base model, or a model of another task, given as this "
+        "expert?); point to the fine-tuned model."
+    )

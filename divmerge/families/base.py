@@ -1,6 +1,6 @@
 """The model-family interface: everything that differs between, say, classifiers and causal LMs.
 
-A family says how its experts load (the :class:`~divmerge.experts.loading.ExpertKind` rules), what an
+A family says how its experts load (the :class:`~divmerge.experts.kind.ExpertKind` rules), what an
 expert's cached output is (the teacher), how the merged model's divergence to it is computed on a
 batch (the task loss), and how an evaluation batch is scored (the metric). The engine
 (``divmerge.engine``) holds one family object and never asks which family it is.
