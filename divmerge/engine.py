@@ -621,8 +621,8 @@ class Merger:
         assert self.family is not None
         group, rank, world = mesh.get_group(), mesh.get_local_rank(), mesh.size()
         first = dist.get_global_rank(group, 0)
-        rows = {k: len(data.dataset(*k)) for k in paths}  # type: ignore[arg-type]
-        missing = [[k for k, path in paths.items() if rows[k] and load_cached(path, rows[k]) is None]]
+        sizes = {k: len(data.dataset(*k)) for k in paths}  # type: ignore[arg-type]
+        missing = [[k for k, path in paths.items() if sizes[k] and load_cached(path, sizes[k]) is None]]
         dist.broadcast_object_list(missing, src=first, group=group)
         built = []
         for task, split in missing[0]:

@@ -34,6 +34,6 @@ def test_two_ranks_store_half_and_agree_on_the_coefficients(tmp_path):
     assert row["ranks"] == 2 and row["mode"] == "per_block"
     assert abs(row["stored_mb"] - row["total_mb"] / 2) < 0.01 * row["total_mb"]  # each rank keeps half
     assert row["coef_spread"] == 0.0  # the ranks step identically
-    assert row["load_peak_mb"] >= 0
+    assert "load_peak_mb" in row and "| load_peak_mb |" in (tmp_path / "sharded_memory.md").read_text()
     assert 0 < row["block_mb"] < row["merged_mb"] and row["step_s"] > 0
     assert "| 2 | per_block |" in (tmp_path / "sharded_memory.md").read_text()

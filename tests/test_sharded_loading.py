@@ -1,6 +1,7 @@
 """Sharded loading: each rank reads only its columns of the base and experts, and gets exactly the shards
 (and the fingerprint) that loading everything whole and then sharding gives."""
 
+import re
 import socket
 from pathlib import Path
 
@@ -112,4 +113,4 @@ def test_sharded_loading_refuses_an_expert_missing_or_reshaping_a_tensor(tmp_pat
     with pytest.raises(Exception) as raised:
         mp.spawn(_load_one, args=(2, free_port(), lm["base"], experts), nprocs=2)
     assert DivMergeError.__name__ in str(raised.value)
-    assert __import__("re").search(message, str(raised.value)), str(raised.value)[-600:]
+    assert re.search(message, str(raised.value)), str(raised.value)[-600:]

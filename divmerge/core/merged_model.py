@@ -268,9 +268,8 @@ class MergedModel(nn.Module):
                 local_merge(self._coef(n, table)[:, 0], origin[n], self.task_vectors[n]) for n in batched
             ]
             numels = [self.shapes[n].numel() for n in batched]
-            for n, full in zip(
-                batched, gather_columns(parts, numels, self._mesh()) if parts else (), strict=True
-            ):
+            fulls = gather_columns(parts, numels, self._mesh()) if parts else ()
+            for n, full in zip(batched, fulls, strict=True):
                 out[self.full_name(n)] = full.reshape(self.shapes[n]).to(origin[n].dtype)
             return out
 

@@ -144,11 +144,12 @@ class _GatherColumns(torch.autograd.Function):
         send = like.new_zeros((world, width))  # rank r's columns of every gradient, at row r
         if len(grads) == 1:  # one tensor: rank-major columns are its flat order
             send.view(-1)[: ctx.numels[0]] = like.reshape(-1)
-        for grad, m, chunk, start in zip(grads, ctx.numels, ctx.chunks, ctx.offsets, strict=True):
-            if grad is not None and len(grads) > 1:
-                padded = like.new_zeros(world * chunk)
-                padded[:m] = grad.reshape(-1)
-                send[:, start : start + chunk] = padded.view(world, chunk)
+        else:
+            for grad, m, chunk, start in zip(grads, ctx.numels, ctx.chunks, ctx.offsets, strict=True):
+                if grad is not None:
+                    padded = like.new_zeros(world * chunk)
+                    padded[:m] = grad.reshape(-1)
+                    send[:, start : start + chunk] = padded.view(world, chunk)
         mine = like.new_empty(width)
         dist.reduce_scatter_single(mine, send.reshape(-1), group=ctx.group)  # summed over ranks
         mine /= world  # ranks saw different data: the mean, as data parallelism averages
