@@ -520,13 +520,11 @@ class Merger:
         split: str,
         device: torch.device,
         rows: TaskDataset | None = None,
-        merge_only: bool = False,
     ) -> Teacher | None:
         """Expert outputs on one task split: the merged model with one-hot coefficients.
 
-        ``rows`` restricts it to those inputs of the split (a rank's share; rows in their order);
-        ``merge_only`` merges the expert and returns None (a rank with no share still joins the
-        sharded merge, a collective).
+        ``rows`` restricts it to those inputs of the split (a rank's share; rows in their order); an
+        empty share returns None after the expert's merge (sharded, a collective every rank joins).
 
         For a held-out task the "expert" is the base backbone (all-zero coefficients) with its head. A
         space whose one-hot coefficients do not reproduce the experts (``svd`` at a rank below full)
@@ -543,7 +541,7 @@ class Merger:
             merged = MergedModel(self.expert_set, "layer").to(device)
         t = self.all_tasks.index(task)
         table = merged.one_hot_table(t) if task in self.task_names else merged.base_table()
-        if merge_only:
+        if rows is not None and not len(rows):
             merged.eval_params(table.to(device))
             return None
         loader = data.eval_loader(task, split)  # type: ignore[arg-type]
@@ -616,7 +614,9 @@ class Merger:
         Rank r decodes the contiguous rows ``column_range(N, r, world)`` of a split of N inputs; the
         shares are gathered on rank 0 in rank order, joined by the family (``join_teachers``: padded to the
         longest answer as one process would) and written atomically, so the file equals a one-process
-        build. Which files are missing is decided on rank 0 (the cache directory must be shared).
+        build. Which files are missing is decided on rank 0 (the cache directory must be shared). Shares
+        take different numbers of forwards; per block, where each forward is a collective, the ranks keep
+        in step through ``MergedModel.announce`` / ``drain``.
         """
         assert self.family is not None
         group, rank, world = mesh.get_group(), mesh.get_local_rank(), mesh.size()
@@ -630,11 +630,8 @@ class Merger:
             lo, hi = column_range(len(dataset), rank, world)
             labels = None if dataset.labels is None else dataset.labels[lo:hi]
             share = TaskDataset(dataset.encodings[lo:hi], labels)
-            if len(share):
-                part = self.compute_teacher(data, task, split, device, share)
-            else:  # no rows here, but the one-hot merge is a collective every rank joins
-                part = None
-                self.compute_teacher(data, task, split, device, share, merge_only=True)
+            part = self.compute_teacher(data, task, split, device, share)  # None for no rows
+            self.drain()  # per block, this rank stands in for the forwards of ranks still decoding
             parts: list = [None] * world if rank == 0 else []
             dist.gather_object(part, parts if rank == 0 else None, dst=first, group=group)
             if rank == 0:
@@ -656,7 +653,10 @@ class Merger:
 
     # ------------------------------------------------------------------ training
     def step_loss(
-        self, batch: Mapping[str, Mapping[str, Tensor]], split: str = "unlabelled"
+        self,
+        batch: Mapping[str, Mapping[str, Tensor]],
+        split: str = "unlabelled",
+        params: Mapping[str, Tensor] | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Sum over tasks of the mean divergence between expert (cached) and merged outputs.
 
@@ -664,6 +664,7 @@ class Merger:
             batch: Task name -> its collated batch of ``split`` (``input_ids``, ``attention_mask``, ``idx``);
                 held-out tasks are skipped (evaluation only).
             split: Whose teacher rows ``idx`` index (``unlabelled`` in training).
+            params: Merged tensors to score (evaluation); None: ``step_params()``, differentiable.
 
         Returns:
             The loss to call ``backward()`` on, and each task's detached loss by task name.
@@ -677,11 +678,18 @@ class Merger:
             for task, b in batch.items()
         }  # task -> the batch's rows of its teacher cache
         inputs = {index[task]: b for task, b in batch.items()}
-        loss, per_task = self.family.step_loss(merged, self.objective, inputs, teachers, self.backbone_pass)
+        loss, per_task = self.family.step_loss(
+            merged, self.objective, inputs, teachers, self.backbone_pass, params
+        )
         return loss, {task: per_task[index[task]] for task in batch}
 
     @torch.no_grad()
-    def divergence(self, batch: Mapping[str, Mapping[str, Tensor]], split: str) -> dict[str, Tensor]:
+    def divergence(
+        self,
+        batch: Mapping[str, Mapping[str, Tensor]],
+        split: str,
+        params: Mapping[str, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
         """Per task, the mean divergence of the merged model on a batch, without gradients.
 
         The label-free selection signal: the training objective on inputs held out of training.
@@ -690,11 +698,21 @@ class Merger:
             batch: Task name -> its collated batch of ``split`` (with ``idx`` into that split's teachers).
             split: Whose teacher rows ``idx`` index; they must hold distributions (``unlabelled`` always
                 does; classification experts' ``val`` too).
+            params: The evaluation's merged tensors (``learned_params(whole=False)``): no merge per
+                batch (sharded, a merge is a collective that ranks with fewer batches would not join).
+                None merges the learned coefficients.
 
         Returns:
             Task name -> its mean divergence (a 0-d tensor).
         """
-        return self.step_loss(batch, split)[1]
+        return self.step_loss(batch, split, params)[1]
+
+    def drain(self) -> None:
+        """End an evaluation phase on every rank (see ``MergedModel.drain``; nothing when not sharded)."""
+        merged = self.build()
+        assert self.family is not None
+        family = self.family
+        merged.drain(lambda params: family.probe(merged, params))
 
     # ------------------------------------------------------------------ merged tensors
     def static_params(self, method: str, options: Mapping[str, Any] | None = None) -> dict[str, Tensor]:
@@ -711,7 +729,7 @@ class Merger:
         Args:
             table: Coefficients (T, G); None: the learned ones.
             whole: Every tensor merged (export, static comparisons); False: for evaluation forwards
-                (``MergedModel.eval_params``: per block in the per-block mode on unsharded storage).
+                (``MergedModel.eval_params``: per block in the per-block mode, sharded or not).
         """
         merged = self.build()
         with torch.no_grad():

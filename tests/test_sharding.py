@@ -10,7 +10,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from divmerge.core import per_block
 from divmerge.core.merged_model import MergedModel
-from divmerge.families import load_experts
+from divmerge.families import causal_lm, load_experts
 from tests.test_lora_causal import setup  # noqa: F401  (a tiny Qwen2 base, a full expert, a LoRA adapter)
 from tests.test_sharded_loading import free_port
 
@@ -61,3 +61,48 @@ def _compare(rank: int, world: int, port: int, base: str, experts: dict, mode: s
 def test_sharded_merge_and_gradient_equal_the_unsharded_mean_gradient(setup, mode, world):  # noqa: F811
     experts = {"first": setup["full"], "plain": setup["plain"]}  # a full expert and a LoRA adapter
     mp.spawn(_compare, args=(world, free_port(), setup["base"], experts, mode), nprocs=world)
+
+
+def _decode_unevenly(rank: int, world: int, port: int, base: str, experts: dict, out: dict) -> None:
+    """Each rank decodes its own number of prompts for its own number of steps, per block and sharded."""
+    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
+    try:
+        expert_set = load_experts(base, experts)
+        plain, sharded = (MergedModel(expert_set, merge_mode="per_block") for _ in range(2))
+        sharded.shard(init_device_mesh("cpu", (world,)))
+        g = torch.Generator().manual_seed(rank)
+        prompts = [torch.randint(3, 60, (4 + i,), generator=g) for i in range(2 + 3 * rank)]
+        steps = 2 + 4 * rank  # rank 1 makes many more forwards than rank 0
+        table = plain.one_hot_table(0)
+        batches = [prompts[i : i + 2] for i in range(0, len(prompts), 2)]
+        probes = []
+
+        def probe(params: dict) -> None:
+            probes.append(1)
+            ids = torch.zeros((1, 1), dtype=torch.long)
+            causal_lm.forward(sharded, params, ids, torch.ones_like(ids))
+
+        params = sharded.eval_params(table)
+        assert per_block.TABLE in params  # no whole merge: each forward gathers block by block
+        got = [causal_lm.generate(sharded, params, b, -1, 0, steps).tokens for b in batches]
+        sharded.drain(probe)
+        expected = [
+            causal_lm.generate(plain, plain.eval_params(table), b, -1, 0, steps).tokens for b in batches
+        ]
+        for a, b in zip(got, expected, strict=True):
+            assert torch.equal(a, b)
+        out[rank] = len(probes)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_per_block_decoding_keeps_ranks_in_step(setup):  # noqa: F811
+    """Ranks decode different numbers of batches for different numbers of steps: the ones done early
+    stand in for the others' forwards (``drain``) and every rank's answers equal the unsharded merge's."""
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(
+            _decode_unevenly, args=(2, free_port(), setup["base"], {"first": setup["full"]}, out), nprocs=2
+        )
+        # rank 0: 1 batch x 2 forwards; rank 1: 3 batches x 6 forwards, so rank 0 stands in for 16
+        assert dict(out) == {0: 16, 1: 0}

@@ -8,7 +8,7 @@ table and the experts' forward code (meta-device skeletons); ``merged_params`` g
 under the experts' naming, for ``torch.func.functional_call`` by a model family (``divmerge.families``).
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -21,6 +21,7 @@ from divmerge.core.coefficients.base import CoefficientSpace
 from divmerge.core.expert_set import ExpertSet
 from divmerge.core.merge import FrozenTensors
 from divmerge.core.sharding import (
+    LockStep,
     gather_columns,
     is_sharded,
     local_merge,
@@ -88,6 +89,8 @@ class MergedModel(nn.Module):
         super().__init__()
         self.merge_mode = check_merge_mode(merge_mode)
         self._block_tensors: set[str] | None = None
+        self._lock: LockStep | None = None  # sharded per-block evaluation (``announce`` / ``drain``)
+        self._probe_params: dict[str, Tensor] | None = None
         self.task_names = list(experts.task_names)
         self.all_tasks = experts.all_tasks  # heads/skeletons index: merged tasks, then held-out ones
         self.names = list(experts.names)
@@ -224,19 +227,60 @@ class MergedModel(nn.Module):
         return merged
 
     def eval_params(self, table: Tensor | None = None) -> dict[str, Tensor]:
-        """The merge for evaluation forwards (teachers, generation, scores): per block where it can be.
+        """The merge for evaluation forwards (teachers, generation, scores): ``step_params(table)``.
 
-        ``step_params(table)`` in the per-block mode on unsharded storage: no whole merged model exists.
-        Sharded, ``merged_params(table)``: one collective merge per call, because a per-block forward is
-        a collective that every rank must run in lock step, and decoding does not (answers end at
-        different steps, ranks hold different numbers of examples).
+        In the per-block mode no whole merged model exists, sharded or not. Sharded, each forward with
+        these tensors is then a collective: every rank announces its forwards and ends the phase with
+        ``drain`` (``divmerge.core.sharding.LockStep``), since ranks evaluate different numbers of
+        examples and answers end at different steps.
 
         Args:
             table: Coefficients (T, G); None: the learned ones.
         """
-        if self.sharded:
-            return self.merged_params(table)
-        return self.step_params(table)
+        params = self.step_params(table)
+        if self.sharded and per_block.TABLE in params:
+            self._probe_params = params  # what a draining rank's stand-in forwards run with
+        return params
+
+    def announce(self) -> None:
+        """Before a per-block forward: sharded and without gradients, tell the other ranks (``drain``).
+
+        Training forwards (with gradients) are in step already: every rank runs the same steps.
+        """
+        if self.sharded and not torch.is_grad_enabled():
+            self._lock_step().announce(self._device())
+
+    def drain(self, probe: Callable[[Mapping[str, Tensor]], None]) -> None:
+        """End an evaluation phase: stand in for the per-block forwards other ranks still run.
+
+        Every rank calls it (a collective when sharded; nothing otherwise), before any other collective.
+
+        Args:
+            probe: Runs one forward of the merged model with the given ``eval_params`` tensors (any
+                input: a forward's collectives do not depend on it).
+        """
+        if not self.sharded:
+            return
+        params = self._probe_params
+
+        def stand_in() -> None:
+            if params is None:
+                raise DivMergeError("A rank ran a per-block evaluation forward that others did not prepare.")
+            with torch.no_grad():
+                probe(params)
+
+        try:
+            self._lock_step().drain(stand_in, self._device())
+        finally:
+            self._probe_params = None
+
+    def _lock_step(self) -> LockStep:
+        if self._lock is None:
+            self._lock = LockStep(self._mesh().get_group())
+        return self._lock
+
+    def _device(self) -> torch.device:
+        return next(t for _, t in self.base.items()).device
 
     def _placeholder(self, name: str, origin: FrozenTensors) -> Tensor:
         """A block tensor's entry in ``step_params``: its origin, or a storage-free stand-in when sharded."""

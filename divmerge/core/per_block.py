@@ -50,7 +50,11 @@ def in_block(name: str, path: str) -> bool:
 
 @contextlib.contextmanager
 def attached(
-    root: nn.Module, root_path: str, tensors: Mapping[str, Tensor], merge_block: MergeBlock
+    root: nn.Module,
+    root_path: str,
+    tensors: Mapping[str, Tensor],
+    merge_block: MergeBlock,
+    announce: Callable[[], None] | None = None,
 ) -> Iterator[dict[str, Tensor]]:
     """Make every block of ``root`` merge its own tensors when it runs, while the context is open.
 
@@ -62,6 +66,8 @@ def attached(
         tensors: Merged tensors named relative to ``root``, with ``TABLE`` in the per-block mode (see the
             module docstring), LoRA factors and buffers included.
         merge_block: Merges the named tensors (in the merged tensors' own naming) with the given table.
+        announce: Called once before a per-block forward (``MergedModel.announce``: sharded evaluation
+            keeps the ranks' forwards in step).
 
     Yields:
         The tensors for the call on ``root``: the block tensors' origins stay (``strict`` calls need every
@@ -71,6 +77,8 @@ def attached(
     if TABLE not in tensors:
         yield dict(tensors)
         return
+    if announce is not None:
+        announce()
     table = tensors[TABLE]
     outer = {k: v for k, v in tensors.items() if k != TABLE}
     full = (lambda n: f"{root_path}.{n}") if root_path else (lambda n: n)

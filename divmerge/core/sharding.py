@@ -20,6 +20,7 @@ sums those over ranks (``summed_grad``, one small all-reduce per step), so the g
 every rank and the coefficients step identically without DDP.
 """
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -204,3 +205,44 @@ def sharded_weighted_sum(coef: Tensor, base: DTensor, tau: DTensor, shape: torch
     """
     (full,) = gather_columns([local_merge(coef, base, tau)], [shape.numel()], tau.device_mesh)
     return full.reshape(shape).to(base.dtype)
+
+
+class LockStep:
+    """Keeps the ranks' evaluation forwards in step when each forward is a collective.
+
+    Sharded and per block, every forward of the merged model gathers each block's columns from every
+    rank, so all ranks must run the same number of forwards. Evaluation does not: ranks hold different
+    numbers of examples, and greedy answers end at different steps. So before each such forward a rank
+    announces it (one one-element all-reduce), and a rank whose work is done drains: it joins the
+    announcements with a zero and runs a stand-in forward (``probe``) for every one that some rank
+    still makes, until none does. Every announcement then meets one forward on every rank.
+
+    Args:
+        group: The process group the forwards' collectives run over.
+    """
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        self.group = group
+        self.draining = False
+
+    def _count(self, working: int, device: torch.device) -> int:
+        flag = torch.tensor([working], dtype=torch.int64, device=device)
+        dist.all_reduce(flag, group=self.group)
+        return int(flag.item())
+
+    def announce(self, device: torch.device) -> None:
+        """Before one of this rank's own forwards (not the drain's stand-ins)."""
+        if not self.draining:
+            self._count(1, device)
+
+    def drain(self, probe: Callable[[], None], device: torch.device) -> None:
+        """Run ``probe`` once for each forward other ranks still announce; returns when all are done.
+
+        Every rank calls it at the end of an evaluation phase, before any other collective.
+        """
+        self.draining = True
+        try:
+            while self._count(0, device):
+                probe()
+        finally:
+            self.draining = False

@@ -143,6 +143,14 @@ class ModelFamily(ABC):
             split: ``unlabelled``, ``val`` or ``test``.
         """
 
+    @abstractmethod
+    def probe(self, merged: MergedModel, params: Mapping[str, Tensor]) -> None:
+        """One forward of the merged model with ``params`` on a one-token input, output unused.
+
+        A draining rank's stand-in for another rank's evaluation forward (``MergedModel.drain``): what
+        matters is that it runs every block, as any forward does.
+        """
+
     def join_teachers(self, parts: Sequence[Teacher]) -> Teacher:
         """The teacher of a split from the teachers of its consecutive row ranges (ranks' shares)."""
         return join_rows(parts)
@@ -162,6 +170,7 @@ class ModelFamily(ABC):
         batches: Mapping[int, Mapping[str, Tensor]],
         teachers: Mapping[int, Teacher],
         backbone_pass: str,
+        params: Mapping[str, Tensor] | None = None,
     ) -> tuple[Tensor, dict[int, Tensor]]:
         """The training loss sum_t D(expert_t || merged) over several tasks' batches.
 
@@ -171,6 +180,8 @@ class ModelFamily(ABC):
             batches: Task index -> collated inputs (``input_ids``, ``attention_mask``, each (B_t, L_t)).
             teachers: Task index -> the batch's rows of that task's teacher cache.
             backbone_pass: ``per_task`` or ``joint``.
+            params: The merged tensors to score (an evaluation's ``eval_params``, without gradients);
+                None: ``merged.step_params()``, differentiable w.r.t. the coefficients.
 
         Returns:
             The loss to call ``backward()`` on (value: the summed task losses) and each task's detached loss.

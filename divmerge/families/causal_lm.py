@@ -205,7 +205,8 @@ def forward(
     kwargs.setdefault("use_cache", False)
     skeleton = merged.skeleton(0)
     tensors = dict(params) | dict(merged.buffers_.items())
-    with per_block.attached(skeleton, "", tensors, merged.merge_block) as tensors:  # per_block mode only
+    # per_block mode only: each block merges just in time
+    with per_block.attached(skeleton, "", tensors, merged.merge_block, merged.announce) as tensors:
         dense, factors = lora.split(tensors)
         with lora.attached(skeleton, factors):  # LoRA adapter experts' low-rank terms, B (A x)
             return functional_call(
@@ -377,6 +378,7 @@ def step_loss(
     batches: Mapping[int, Mapping[str, Tensor]],
     teachers: Mapping[int, Mapping[str, Tensor]],
     pad_id: int,
+    params: Mapping[str, Tensor] | None = None,
 ) -> tuple[Tensor, dict[int, Tensor]]:
     """The training loss sum_t teacher_forced_loss_t, one task's forward+backward at a time.
 
@@ -389,13 +391,14 @@ def step_loss(
         batches: Task index -> collated prompts (``input_ids``, ``attention_mask``, each (B_t, L_t)).
         teachers: Task index -> the batch's rows of that task's teacher cache.
         pad_id: Padding id.
+        params: The merged tensors (None: ``merged.step_params()``, differentiable).
 
     Returns:
         The loss to call ``backward()`` on (value: the summed task losses) and each task's detached loss.
 
     """
     return accumulate_over_tasks(
-        merged.step_params(),
+        merged.step_params() if params is None else params,
         {
             t: (
                 lambda p, t=t: teacher_forced_loss(
@@ -654,10 +657,16 @@ class CausalLM(ModelFamily):
         batches: Mapping[int, Mapping[str, Tensor]],
         teachers: Mapping[int, Teacher],
         backbone_pass: str,
+        params: Mapping[str, Tensor] | None = None,
     ) -> tuple[Tensor, dict[int, Tensor]]:
         """Teacher-forced divergence on the experts' answers, one task's forward+backward at a time."""
         inputs = {t: {k: b[k] for k in ("input_ids", "attention_mask")} for t, b in batches.items()}
-        return step_loss(merged, objective, inputs, teachers, self.pad_id)
+        return step_loss(merged, objective, inputs, teachers, self.pad_id, params)
+
+    def probe(self, merged: MergedModel, params: Mapping[str, Tensor]) -> None:
+        """The logits of one padding token (see ``ModelFamily.probe``)."""
+        ids = torch.full((1, 1), self.pad_id, dtype=torch.long, device=next(iter(params.values())).device)
+        forward(merged, params, ids, torch.ones_like(ids))
 
     def new_metric(self, task: str, num_outputs: int) -> Metric:
         """The task's generation metric (``generation_metric``, or its entry for ``task``)."""

@@ -97,6 +97,7 @@ class Classification(ModelFamily):
         batches: Mapping[int, Mapping[str, Tensor]],
         teachers: Mapping[int, Teacher],
         backbone_pass: str,
+        params: Mapping[str, Tensor] | None = None,
     ) -> tuple[Tensor, dict[int, Tensor]]:
         """Sum over tasks of the mean divergence between cached expert and merged log-probabilities."""
 
@@ -104,7 +105,13 @@ class Classification(ModelFamily):
             return objective(teachers[t].to(student.device), student).mean()
 
         inputs = {t: {k: b[k] for k in ("input_ids", "attention_mask")} for t, b in batches.items()}
-        return step_loss(merged, merged.step_params(), inputs, task_loss, backbone_pass)
+        params = merged.step_params() if params is None else params
+        return step_loss(merged, params, inputs, task_loss, backbone_pass)
+
+    def probe(self, merged: MergedModel, params: Mapping[str, Tensor]) -> None:
+        """The first task's logits on a one-token input (see ``ModelFamily.probe``)."""
+        ids = torch.zeros((1, 1), dtype=torch.long, device=next(iter(params.values())).device)
+        task_logits(merged, 0, params, input_ids=ids, attention_mask=torch.ones_like(ids))
 
     def new_metric(self, task: str, num_outputs: int) -> Metric:
         """Micro-averaged accuracy over ``num_outputs`` classes."""
@@ -168,7 +175,7 @@ def forward_tasks(
     tensors = {n if n == per_block.TABLE else n[cut:]: v for n, v in params.items()} | {
         n[cut:]: v for n, v in merged.buffers_.items()
     }
-    with per_block.attached(backbone, merged.prefix, tensors, merged.merge_block) as tensors:
+    with per_block.attached(backbone, merged.prefix, tensors, merged.merge_block, merged.announce) as tensors:
         dense, factors = lora.split(tensors)
         with lora.attached(backbone, factors):
             hidden = functional_call(

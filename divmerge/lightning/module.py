@@ -79,8 +79,8 @@ class DivMergeModule(L.LightningModule):
             checkpointing), for about one more forward of compute: for experts too large for two more
             model copies, or long prompts. ``auto`` (default) picks ``per_block`` under
             ModelParallelStrategy or when the merged model and its gradient (8 bytes per parameter) would
-            take over a quarter of the device's memory, else ``whole``. Evaluation follows the mode on
-            one device and merges whole under sharding.
+            take over a quarter of the device's memory, else ``whole``. Evaluation (teachers,
+            generation, scores) follows the mode, sharded or not.
         held_out: Held-out tasks (arXiv 2410.03617): task name -> a classifier whose head scores that task
             on the merged backbone; it is not merged, and is normalised against the base backbone with
             the same head. Its data needs labelled val/test examples only.
@@ -395,7 +395,8 @@ class DivMergeModule(L.LightningModule):
         if split == "val" and task in self.task_names and not self.is_static:
             assert self.engine.family is not None
             if "val" in self.engine.family.divergence_splits:  # held-out, label-free selection signal
-                value = float(self.engine.divergence({task: batch}, "val")[task])
+                params = self._eval_params["merged"]  # no merge per batch (sharded: a collective)
+                value = float(self.engine.divergence({task: batch}, "val", params)[task])
                 total = self._val_divergence.setdefault(task, [0.0, 0])
                 total[0] += value * len(batch["idx"])
                 total[1] += len(batch["idx"])
@@ -414,6 +415,7 @@ class DivMergeModule(L.LightningModule):
             self.log("val/divergence", sum(means.values()), sync_dist=True)
 
     def _eval_end(self, split: str) -> None:
+        self.engine.drain()  # sharded per block: ranks done early stand in for the others' forwards
         prefix = "val" if split == "val" else "test"
         if split == "val":
             self._log_val_divergence()
