@@ -79,7 +79,9 @@ def measure(experts: Any, precision: str, mode: str, config: dict[str, Any]) -> 
             times.append(time.perf_counter() - start)
     _, peak = allocated(device)
     arch = ARCHITECTURES.get(config["architecture"])
-    model = per_rank_bytes(arch, len(merged.task_names), 1, 4, mode, 0.0) if arch else None
+    compute = 2 if precision.startswith(("bf16", "16")) else 4  # merged block matrices' bytes
+    tasks = len(merged.task_names)
+    model = per_rank_bytes(arch, tasks, 1, 4, mode, 0.0, compute_bytes=compute) if arch else None
     del merged, step
     return {
         "precision": precision,

@@ -3,18 +3,21 @@
 Per rank, with P parameters (P_blk in the largest repeated block, P_out outside the blocks: embeddings,
 LM head, final norm; P_max the largest tensor), T experts, N ranks sharing the storage
 (``ModelParallelStrategy``; N = 1 otherwise), s bytes per stored task-vector element (2 for bf16
-storage, 4 for float32) and a start merge or not (S = 1 or 0):
+storage, 4 for float32), c bytes per element of the compute dtype (2 under bf16-mixed, 4 in float32)
+and a start merge or not (S = 1 or 0):
 
     stored    = (4 * (1 + S) + T * s) * P / N                 float32 base (and start), task vectors
     whole     = stored + 8 * P + 8 * P_max + A                + float32 merged model and its gradient
-    per_block = stored + 8 * P_out + 16 * P_blk + 8 * P_max + A
+    per_block = stored + 8 * P_out + (2 * c + 8) * P_blk + 8 * P_max + A
     load      = stored + (4 * P_max + s * P) / N      sharded loading (a whole load: 8 * P + T * s * P)
 
 The base and the merged tensors are float32 whatever ``task_vector_dtype`` is (the merge is computed and
 kept in float32; autocast casts a weight to bf16 per use). 8 * P_max is the largest tensor's float32
 merge before and after its all-gather, and A the activations plus allocator and library overhead at the
-chosen batch. The per-block merge holds one block's merged tensors and gradient plus its float32 merge
-at a time, and the tensors outside the blocks whole. ``load`` is the host RAM a rank needs while
+chosen batch. The per-block merge holds one block's merged matrices and their gradient in the compute
+dtype (bf16 under bf16-mixed: ``MergedModel.merge_block``) plus float32 buffers of the block's size
+for the gradient's reduce-scatter (sharded) or its float32 merge, at a time, and the tensors outside
+the blocks whole, in float32. ``load`` is the host RAM a rank needs while
 loading: with sharded loading its share, the pages of one expert's file it reads (its share of that
 file, memory-mapped, counted in the resident set until the file is closed) and the rows of one tensor
 in float32; with a whole load the float32 base, one float32 expert and the stacks.
@@ -104,6 +107,7 @@ def per_rank_bytes(
     mode: str,
     activations: float,
     start: bool = False,
+    compute_bytes: int = 2,
 ) -> dict[str, float]:
     """The memory model's terms for one rank, in bytes (see the module docstring).
 
@@ -115,6 +119,7 @@ def per_rank_bytes(
         mode: ``whole`` or ``per_block``.
         activations: A, activations and overhead per rank, bytes.
         start: Whether a start merge is stored (``model.start_from``).
+        compute_bytes: c, bytes per element of the compute dtype (2: bf16-mixed; 4: float32).
 
     Returns:
         ``stored``, ``transient`` (merged tensors, their gradient and float32 merges), ``activations``,
@@ -125,7 +130,7 @@ def per_rank_bytes(
     p = arch.params
     stored = (4 * (1 + int(start)) + experts * storage_bytes) * p / ranks
     gathered = 8 * arch.largest
-    blocks = 8 * arch.outside + 16 * arch.block  # per_block: the outside tensors and one block
+    blocks = 8 * arch.outside + (2 * compute_bytes + 8) * arch.block  # the outside tensors, one block
     transient = (8 * p if mode == "whole" else blocks) + gathered
     return {
         "stored": stored,

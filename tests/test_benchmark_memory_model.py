@@ -51,6 +51,8 @@ def test_terms_shard_and_per_block_is_smaller():
     )
     with pytest.raises(ValueError, match="mode must be"):
         mm.per_rank_bytes(arch, 8, 8, 2, "blocks", 0.0)
+    fp32 = mm.per_rank_bytes(arch, 8, 8, 2, "per_block", 0.0, compute_bytes=4)
+    assert fp32["transient"] - eight["transient"] == pytest.approx(4 * arch.block)  # bf16: 2 x 2 bytes less
 
 
 def test_the_issue_goals_under_the_model_and_the_table(tmp_path):

@@ -291,6 +291,12 @@ class MergedModel(nn.Module):
     def merge_block(self, table: Tensor, names: Sequence[str]) -> dict[str, Tensor]:
         """The merge of some tensors only (one block's, in the per-block mode), around the learned origin.
 
+        Under autocast (bf16-mixed / 16-mixed) the merged weight matrices come in its compute dtype: the
+        merge itself and the coefficient gradient stay float32, and the block's merged matrices and
+        their gradient take half the bytes (sharded, so does the gather). That is what autocast does
+        to a float32 matrix at each use anyway; here the cast happens once, at the merge. Vectors (norm
+        scales, biases: a fraction of a percent of a block) stay float32, as norms need them.
+
         Args:
             table: The coefficients (T, G): the learned ones, or (without a start) any table.
             names: Full tensor names (``<prefix>.<name>``); those that are not merged tensors (buffers)
@@ -299,22 +305,37 @@ class MergedModel(nn.Module):
         Returns:
             Full name -> merged tensor, differentiable w.r.t. ``table``.
         """
+        device = table.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         origin = self._origin(None)
         short = {self.full_name(n): n for n in self.names}
         wanted = [short[full] for full in names if full in short]
-        with torch.autocast(device_type=table.device.type, enabled=False):
+
+        def compute(n: str, merged: Tensor) -> Tensor:  # matrices in the compute dtype
+            matrix = len(self.shapes[n]) >= 2  # norms' scales and biases stay float32 (autocast's rule)
+            return merged.to(dtype if dtype is not None and matrix else origin[n].dtype)
+
+        with torch.autocast(device_type=device, enabled=False):
             if not self.sharded:
-                return {self.full_name(n): self._merge_one(n, table, origin) for n in wanted}
+                return {self.full_name(n): compute(n, self._merge_one(n, table, origin)) for n in wanted}
             # sharded: every tensor's local columns merged, then the block gathered in one collective
+            # (two under autocast: its matrices in the compute dtype, its vectors in float32)
             batched = [n for n in wanted if self.dense_rows.get(n) != []]
-            out = {self.full_name(n): self._merge_one(n, table, origin) for n in wanted if n not in batched}
-            parts = [
-                local_merge(self._coef(n, table)[:, 0], origin[n], self.task_vectors[n]) for n in batched
-            ]
-            numels = [self.shapes[n].numel() for n in batched]
-            fulls = gather_columns(parts, numels, self._mesh()) if parts else ()
-            for n, full in zip(batched, fulls, strict=True):
-                out[self.full_name(n)] = full.reshape(self.shapes[n]).to(origin[n].dtype)
+            out = {
+                self.full_name(n): compute(n, self._merge_one(n, table, origin))
+                for n in wanted
+                if n not in batched
+            }
+            parts = {
+                n: compute(n, local_merge(self._coef(n, table)[:, 0], origin[n], self.task_vectors[n]))
+                for n in batched
+            }
+            for dtype_ in sorted({t.dtype for t in parts.values()}, key=str):  # one gather per dtype
+                group = [n for n in batched if parts[n].dtype == dtype_]
+                numels = [self.shapes[n].numel() for n in group]
+                fulls = gather_columns([parts[n] for n in group], numels, self._mesh())
+                for n, full in zip(group, fulls, strict=True):
+                    out[self.full_name(n)] = full.reshape(self.shapes[n])
             return out
 
     def block_tensors(self) -> set[str]:

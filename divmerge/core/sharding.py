@@ -142,18 +142,20 @@ class _GatherColumns(torch.autograd.Function):
         world = dist.get_world_size(ctx.group)
         width = sum(ctx.chunks)
         like = next(g for g in grads if g is not None)
-        send = like.new_zeros((world, width))  # rank r's columns of every gradient, at row r
+        # rank r's columns of every gradient, at row r; summed over ranks in float32 (bf16 merges too)
+        send = like.new_zeros((world, width), dtype=torch.float32)
         if len(grads) == 1:  # one tensor: rank-major columns are its flat order
             send.view(-1)[: ctx.numels[0]] = like.reshape(-1)
         else:
             for grad, m, chunk, start in zip(grads, ctx.numels, ctx.chunks, ctx.offsets, strict=True):
                 if grad is not None:
-                    padded = like.new_zeros(world * chunk)
+                    padded = send.new_zeros(world * chunk)
                     padded[:m] = grad.reshape(-1)
                     send[:, start : start + chunk] = padded.view(world, chunk)
-        mine = like.new_empty(width)
+        mine = send.new_empty(width)
         dist.reduce_scatter_single(mine, send.reshape(-1), group=ctx.group)  # summed over ranks
         mine /= world  # ranks saw different data: the mean, as data parallelism averages
+        mine = mine.to(like.dtype)
         return (
             None,
             None,
