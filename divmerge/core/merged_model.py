@@ -19,7 +19,7 @@ from divmerge.core import lora, per_block
 from divmerge.core.coefficients import Granularity, MergeCoefficients
 from divmerge.core.coefficients.base import CoefficientSpace
 from divmerge.core.expert_set import ExpertSet
-from divmerge.core.merge import FrozenTensors
+from divmerge.core.merge import FrozenTensors, WeightedSum
 from divmerge.core.sharding import (
     LockStep,
     gather_columns,
@@ -33,6 +33,9 @@ from divmerge.core.sharding import (
 from divmerge.errors import DivMergeError
 
 MergeMode = Literal["whole", "per_block"]
+BlockGather = Literal["merged", "inputs"]
+"""How a sharded per-block merge gathers a block: its merge (each rank merges its columns, one gather of
+the merged block) or its inputs (the origin and task-vector columns gathered, merged on every rank)."""
 MergeModeOption = Literal["auto", "whole", "per_block"]
 """A configured merge mode: ``auto`` is resolved by the engine (``divmerge.engine.choose_merge_mode``)."""
 
@@ -88,6 +91,7 @@ class MergedModel(nn.Module):
     ) -> None:
         super().__init__()
         self.merge_mode = check_merge_mode(merge_mode)
+        self.block_gather: BlockGather = "merged"  # sharded per-block merges (``merge_block``)
         self._block_tensors: set[str] | None = None
         self._lock: LockStep | None = None  # sharded per-block evaluation (``announce`` / ``drain``)
         self._probe_params: dict[str, Tensor] | None = None
@@ -297,6 +301,11 @@ class MergedModel(nn.Module):
         to a float32 matrix at each use anyway; here the cast happens once, at the merge. Vectors (norm
         scales, biases: a fraction of a percent of a block) stay float32, as norms need them.
 
+        Sharded, ``block_gather`` says what is gathered: ``merged`` (each rank merges its columns, then
+        one gather of the merged block; backward reduce-scatters its gradient) or ``inputs`` (FSDP
+        style: the block's origin and T task-vector columns are gathered and every rank merges the
+        whole block; nothing is reduce-scattered, but 1 + T times the bytes move).
+
         Args:
             table: The coefficients (T, G): the learned ones, or (without a start) any table.
             names: Full tensor names (``<prefix>.<name>``); those that are not merged tensors (buffers)
@@ -318,25 +327,63 @@ class MergedModel(nn.Module):
         with torch.autocast(device_type=device, enabled=False):
             if not self.sharded:
                 return {self.full_name(n): compute(n, self._merge_one(n, table, origin)) for n in wanted}
-            # sharded: every tensor's local columns merged, then the block gathered in one collective
-            # (two under autocast: its matrices in the compute dtype, its vectors in float32)
             batched = [n for n in wanted if self.dense_rows.get(n) != []]
             out = {
                 self.full_name(n): compute(n, self._merge_one(n, table, origin))
                 for n in wanted
                 if n not in batched
             }
-            parts = {
-                n: compute(n, local_merge(self._coef(n, table)[:, 0], origin[n], self.task_vectors[n]))
-                for n in batched
-            }
-            for dtype_ in sorted({t.dtype for t in parts.values()}, key=str):  # one gather per dtype
-                group = [n for n in batched if parts[n].dtype == dtype_]
-                numels = [self.shapes[n].numel() for n in group]
-                fulls = gather_columns([parts[n] for n in group], numels, self._mesh())
-                for n, full in zip(group, fulls, strict=True):
-                    out[self.full_name(n)] = full.reshape(self.shapes[n])
+            if self.block_gather == "inputs":
+                merged = self._merge_gathered_inputs(table, batched, origin)
+            else:  # every tensor's local columns merged, then the block gathered
+                merged = self._gather(
+                    {
+                        n: compute(
+                            n, local_merge(self._coef(n, table)[:, 0], origin[n], self.task_vectors[n])
+                        )
+                        for n in batched
+                    }
+                )
+            for n in batched:
+                out[self.full_name(n)] = compute(n, merged[n]).reshape(self.shapes[n])
             return out
+
+    def _merge_gathered_inputs(self, table: Tensor, names: Sequence[str], origin: FrozenTensors) -> dict:
+        """FSDP style: gather the tensors' origin and task-vector columns, merge them whole on every rank.
+
+        Each rank's coefficient gradient is then its own data's, whole: scaled by 1 / N here, the table's
+        sum over ranks (``summed_grad``) makes it the ranks' mean, as the merged-gather variant gives.
+        """
+        table = table.detach() + (table - table.detach()) / self._mesh().size()
+        parts: dict = {}
+        for n in names:
+            parts[n, -1] = origin[n].to_local()  # (cols,)
+            local = self.task_vectors[n].to_local()  # (rows, cols)
+            parts |= {(n, r): local[r] for r in range(local.shape[0])}
+        full = self._gather(parts, {key: self.shapes[key[0]].numel() for key in parts})
+        return {
+            n: WeightedSum.apply(
+                self._coef(n, table)[:, 0],
+                full[n, -1].to(torch.float32),
+                torch.stack([full[n, r] for r in range(self.task_vectors[n].shape[0])]),  # (rows, numel)
+            )
+            for n in names
+        }
+
+    def _gather(self, parts: Mapping[Any, Tensor], numels: Mapping[Any, int] | None = None) -> dict:
+        """The full flat tensors from this rank's columns of each; one collective per dtype among them.
+
+        Args:
+            parts: Key -> this rank's columns (key: a tensor name, or a key whose [0] is one).
+            numels: Key -> the full tensor's number of elements (default: the named tensor's).
+        """
+        numels = numels or {n: self.shapes[n].numel() for n in parts}
+        out = {}
+        for dtype in sorted({t.dtype for t in parts.values()}, key=str):  # the same order on every rank
+            keys = [k for k in parts if parts[k].dtype == dtype]
+            fulls = gather_columns([parts[k] for k in keys], [numels[k] for k in keys], self._mesh())
+            out |= dict(zip(keys, fulls, strict=True))
+        return out
 
     def block_tensors(self) -> set[str]:
         """Full names of the merged tensors that lie in a repeated block (``per_block.block_paths``)."""
