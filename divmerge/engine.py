@@ -27,7 +27,6 @@ from divmerge import static
 from divmerge.core.coefficients import Granularity, get_space
 from divmerge.core.expert_set import ExpertSet
 from divmerge.core.merged_model import (
-    BlockGather,
     MergedModel,
     MergeMode,
     MergeModeOption,
@@ -212,7 +211,6 @@ class Merger:
         start_options: Options of ``start_from`` (its defaults where unset).
         merge_mode: ``whole`` or ``per_block`` (see ``divmerge.core.per_block``): when a training step
             merges the tensors; ``auto`` picks one when the model is built (``choose_merge_mode``).
-        block_gather: Sharded per-block merges: ``merged`` or ``inputs`` (``MergedModel.merge_block``).
     """
 
     def __init__(
@@ -232,7 +230,6 @@ class Merger:
         start_from: str | None = None,
         start_options: Mapping[str, Any] | None = None,
         merge_mode: MergeModeOption = "auto",
-        block_gather: BlockGather = "merged",
     ) -> None:
         if not experts:
             raise DivMergeError("No experts given: list them under model.experts as `task_name: path`.")
@@ -260,9 +257,6 @@ class Merger:
         self.backbone_pass = backbone_pass
         self.merge_mode = check_merge_mode(merge_mode, auto=True)  # before loading anything
         self.merge_mode_reason = ""
-        if block_gather not in ("merged", "inputs"):
-            raise DivMergeError(f"model.block_gather must be 'merged' or 'inputs', not {block_gather!r}.")
-        self.block_gather = block_gather
         self.family_options = dict(family_options or {})
         self.cache_dir = str(cache_dir or default_cache_dir())
         check_writable_dir(Path(self.cache_dir), "model.cache_dir (the teacher cache)")
@@ -325,7 +319,6 @@ class Merger:
             self.merge_mode, numel, self.merged.sharded, device_memory(device)
         )
         self.merged.merge_mode = mode
-        self.merged.block_gather = self.block_gather
 
     def _attach(self, experts: ExpertSet, family: ModelFamily) -> None:
         """Make ``experts`` this merger's expert set: the merged model, its family and digests."""
@@ -441,7 +434,6 @@ class Merger:
             task_vector_dtype=self.task_vector_dtype,
             backbone_pass=self.backbone_pass,
             merge_mode=self.merge_mode,
-            block_gather=self.block_gather,
             family_options=self.family_options,
             cache_dir=self.cache_dir,
         )

@@ -167,8 +167,6 @@ def test_bad_merge_modes_are_refused(tmp_path, tiny, expert_set, capsys):
         Merger(tiny["base"], tiny["experts"], merge_mode="blocks")
     with pytest.raises(DivMergeError, match="must be one of 'whole', 'per_block', not 'auto'"):
         MergedModel(expert_set, merge_mode="auto")  # the engine resolves auto before the model sees it
-    with pytest.raises(DivMergeError, match="block_gather must be 'merged' or 'inputs', not 'shards'"):
-        Merger(tiny["base"], tiny["experts"], block_gather="shards")
     with pytest.raises(SystemExit) as exit_info:  # the CLI's own check of the Literal
         train.main(["fit", "--config", write_config(tmp_path, tiny), "--model.merge_mode", "x"])
     assert exit_info.value.code == 2

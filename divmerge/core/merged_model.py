@@ -19,7 +19,7 @@ from divmerge.core import lora, per_block
 from divmerge.core.coefficients import Granularity, MergeCoefficients
 from divmerge.core.coefficients.base import CoefficientSpace
 from divmerge.core.expert_set import ExpertSet
-from divmerge.core.merge import FrozenTensors, WeightedSum
+from divmerge.core.merge import FrozenTensors
 from divmerge.core.sharding import (
     LockStep,
     gather_columns,
@@ -33,9 +33,6 @@ from divmerge.core.sharding import (
 from divmerge.errors import DivMergeError
 
 MergeMode = Literal["whole", "per_block"]
-BlockGather = Literal["merged", "inputs"]
-"""How a sharded per-block merge gathers a block: its merge (each rank merges its columns, one gather of
-the merged block) or its inputs (the origin and task-vector columns gathered, merged on every rank)."""
 MergeModeOption = Literal["auto", "whole", "per_block"]
 """A configured merge mode: ``auto`` is resolved by the engine (``divmerge.engine.choose_merge_mode``)."""
 
@@ -91,7 +88,6 @@ class MergedModel(nn.Module):
     ) -> None:
         super().__init__()
         self.merge_mode = check_merge_mode(merge_mode)
-        self.block_gather: BlockGather = "merged"  # sharded per-block merges (``merge_block``)
         self._block_tensors: set[str] | None = None
         self._lock: LockStep | None = None  # sharded per-block evaluation (``announce`` / ``drain``)
         self._probe_params: dict[str, Tensor] | None = None
@@ -301,10 +297,10 @@ class MergedModel(nn.Module):
         to a float32 matrix at each use anyway; here the cast happens once, at the merge. Vectors (norm
         scales, biases: a fraction of a percent of a block) stay float32, as norms need them.
 
-        Sharded, ``block_gather`` says what is gathered: ``merged`` (each rank merges its columns, then
-        one gather of the merged block; backward reduce-scatters its gradient) or ``inputs`` (FSDP
-        style: the block's origin and T task-vector columns are gathered and every rank merges the
-        whole block; nothing is reduce-scattered, but 1 + T times the bytes move).
+        Sharded, each rank merges its columns of the block and the merged block is gathered (backward
+        reduce-scatters its gradient). Gathering the block's origin and task-vector columns instead and
+        merging on every rank (FSDP style) moves 1 + T times the bytes and was 2.2-4x slower, measured
+        (README, "Sharding").
 
         Args:
             table: The coefficients (T, G): the learned ones, or (without a start) any table.
@@ -333,56 +329,30 @@ class MergedModel(nn.Module):
                 for n in wanted
                 if n not in batched
             }
-            if self.block_gather == "inputs":
-                merged = self._merge_gathered_inputs(table, batched, origin)
-            else:  # every tensor's local columns merged, then the block gathered
-                merged = self._gather(
-                    {
-                        n: compute(
-                            n, local_merge(self._coef(n, table)[:, 0], origin[n], self.task_vectors[n])
-                        )
-                        for n in batched
-                    }
-                )
+            # every tensor's local columns merged, then the block gathered (one collective per dtype)
+            merged = self._gather(
+                {
+                    n: compute(n, local_merge(self._coef(n, table)[:, 0], origin[n], self.task_vectors[n]))
+                    for n in batched
+                }
+            )
             for n in batched:
                 out[self.full_name(n)] = compute(n, merged[n]).reshape(self.shapes[n])
             return out
 
-    def _merge_gathered_inputs(self, table: Tensor, names: Sequence[str], origin: FrozenTensors) -> dict:
-        """FSDP style: gather the tensors' origin and task-vector columns, merge them whole on every rank.
-
-        Each rank's coefficient gradient is then its own data's, whole: scaled by 1 / N here, the table's
-        sum over ranks (``summed_grad``) makes it the ranks' mean, as the merged-gather variant gives.
-        """
-        table = table.detach() + (table - table.detach()) / self._mesh().size()
-        parts: dict = {}
-        for n in names:
-            parts[n, -1] = origin[n].to_local()  # (cols,)
-            local = self.task_vectors[n].to_local()  # (rows, cols)
-            parts |= {(n, r): local[r] for r in range(local.shape[0])}
-        full = self._gather(parts, {key: self.shapes[key[0]].numel() for key in parts})
-        return {
-            n: WeightedSum.apply(
-                self._coef(n, table)[:, 0],
-                full[n, -1].to(torch.float32),
-                torch.stack([full[n, r] for r in range(self.task_vectors[n].shape[0])]),  # (rows, numel)
-            )
-            for n in names
-        }
-
-    def _gather(self, parts: Mapping[Any, Tensor], numels: Mapping[Any, int] | None = None) -> dict:
+    def _gather(self, parts: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """The full flat tensors from this rank's columns of each; one collective per dtype among them.
 
         Args:
-            parts: Key -> this rank's columns (key: a tensor name, or a key whose [0] is one).
-            numels: Key -> the full tensor's number of elements (default: the named tensor's).
+            parts: Tensor name -> this rank's columns of it, (hi - lo,).
         """
-        numels = numels or {n: self.shapes[n].numel() for n in parts}
         out = {}
         for dtype in sorted({t.dtype for t in parts.values()}, key=str):  # the same order on every rank
-            keys = [k for k in parts if parts[k].dtype == dtype]
-            fulls = gather_columns([parts[k] for k in keys], [numels[k] for k in keys], self._mesh())
-            out |= dict(zip(keys, fulls, strict=True))
+            names = [n for n in parts if parts[n].dtype == dtype]
+            numels = [self.shapes[n].numel() for n in names]
+            out |= dict(
+                zip(names, gather_columns([parts[n] for n in names], numels, self._mesh()), strict=True)
+            )
         return out
 
     def block_tensors(self) -> set[str]:

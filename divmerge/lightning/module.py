@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from divmerge.core.coefficients import Granularity
-from divmerge.core.merged_model import BlockGather, MergedModel, MergeModeOption
+from divmerge.core.merged_model import MergedModel, MergeModeOption
 from divmerge.engine import DEFAULT_LR, LEARNED, Merger, TaskVectorDtype, check_method, check_trainable
 from divmerge.errors import DivMergeError
 from divmerge.evaluation import TaskResult, anp, format_table, write_report
@@ -81,10 +81,6 @@ class DivMergeModule(L.LightningModule):
             ModelParallelStrategy or when the merged model and its gradient (8 bytes per parameter) would
             take over a quarter of the device's memory, else ``whole``. Evaluation (teachers,
             generation, scores) follows the mode, sharded or not.
-        block_gather: Under ModelParallelStrategy with ``per_block``, what each block gathers: ``merged``
-            (default: each rank merges its 1/N columns, one all-gather of the merged block, its
-            gradient reduce-scattered) or ``inputs`` (FSDP style: the block's base and T task-vector
-            columns are gathered and every rank merges the whole block: 1 + T times the bytes).
         held_out: Held-out tasks (arXiv 2410.03617): task name -> a classifier whose head scores that task
             on the merged backbone; it is not merged, and is normalised against the base backbone with
             the same head. Its data needs labelled val/test examples only.
@@ -122,7 +118,6 @@ class DivMergeModule(L.LightningModule):
         task_vector_dtype: TaskVectorDtype = "float32",
         backbone_pass: BackbonePass = "per_task",
         merge_mode: MergeModeOption = "auto",
-        block_gather: BlockGather = "merged",
         held_out: dict[str, str] | None = None,
         cache_dir: str | None = None,
         max_new_tokens: int = 16,
@@ -161,7 +156,6 @@ class DivMergeModule(L.LightningModule):
             start_from=start_from,
             start_options=start_options,
             merge_mode=merge_mode,
-            block_gather=block_gather,
         )
         check_method(method, method_options or {})
         if start_from is not None and method != LEARNED:
