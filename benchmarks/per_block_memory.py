@@ -63,8 +63,9 @@ AUTOCAST = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.flo
 def step_closure(merged: MergedModel, config: Mapping[str, Any]) -> Any:
     """One training step of ``merged`` on fixed random prompts and teachers (see the module docstring).
 
-    ``config`` may name a ``device`` (default: where the merged model is) and a Lightning ``precision``
-    (``AUTOCAST``'s keys; default 32-true) for the forward; the merge itself stays float32.
+    ``config`` may name a ``device`` (default: where the merged model is), a Lightning ``precision``
+    (``AUTOCAST``'s keys; default 32-true) for the forward (the merge itself stays float32) and a
+    ``backbone_pass`` (``per_task``, default, or ``joint``: every task's prompts in one forward).
     """
     g = torch.Generator().manual_seed(0)
     device = torch.device(config.get("device", "cpu"))
@@ -86,10 +87,25 @@ def step_closure(merged: MergedModel, config: Mapping[str, Any]) -> Any:
             ).logits  # (B, A, V)
         return js_divergence(teachers[t], logits.float().reshape(-1, vocab)).mean()
 
+    def joint_loss(params: Mapping[str, torch.Tensor]) -> torch.Tensor:  # every task in one forward
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = causal_lm.forward(
+                merged,
+                params,
+                torch.cat([ids[t] for t in tasks]),
+                mask.repeat(len(tasks), 1),
+                logits_to_keep=answer,
+            ).logits  # (T * B, A, V)
+        rows = logits.float().reshape(len(tasks), -1, vocab)  # (T, B * A, V)
+        return sum(js_divergence(teachers[t], rows[t]).mean() for t in tasks)
+
     def step() -> None:
-        loss, _ = accumulate_over_tasks(
-            merged.step_params(), {t: (lambda p, t=t: task_loss(t, p)) for t in tasks}
-        )
+        if config.get("backbone_pass", "per_task") == "joint":
+            loss = joint_loss(merged.step_params())
+        else:
+            loss, _ = accumulate_over_tasks(
+                merged.step_params(), {t: (lambda p, t=t: task_loss(t, p)) for t in tasks}
+            )
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

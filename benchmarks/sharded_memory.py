@@ -77,11 +77,6 @@ LEGEND = (
 )
 
 
-def merge_mode(mode: str) -> str:
-    """The merged model's mode of a benchmark mode (``per_block_inputs``: per block, gathering inputs)."""
-    return "per_block" if mode.startswith("per_block") else mode
-
-
 def run_rank(config: Mapping[str, Any]) -> dict[str, Any]:
     """One rank: load (sharded, or whole in turn), step; returns this rank's measurements."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -94,7 +89,7 @@ def run_rank(config: Mapping[str, Any]) -> dict[str, Any]:
     if config["loading"] == "sharded":  # every rank at once, each reading only its columns of the files
         reset_peak()
         experts = load_experts(config["base"], config["experts"], mesh=mesh)
-        merged = MergedModel(experts, "layer", merge_mode=merge_mode(config["mode"]))
+        merged = MergedModel(experts, "layer", merge_mode=config["mode"])
         load_peak = peak_rss_mb() - before
         del experts
     else:  # whole: one rank at a time (this machine holds one whole expert set at a time)
@@ -105,14 +100,13 @@ def run_rank(config: Mapping[str, Any]) -> dict[str, Any]:
                 merged = MergedModel(
                     load_experts(config["base"], config["experts"]),
                     "layer",
-                    merge_mode=merge_mode(config["mode"]),
+                    merge_mode=config["mode"],
                 )
                 merged.shard(mesh)
                 load_peak = peak_rss_mb() - before
             dist.barrier()
     release_memory()
     assert merged is not None
-    merged.block_gather = "inputs" if config["mode"] == "per_block_inputs" else "merged"
     step = step_closure(merged, {**config, "batch_size": max(1, int(config["batch_size"]) // world)})
     loaded = rss_mb()
     reset_peak()
@@ -197,11 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated expert sources (default: the four generative demo experts)",
     )
     p.add_argument("--ranks", default="1,2,4", help="comma-separated numbers of processes")
+    p.add_argument("--modes", default="whole,per_block", help="comma-separated merge modes")
     p.add_argument(
-        "--modes",
-        default="whole,per_block",
-        help="comma-separated merge modes: whole, per_block (gathering each merged block), "
-        "per_block_inputs (gathering each block's base and task-vector columns, FSDP style)",
+        "--backbone_pass",
+        choices=("per_task", "joint"),
+        default="per_task",
+        help="per_task: one task's forward+backward at a time; joint: every task in one forward",
     )
     p.add_argument(
         "--precision",
@@ -236,7 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(run_rank(json.loads(args.worker))))
         return 0
     experts = expert_sources(args.experts)  # demo experts are built here, once, not in the ranks
-    keys = ("base", "batch_size", "seq_len", "answer", "steps", "warmup", "threads", "loading", "precision")
+    keys = ("base", "batch_size", "seq_len", "answer", "steps", "warmup", "threads", "loading")
+    keys += ("precision", "backbone_pass")
     common = {k: getattr(args, k) for k in keys} | {"experts": experts}
     rows = []
     for world in (int(n) for n in args.ranks.split(",")):
@@ -251,7 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"# Sharded storage over N CPU processes (gloo; {args.loading} loading; base {args.base}, "
         f"T = {len(experts)}, global "
         f"batch {args.batch_size} x {args.seq_len} tokens per task, loss on the last {args.answer} "
-        f"positions, {args.precision}, {args.threads} threads per rank, {os.cpu_count()} cores)\n\n"
+        f"positions, {args.precision}, backbone_pass {args.backbone_pass}, {args.threads} threads per "
+        f"rank, {os.cpu_count()} cores)\n\n"
     )
     text = header + format_table(rows, COLUMNS) + "\n\n" + LEGEND + "\n"
     print(text)

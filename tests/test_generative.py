@@ -169,6 +169,32 @@ def test_one_hot_coefficients_give_zero_divergence(merged, top_k):
     assert other > 1e-3
 
 
+@pytest.mark.parametrize("mode", ["whole", "per_block"])
+def test_joint_pass_equals_one_task_at_a_time(lm, mode):
+    """backbone_pass joint: every task's rows in one forward; the losses and the coefficient gradient
+    are those of the per-task passes (different padding: float rounding only)."""
+    model = MergedModel(load_experts(lm["base"], lm["experts"]), granularity="layer", merge_mode=mode)
+    torch.nn.init.uniform_(model.coefficients.weight, 0.2, 0.9)
+    batches, teachers = {}, {}
+    for t, texts in enumerate((PROMPTS, ["c c", "a b c d e f", "g"])):
+        ids, mask = causal_lm.pad_sequences(prompts(texts), 0)
+        batches[t] = {"input_ids": ids, "attention_mask": mask, "idx": torch.arange(len(texts))}
+        teachers[t] = causal_lm.build_teacher(model, t, [batches[t]], len(texts), 1, 0, 4 + t, top_k=3)
+    results = {}
+    for backbone_pass in ("per_task", "joint"):
+        model.coefficients.weight.grad = None
+        loss, per_task = causal_lm.step_loss(
+            model, js_divergence, batches, teachers, 0, backbone_pass=backbone_pass
+        )
+        loss.backward()
+        results[backbone_pass] = (loss.detach(), per_task, model.coefficients.weight.grad.clone())
+    (la, pa, ga), (lb, pb, gb) = results["per_task"], results["joint"]
+    assert la > 1e-3 and ga.abs().sum() > 0
+    torch.testing.assert_close(la, lb, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(pa[1], pb[1], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(ga, gb, atol=1e-5, rtol=1e-3)
+
+
 def test_answer_aligned_puts_every_answer_at_the_end():
     prompts_ = [torch.tensor([5, 6, 7]), torch.tensor([8])]
     answers = [torch.tensor([2, 1]), torch.tensor([3, 4, 1])]  # the last token is predicted, never fed

@@ -333,37 +333,64 @@ def teacher_forced_loss(
 ) -> Tensor:
     """The merged model teacher-forced on prompt + the expert's answer, scored on the answer positions.
 
-    The answers are aligned (:func:`~divmerge.families.generation.answer_aligned`) so the LM head runs on
-    the answer positions only: over a 49k-token vocabulary it would otherwise cost a large share of the
-    step on every prompt position.
+    One task's batch of ``teacher_forced_losses``.
+
+    Returns:
+        Scalar: the mean over examples of the divergence averaged over their answer positions.
+    """
+    return teacher_forced_losses(merged, params, objective, {0: prompts}, {0: teacher}, pad_id)[0]
+
+
+def teacher_forced_losses(
+    merged: MergedModel,
+    params: Mapping[str, Tensor],
+    objective: Objective,
+    prompts: Mapping[int, Sequence[Tensor]],
+    teachers: Mapping[int, Mapping[str, Tensor]],
+    pad_id: int,
+) -> dict[int, Tensor]:
+    """Several tasks' batches teacher-forced in ONE forward of the merged model, scored per task.
+
+    The answers are aligned (:func:`~divmerge.families.generation.answer_aligned`) across all rows, so
+    the LM head runs on the answer positions only: over a 49k-token vocabulary it would otherwise cost a
+    large share of the step on every prompt position. With one task this is a task's loss
+    (``backbone_pass: per_task``); with all, the joint pass (each block merged once per step).
 
     Args:
         merged: The merged model.
         params: Merged tensors (differentiable w.r.t. the coefficients).
         objective: Divergence between expert log-probabilities and merged logits, per row.
-        prompts: Prompt token ids per example, each (m_i,).
-        teacher: The batch's rows of the teacher cache (``tokens``, ``lengths``, ``logprobs``, ``ids``).
+        prompts: Task -> prompt token ids per example, each (m_i,).
+        teachers: Task -> the batch's rows of its teacher cache (``tokens``, ``lengths``, ``logprobs``,
+            ``ids``).
         pad_id: Padding id.
 
     Returns:
-        Scalar: the mean over examples of the divergence averaged over their answer positions.
+        Task -> scalar: the mean over its examples of the divergence averaged over their answer positions.
 
     """
     device = next(iter(params.values())).device
-    lengths = teacher["lengths"]
-    answers = [a[:n] for a, n in zip(teacher["tokens"], lengths.tolist(), strict=True)]
-    ids, mask = answer_aligned([p.to(device) for p in prompts], answers, pad_id)  # (B, P + A - 1)
-    width = int(lengths.max())  # A: the last A positions predict the answers' tokens
-    logits = forward(merged, params, ids, mask, **logits_window(merged, width)).logits  # (B, A', V)
-    ids_k = teacher.get("ids")
-    return answer_divergence(
-        objective,
-        logits[:, -width:],  # (B, A, V)
-        torch.ones(len(prompts), dtype=torch.long, device=device),  # answer token j at position j
-        lengths.to(device),
-        teacher["logprobs"].to(device),
-        None if ids_k is None else ids_k.to(device).long(),
-    )
+    tasks = list(prompts)
+    rows, answers = [], []
+    for t in tasks:
+        lengths = teachers[t]["lengths"]
+        rows += [p.to(device) for p in prompts[t]]
+        answers += [a[:n] for a, n in zip(teachers[t]["tokens"], lengths.tolist(), strict=True)]
+    ids, mask = answer_aligned(rows, answers, pad_id)  # (sum B_t, P + A - 1)
+    width = max(int(teachers[t]["lengths"].max()) for t in tasks)  # A: the last A positions
+    logits = forward(merged, params, ids, mask, **logits_window(merged, width)).logits  # (sum B_t, A', V)
+    out = {}
+    for t, task_logits in zip(tasks, logits[:, -width:].split([len(prompts[t]) for t in tasks]), strict=True):
+        ids_k = teachers[t].get("ids")
+        out[t] = answer_divergence(
+            objective,
+            task_logits,  # (B_t, A, V): answer token j at position j
+            torch.ones(len(task_logits), dtype=torch.long, device=device),
+            teachers[t]["lengths"].to(device),
+            teachers[t]["logprobs"].to(device),
+            None if ids_k is None else ids_k.to(device).long(),
+        )
+    return out
 
 
 def logits_window(merged: MergedModel, width: int) -> dict[str, int]:
@@ -379,11 +406,15 @@ def step_loss(
     teachers: Mapping[int, Mapping[str, Tensor]],
     pad_id: int,
     params: Mapping[str, Tensor] | None = None,
+    backbone_pass: str = "per_task",
 ) -> tuple[Tensor, dict[int, Tensor]]:
-    """The training loss sum_t teacher_forced_loss_t, one task's forward+backward at a time.
+    """The training loss sum_t teacher_forced_loss_t.
 
-    Gradients accumulate on the merged tensors (``divmerge.core.merge.accumulate_over_tasks``), so activation
-    memory is one task's batch whatever the number of tasks.
+    ``per_task``: one task's forward+backward at a time; gradients accumulate on the merged tensors
+    (``divmerge.core.merge.accumulate_over_tasks``), so activation memory is one task's batch whatever
+    the number of tasks. ``joint``: all tasks' rows in one forward, whose backward is the caller's: a
+    per-block merge (and, sharded, its gathers) then runs once per step instead of once per task, for
+    T tasks' activations (only each block's input under the per-block mode's checkpointing).
 
     Args:
         merged: The merged model.
@@ -392,19 +423,21 @@ def step_loss(
         teachers: Task index -> the batch's rows of that task's teacher cache.
         pad_id: Padding id.
         params: The merged tensors (None: ``merged.step_params()``, differentiable).
+        backbone_pass: ``per_task`` or ``joint``.
 
     Returns:
         The loss to call ``backward()`` on (value: the summed task losses) and each task's detached loss.
 
     """
+    params = merged.step_params() if params is None else params
+    prompts = {t: prompts_of(b) for t, b in batches.items()}
+    if backbone_pass == "joint":
+        losses = teacher_forced_losses(merged, params, objective, prompts, teachers, pad_id)
+        return torch.stack(list(losses.values())).sum(), {t: v.detach() for t, v in losses.items()}
     return accumulate_over_tasks(
-        merged.step_params() if params is None else params,
+        params,
         {
-            t: (
-                lambda p, t=t: teacher_forced_loss(
-                    merged, p, objective, prompts_of(batches[t]), teachers[t], pad_id
-                )
-            )
+            t: (lambda p, t=t: teacher_forced_loss(merged, p, objective, prompts[t], teachers[t], pad_id))
             for t in batches
         },
     )
@@ -594,16 +627,12 @@ class CausalLM(ModelFamily):
         model.tie_weights()  # functional_call then needs the shared name once
 
     def check_tasks(self, specs: Sequence[TaskSpec], backbone_pass: str) -> None:
-        """Generative tasks only, trained one task at a time."""
+        """Generative tasks only."""
         wrong = [spec.name for spec in specs if spec.kind != self.task_kind]
         if wrong:
             raise DivMergeError(
                 f"Tasks {wrong} are classification tasks but the experts are causal LMs: set "
                 "`kind: generative` and a prompt_template on each."
-            )
-        if backbone_pass != "per_task":
-            raise DivMergeError(
-                "Causal-LM experts are trained one task at a time: use backbone_pass: per_task."
             )
         if not isinstance(self.generation_metric, str):
             unknown = sorted(set(self.generation_metric) - {spec.name for spec in specs})
@@ -659,9 +688,9 @@ class CausalLM(ModelFamily):
         backbone_pass: str,
         params: Mapping[str, Tensor] | None = None,
     ) -> tuple[Tensor, dict[int, Tensor]]:
-        """Teacher-forced divergence on the experts' answers, one task's forward+backward at a time."""
+        """Teacher-forced divergence on the experts' answers (``step_loss``: per task or joint)."""
         inputs = {t: {k: b[k] for k in ("input_ids", "attention_mask")} for t, b in batches.items()}
-        return step_loss(merged, objective, inputs, teachers, self.pad_id, params)
+        return step_loss(merged, objective, inputs, teachers, self.pad_id, params, backbone_pass)
 
     def probe(self, merged: MergedModel, params: Mapping[str, Tensor]) -> None:
         """The logits of one padding token (see ``ModelFamily.probe``)."""
