@@ -2,6 +2,8 @@
 unsharded ones, and the coefficient gradient is the ranks' mean gradient (data parallel), LoRA factors
 and the per-block gather included."""
 
+from datetime import timedelta
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -13,6 +15,12 @@ from divmerge.core.merged_model import MergedModel
 from divmerge.families import causal_lm, load_experts
 from tests.test_lora_causal import setup  # noqa: F401  (a tiny Qwen2 base, a full expert, a LoRA adapter)
 from tests.test_sharded_loading import free_port
+
+
+def init(rank: int, world: int, port: int) -> None:
+    """Join the gloo group; a collective some rank never joins fails after 2 minutes instead of hanging."""
+    address, timeout = f"tcp://127.0.0.1:{port}", timedelta(minutes=2)
+    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=address, timeout=timeout)
 
 
 def rank_weights(params: dict, rank: int) -> dict:
@@ -28,7 +36,7 @@ def loss_and_grad(merged: MergedModel, params: dict, weights: dict) -> torch.Ten
 
 
 def _compare(rank: int, world: int, port: int, base: str, experts: dict, mode: str) -> None:
-    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
+    init(rank, world, port)
     try:
         expert_set = load_experts(base, experts)
         merge_mode = "whole" if mode == "whole" else "per_block"
@@ -54,8 +62,8 @@ def _compare(rank: int, world: int, port: int, base: str, experts: dict, mode: s
         assert params.keys() == whole.keys()
         blocks = sharded.block_tensors()
         for n in whole:  # the gathered tensors are the unsharded merge (rounded to bf16 under autocast)
-            matrix = n in blocks and "@" not in n and whole[n].dim() >= 2
-            want = whole[n].to(torch.bfloat16) if bf16 and matrix else whole[n]
+            linear = n in blocks and n in sharded.linear_weights()  # prefix "": full names are names
+            want = whole[n].to(torch.bfloat16) if bf16 and linear else whole[n]
             assert params[n].dtype == want.dtype, (n, params[n].dtype, want.dtype)
             torch.testing.assert_close(params[n], want, rtol=1e-6, atol=1e-6)
         grad = loss_and_grad(sharded, params, rank_weights(whole, rank))
@@ -71,9 +79,13 @@ def test_sharded_merge_and_gradient_equal_the_unsharded_mean_gradient(setup, mod
     mp.spawn(_compare, args=(world, free_port(), setup["base"], experts, mode), nprocs=world)
 
 
-def _decode_unevenly(rank: int, world: int, port: int, base: str, experts: dict, out: dict) -> None:
-    """Each rank decodes its own number of prompts for its own number of steps, per block and sharded."""
-    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
+def _decode_unevenly(
+    rank: int, world: int, port: int, base: str, experts: dict, bf16: bool, out: dict
+) -> None:
+    """Each rank decodes its own number of prompts for its own number of steps, per block and sharded
+    (under bf16 autocast, as Lightning's bf16-mixed evaluation steps run, while the drain runs outside
+    it, as an epoch-end hook does)."""
+    init(rank, world, port)
     try:
         expert_set = load_experts(base, experts)
         plain, sharded = (MergedModel(expert_set, merge_mode="per_block") for _ in range(2))
@@ -92,11 +104,12 @@ def _decode_unevenly(rank: int, world: int, port: int, base: str, experts: dict,
 
         params = sharded.eval_params(table)
         assert per_block.TABLE in params  # no whole merge: each forward gathers block by block
-        got = [causal_lm.generate(sharded, params, b, -1, 0, steps).tokens for b in batches]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            got = [causal_lm.generate(sharded, params, b, -1, 0, steps).tokens for b in batches]
         sharded.drain(probe)
-        expected = [
-            causal_lm.generate(plain, plain.eval_params(table), b, -1, 0, steps).tokens for b in batches
-        ]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            reference = plain.eval_params(table)
+            expected = [causal_lm.generate(plain, reference, b, -1, 0, steps).tokens for b in batches]
         for a, b in zip(got, expected, strict=True):
             assert torch.equal(a, b)
         out[rank] = len(probes)
@@ -104,13 +117,16 @@ def _decode_unevenly(rank: int, world: int, port: int, base: str, experts: dict,
         dist.destroy_process_group()
 
 
-def test_sharded_per_block_decoding_keeps_ranks_in_step(setup):  # noqa: F811
+@pytest.mark.parametrize("bf16", [False, True])
+def test_sharded_per_block_decoding_keeps_ranks_in_step(setup, bf16):  # noqa: F811
     """Ranks decode different numbers of batches for different numbers of steps: the ones done early
     stand in for the others' forwards (``drain``) and every rank's answers equal the unsharded merge's."""
     with mp.Manager() as manager:
         out = manager.dict()
         mp.spawn(
-            _decode_unevenly, args=(2, free_port(), setup["base"], {"first": setup["full"]}, out), nprocs=2
+            _decode_unevenly,
+            args=(2, free_port(), setup["base"], {"first": setup["full"]}, bf16, out),
+            nprocs=2,
         )
         # rank 0: 1 batch x 2 forwards; rank 1: 3 batches x 6 forwards, so rank 0 stands in for 16
         assert dict(out) == {0: 16, 1: 0}

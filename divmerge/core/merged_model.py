@@ -37,6 +37,15 @@ MergeModeOption = Literal["auto", "whole", "per_block"]
 """A configured merge mode: ``auto`` is resolved by the engine (``divmerge.engine.choose_merge_mode``)."""
 
 
+AUTOCAST_STATES: tuple[torch.dtype | None, ...] = (None, torch.bfloat16, torch.float16)
+"""Autocast states a forward can run under (no autocast, bf16, fp16), by their index in collectives."""
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The compute dtype of the autocast active on ``device_type`` (None: none active)."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
 def check_merge_mode(merge_mode: str, auto: bool = False) -> MergeMode:
     """``merge_mode`` if it is ``whole`` or ``per_block`` (or ``auto`` where allowed), else one line."""
     allowed = ("auto", "whole", "per_block") if auto else ("whole", "per_block")
@@ -89,6 +98,7 @@ class MergedModel(nn.Module):
         super().__init__()
         self.merge_mode = check_merge_mode(merge_mode)
         self._block_tensors: set[str] | None = None
+        self._linear_weights: set[str] | None = None
         self._lock: LockStep | None = None  # sharded per-block evaluation (``announce`` / ``drain``)
         self._probe_params: dict[str, Tensor] | None = None
         self.task_names = list(experts.task_names)
@@ -248,12 +258,15 @@ class MergedModel(nn.Module):
         Training forwards (with gradients) are in step already: every rank runs the same steps.
         """
         if self.sharded and not torch.is_grad_enabled():
-            self._lock_step().announce(self._device())
+            device = self._device()
+            self._lock_step().announce(AUTOCAST_STATES.index(autocast_dtype(device.type)), device)
 
     def drain(self, probe: Callable[[Mapping[str, Tensor]], None]) -> None:
         """End an evaluation phase: stand in for the per-block forwards other ranks still run.
 
         Every rank calls it (a collective when sharded; nothing otherwise), before any other collective.
+        Each stand-in runs under the autocast state its forward announced (a block's gathers depend on
+        it, ``merge_block``).
 
         Args:
             probe: Runs one forward of the merged model with the given ``eval_params`` tensors (any
@@ -262,15 +275,20 @@ class MergedModel(nn.Module):
         if not self.sharded:
             return
         params = self._probe_params
+        device = self._device()
 
-        def stand_in() -> None:
+        def stand_in(state: int) -> None:
             if params is None:
                 raise DivMergeError("A rank ran a per-block evaluation forward that others did not prepare.")
-            with torch.no_grad():
+            dtype = AUTOCAST_STATES[state]
+            with (
+                torch.no_grad(),
+                torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
+            ):
                 probe(params)
 
         try:
-            self._lock_step().drain(stand_in, self._device())
+            self._lock_step().drain(stand_in, device)
         finally:
             self._probe_params = None
 
@@ -291,16 +309,17 @@ class MergedModel(nn.Module):
     def merge_block(self, table: Tensor, names: Sequence[str]) -> dict[str, Tensor]:
         """The merge of some tensors only (one block's, in the per-block mode), around the learned origin.
 
-        Under autocast (bf16-mixed / 16-mixed) the merged weight matrices come in its compute dtype: the
-        merge itself and the coefficient gradient stay float32, and the block's merged matrices and
-        their gradient take half the bytes (sharded, so does the gather). That is what autocast does
-        to a float32 matrix at each use anyway; here the cast happens once, at the merge. Vectors (norm
-        scales, biases: a fraction of a percent of a block) stay float32, as norms need them.
+        Under autocast (bf16-mixed / 16-mixed) the merged linear layers' weights come in its compute
+        dtype (``linear_weights``): the merge itself and the coefficient gradient stay float32, and the
+        block's merged matrices and their gradient take half the bytes (sharded, so does their gather).
+        That is what autocast does to a float32 linear weight at each use anyway; here the cast happens
+        once, at the merge. Other tensors (norms' scales, biases: a fraction of a percent of a block)
+        stay float32.
 
-        Sharded, each rank merges its columns of the block and the merged block is gathered (backward
-        reduce-scatters its gradient). Gathering the block's origin and task-vector columns instead and
-        merging on every rank (FSDP style) moves 1 + T times the bytes and was 2.2-4x slower, measured
-        (README, "Sharding").
+        Sharded, each rank merges its columns of the block and the merged block is gathered, one
+        collective per dtype (backward reduce-scatters its gradient). Gathering the block's origin and
+        task-vector columns instead and merging on every rank (FSDP style) moves 1 + T times the bytes
+        and was 2.2-4.1x slower (README, "Sharding": the gathers compared).
 
         Args:
             table: The coefficients (T, G): the learned ones, or (without a start) any table.
@@ -311,14 +330,15 @@ class MergedModel(nn.Module):
             Full name -> merged tensor, differentiable w.r.t. ``table``.
         """
         device = table.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        dtype = autocast_dtype(device)
         origin = self._origin(None)
         short = {self.full_name(n): n for n in self.names}
         wanted = [short[full] for full in names if full in short]
 
-        def compute(n: str, merged: Tensor) -> Tensor:  # matrices in the compute dtype
-            matrix = len(self.shapes[n]) >= 2  # norms' scales and biases stay float32 (autocast's rule)
-            return merged.to(dtype if dtype is not None and matrix else origin[n].dtype)
+        linear = self.linear_weights()
+
+        def compute(n: str, merged: Tensor) -> Tensor:  # linear layers' weights in the compute dtype
+            return merged.to(dtype if dtype is not None and n in linear else origin[n].dtype)
 
         with torch.autocast(device_type=device, enabled=False):
             if not self.sharded:
@@ -354,6 +374,22 @@ class MergedModel(nn.Module):
                 zip(names, gather_columns([parts[n] for n in names], numels, self._mesh()), strict=True)
             )
         return out
+
+    def linear_weights(self) -> set[str]:
+        """Names (unprefixed) of the merged tensors that are a linear layer's weight.
+
+        What autocast runs in its compute dtype (matmuls), unlike norms' scales, biases or other
+        parameters (e.g. an SSM's ``A_log``, used in float32).
+        """
+        if self._linear_weights is None:
+            skeleton = self._skeletons[0]
+            self._linear_weights = set()
+            for n in self.names:
+                module, _, leaf = self.full_name(n).rpartition(".")
+                owner = skeleton.get_submodule(module)
+                if leaf == "weight" and (isinstance(owner, nn.Linear) or type(owner).__name__ == "Conv1D"):
+                    self._linear_weights.add(n)
+        return self._linear_weights
 
     def block_tensors(self) -> set[str]:
         """Full names of the merged tensors that lie in a repeated block (``per_block.block_paths``)."""

@@ -9,9 +9,10 @@ shard parameters. A merge is then
 
 a local weighted sum over this rank's columns (``WeightedSum``), then one all-gather of the merged
 tensor, never of the T task vectors; the per-block merge gathers all the tensors of a block in one
-collective (``gather_columns``). Stored per rank: (1 + T) x model / N. The whole-model merge then holds
-the full merged tensors and their gradient (2 models) on every rank; the per-block merge
-(``divmerge.core.per_block``) only one block's at a time.
+collective per dtype (``gather_columns``: one, or two under autocast, whose linear weights are bf16).
+Stored per rank: (1 + T) x model / N. The whole-model merge then holds the full merged tensors and
+their gradient (2 models) on every rank; the per-block merge (``divmerge.core.per_block``) only one
+block's at a time.
 
 Ranks see different data (data parallel), so the merged tensors' gradients differ per rank; in backward
 they are averaged across ranks and each rank keeps its own columns (one reduce-scatter per gather), from
@@ -213,11 +214,13 @@ class LockStep:
     """Keeps the ranks' evaluation forwards in step when each forward is a collective.
 
     Sharded and per block, every forward of the merged model gathers each block's columns from every
-    rank, so all ranks must run the same number of forwards. Evaluation does not: ranks hold different
-    numbers of examples, and greedy answers end at different steps. So before each such forward a rank
-    announces it (one one-element all-reduce), and a rank whose work is done drains: it joins the
-    announcements with a zero and runs a stand-in forward (``probe``) for every one that some rank
-    still makes, until none does. Every announcement then meets one forward on every rank.
+    rank, so all ranks must run the same number of forwards, with the same gathers. Evaluation does not:
+    ranks hold different numbers of examples, and greedy answers end at different steps. So before each
+    such forward a rank announces it (a two-element all-reduce: one forward, and its autocast state,
+    which decides the gathers' dtypes), and a rank whose work is done drains: it joins the
+    announcements with zeros and runs a stand-in forward (``probe``), under the announced autocast
+    state, for every one that some rank still makes, until none does. Every announcement then meets one
+    forward with the same gathers on every rank.
 
     Args:
         group: The process group the forwards' collectives run over.
@@ -227,24 +230,29 @@ class LockStep:
         self.group = group
         self.draining = False
 
-    def _count(self, working: int, device: torch.device) -> int:
-        flag = torch.tensor([working], dtype=torch.int64, device=device)
-        dist.all_reduce(flag, group=self.group)
-        return int(flag.item())
+    def announce(self, state: int, device: torch.device) -> None:
+        """Before one of this rank's own forwards (not the drain's stand-ins).
 
-    def announce(self, device: torch.device) -> None:
-        """Before one of this rank's own forwards (not the drain's stand-ins)."""
+        Args:
+            state: The forward's autocast state as a small integer (0: none), the same on every rank.
+            device: Where the collective's tensor lives (the process group's device).
+        """
         if not self.draining:
-            self._count(1, device)
+            dist.all_reduce(torch.tensor([1, state], device=device), group=self.group)
 
-    def drain(self, probe: Callable[[], None], device: torch.device) -> None:
-        """Run ``probe`` once for each forward other ranks still announce; returns when all are done.
+    def drain(self, probe: Callable[[int], None], device: torch.device) -> None:
+        """Run ``probe(state)`` for each forward other ranks still announce; returns when all are done.
 
         Every rank calls it at the end of an evaluation phase, before any other collective.
         """
         self.draining = True
         try:
-            while self._count(0, device):
-                probe()
+            while True:
+                flag = torch.zeros(2, dtype=torch.int64, device=device)  # (forwards, summed states)
+                dist.all_reduce(flag, group=self.group)
+                count, states = (int(v) for v in flag.tolist())
+                if not count:
+                    return
+                probe(states // count)  # every announcing rank forwards under the same state
         finally:
             self.draining = False
