@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import pandas as pd
 import pytest
 
@@ -94,6 +96,17 @@ def test_datamodule_batches_every_task(tiny):
     assert "labels" not in batch["alpha"]
     val = dm.val_dataloader()
     assert len(val) == 2 and "labels" in next(iter(val[0]))
+
+
+def test_an_evaluation_split_smaller_than_the_processes_is_refused(tiny):
+    """2 test examples per task on 3 processes: the third would score none and hang the others."""
+    tasks = [TaskSpec(n, p, num_unlabelled=20, num_val=3, num_test=2) for n, p in tiny["data"].items()]
+    dm = MergeDataModule(tasks, tokenizer=tiny["base"], batch_size_per_task=4, max_length=16)
+    dm.setup("fit")
+    dm.trainer = SimpleNamespace(world_size=3, global_rank=2)  # what the loaders read of the trainer
+    assert len(dm.val_dataloader()) == 2  # 3 val examples: one each
+    with pytest.raises(DivMergeError, match="test split has at most 2 examples per task, fewer than the 3"):
+        dm.test_dataloader()
 
 
 def test_datamodule_rejects_duplicates_and_empty():

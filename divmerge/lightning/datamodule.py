@@ -223,8 +223,25 @@ class MergeDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> list[DataLoader]:
         """One labelled loader per task of ``eval_tasks("val")``."""
-        return [self._scored_loader(t, "val") for t in self.eval_tasks("val")]
+        return self._scored_loaders("val")
 
     def test_dataloader(self) -> list[DataLoader]:
         """One labelled loader per task of ``eval_tasks("test")``."""
-        return [self._scored_loader(t, "test") for t in self.eval_tasks("test")]
+        return self._scored_loaders("test")
+
+    def _scored_loaders(self, split: Split) -> list[DataLoader]:
+        """Every task's scored loader of ``split``, refusing a split some process would get nothing of.
+
+        Each example goes to one process, so with fewer examples than processes in every task a process
+        gets none: Lightning then skips its evaluation hooks, and the others wait for it for ever.
+        """
+        tasks = self.eval_tasks(split)
+        world = 1 if self.trainer is None else self.trainer.world_size
+        largest = max((len(self.dataset(t, split)) for t in tasks), default=0)
+        if tasks and largest < world:
+            raise DivMergeError(
+                f"The {split} split has at most {largest} examples per task, fewer than the {world} "
+                f"processes, so some process would score none: give num_{split} >= {world}, or run "
+                "fewer processes."
+            )
+        return [self._scored_loader(t, split) for t in tasks]
