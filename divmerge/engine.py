@@ -818,6 +818,7 @@ class Merger:
                     self.eval_update(metrics[task], task, split, batch, params, (rows or {}).get(task, empty))
                 names = ["expert", *params]
                 out[task] = {name: float(metrics[task][name].compute()) for name in names}
+        self.drain()  # sharded per block: every rank calls this; the ones done early stand in
         return out
 
     def describe(self, method: str) -> str:

@@ -71,7 +71,9 @@ class DivMergeModule(L.LightningModule):
         backbone_pass: ``per_task`` (default) runs each task's forward+backward in turn and accumulates
             the merged tensors' gradients: activations of one task's batch at a time, so memory grows by
             one task vector per expert. ``joint`` runs every task in one concatenated pass: larger
-            matmuls, but activation memory grows with the number of tasks.
+            matmuls, and with ``merge_mode: per_block`` each block merged (and, sharded, gathered)
+            once per step instead of once per task, but activation memory grows with the number of
+            tasks (only each block's input, per block).
         merge_mode: ``whole`` merges every tensor before a training step's forward and keeps the merged
             model and its gradient until backward; ``per_block`` merges each transformer block's tensors
             just before it runs and recomputes them with the block in backward, so only one block's
@@ -80,7 +82,8 @@ class DivMergeModule(L.LightningModule):
             model copies, or long prompts. ``auto`` (default) picks ``per_block`` under
             ModelParallelStrategy or when the merged model and its gradient (8 bytes per parameter) would
             take over a quarter of the device's memory, else ``whole``. Evaluation (teachers,
-            generation, scores) follows the mode, sharded or not.
+            generation, scores) follows the mode, sharded or not (with ``start_from``, the experts'
+            one-hot merges are whole).
         held_out: Held-out tasks (arXiv 2410.03617): task name -> a classifier whose head scores that task
             on the merged backbone; it is not merged, and is normalised against the base backbone with
             the same head. Its data needs labelled val/test examples only.
