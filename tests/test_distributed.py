@@ -179,6 +179,30 @@ def test_sharded_loading_and_parallel_teachers_on_causal_lm_experts(tmp_path, lm
     assert (coefficients(tmp_path / "two" / "sharded" / "last.ckpt") - single).abs().max() < 1e-4
 
 
+def test_sharded_bf16_fit_evaluates_per_block_in_lock_step(tmp_path, lm):
+    """bf16-mixed causal-LM fit and test under ModelParallelStrategy, per block and joint: ranks with
+    unequal evaluation shares (3 val examples per task, eval batches of 1) keep their per-block
+    generation forwards in step, the stand-ins running under the evaluation steps' autocast."""
+    config = lm_config(tmp_path, lm)
+    flags = ["--trainer.precision", "bf16-mixed", "--model.backbone_pass", "joint"]
+    flags += ["--data.eval_batch_size", "1"]
+    cfg = yaml.safe_load(Path(config).read_text())
+    for task in cfg["data"]["tasks"]:
+        task["num_val"], task["num_test"] = 3, 3  # 2 + 1 examples per rank: unequal forwards
+    Path(config).write_text(yaml.safe_dump(cfg))
+    log = sharded_fit(config, tmp_path, "bf16", *flags)
+    assert "merge_mode: per_block (auto" in log
+    assert "| ANP" in log  # test after fit, per block, unequal shares
+    ckpt = tmp_path / "bf16" / "last.ckpt"
+    first = torch.load(ckpt, weights_only=True)
+    # resume from the kilobyte checkpoint under the same strategy (Lightning's own loader wants DTensors)
+    log = sharded_fit(config, tmp_path, "bf16", *flags, "--trainer.max_epochs", "3", "--ckpt_path", str(ckpt))
+    resumed = torch.load(ckpt, weights_only=True)
+    assert first["epoch"] == 1 and resumed["epoch"] == 2, log[-2000:]  # one more epoch, not three
+    steps = [c["optimizer_states"][0]["state"][0]["step"] for c in (first, resumed)]
+    assert steps[1] > steps[0]  # Adam's state restored: its step count goes on from the checkpoint
+
+
 def test_sharding_refuses_tensor_parallel_ranks(tmp_path, tiny):
     config = write_config(tmp_path, tiny, epochs=1)
     cmd = [sys.executable, str(ROOT / "train.py"), "fit", "--config", config, "--trainer.devices", "2"]

@@ -19,6 +19,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_only
 
 from divmerge.engine import check_trainable, check_writable_dir
@@ -29,6 +30,7 @@ from divmerge.lightning.export_command import parse_export_args, run_export
 from divmerge.lightning.module import DivMergeModule
 from divmerge.lightning.progress import PlainProgress
 from divmerge.lightning.run_dir import guarded
+from divmerge.lightning.strategy import MergeParallelStrategy
 from divmerge.lightning.timing import PhaseTimer
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo4.yaml"
@@ -118,6 +120,8 @@ class DivMergeCLI(LightningCLI):
         trainer.callbacks.append(PlainProgress(every_s=PLAIN_EVERY_S if self._plain else math.inf))
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = SafeCheckpointIO()
+        if type(trainer.strategy) is ModelParallelStrategy:  # read divmerge's full-file checkpoints
+            trainer.strategy.__class__ = MergeParallelStrategy
         return trainer
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: object):
