@@ -1,7 +1,9 @@
 """Sharded loading: each rank reads only its columns of the base and experts, and gets exactly the shards
 (and the fingerprint) that loading everything whole and then sharding gives."""
 
+import json
 import re
+import shutil
 import socket
 from pathlib import Path
 
@@ -11,14 +13,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 from torch.distributed.device_mesh import init_device_mesh
+from transformers import AutoModelForCausalLM
 
 from divmerge.core.digest import combine_digest, partial_digest, tensor_digest
 from divmerge.core.sharding import shard_flat, shard_stacks
 from divmerge.errors import DivMergeError
-from divmerge.experts.sharded_loading import load_sharded
+from divmerge.experts.lora_files import plain_lora_refusal
+from divmerge.experts.sharded_loading import empty_model, linear_modules, load_sharded
 from divmerge.experts.weight_files import WeightFiles, column_range
 from divmerge.families import load_experts
 from divmerge.families.causal_lm import CausalLM
+from tests.test_lora_causal import setup  # noqa: F401  (a tiny Qwen2 base, a full expert, LoRA adapters)
 
 
 @pytest.mark.parametrize("shape", [(7, 5, 3), (11,), (), (2, 3000), (0, 4)])
@@ -69,6 +74,10 @@ def _compare_with_whole_load(rank: int, world: int, port: int, lm: dict, dtype: 
         assert sharded.buffers.keys() == whole.buffers.keys()
         assert all(torch.equal(sharded.buffers[n], whole.buffers[n]) for n in whole.buffers)
         assert [type(s) for s in sharded.skeletons] == [type(s) for s in whole.skeletons]
+        assert sharded.dense_rows == whole.dense_rows and sharded.lora.keys() == whole.lora.keys()
+        for m, stack in whole.lora.items():  # plain LoRA adapters: the same factors, read from the file
+            for key in ("a", "b", "task"):
+                assert torch.equal(getattr(sharded.lora[m], key), getattr(stack, key)), (m, key)
     finally:
         dist.destroy_process_group()
 
@@ -76,6 +85,30 @@ def _compare_with_whole_load(rank: int, world: int, port: int, lm: dict, dtype: 
 @pytest.mark.parametrize("world, dtype", [(2, torch.float32), (3, torch.bfloat16)])
 def test_sharded_loading_equals_whole_loading_then_sharding(lm, world, dtype):
     mp.spawn(_compare_with_whole_load, args=(world, free_port(), lm, dtype), nprocs=world)
+
+
+def test_sharded_loading_reads_plain_lora_adapters_as_a_whole_load_does(setup):  # noqa: F811
+    """A full expert and a plain LoRA adapter: the base and the full expert in shards, the adapter's
+    factors from its file; everything, fingerprints included, equals a whole load then sharding."""
+    lm = {"base": setup["base"], "experts": {"first": setup["full"], "plain": setup["plain"]}}
+    mp.spawn(_compare_with_whole_load, args=(2, free_port(), lm, torch.float32), nprocs=2)
+
+
+def test_adapters_that_are_not_plain_lora_are_read_whole(setup, tmp_path):  # noqa: F811
+    """DoRA, or an adapter over another local base, falls back to the whole loader (which checks them)."""
+    linear = linear_modules(empty_model(AutoModelForCausalLM, setup["base"]))
+    assert "model.layers.0.self_attn.q_proj" in linear and "lm_head" not in linear  # tied to the embedding
+    assert plain_lora_refusal(setup["plain"], setup["base"], linear) is None
+    assert "use_dora" in plain_lora_refusal(setup["dora"], setup["base"], linear)
+    other = tmp_path / "other"
+    shutil.copytree(setup["plain"], other)
+    config = json.loads((other / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(tmp_path)  # another local directory
+    (other / "adapter_config.json").write_text(json.dumps(config))
+    assert "another local base" in plain_lora_refusal(str(other), setup["base"], linear)
+    assert "on 'model.layers.0.mlp.up_proj'" in plain_lora_refusal(
+        setup["plain"], setup["base"], linear - {"model.layers.0.mlp.up_proj"}
+    )
 
 
 def _load_one(rank: int, world: int, port: int, base: str, experts: dict) -> None:

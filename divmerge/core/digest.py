@@ -9,7 +9,7 @@ gives the same string as :func:`tensor_digest` of the whole tensor. :func:`model
 """
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -108,3 +108,10 @@ def set_fingerprint(tasks: Sequence[str], experts: Sequence[str], base: str) -> 
         h.update(f"{task}|{expert}|".encode())
     h.update(bytes.fromhex(base))
     return h.hexdigest()[:16], [hashlib.sha256(f"{base}|{e}".encode()).hexdigest()[:16] for e in experts]
+
+
+def factors_digest(factors: Mapping[str, tuple[Tensor, Tensor]]) -> str:
+    """The part of an expert's digest that covers its plain LoRA factors (empty without any)."""
+    return "".join(
+        f"{m}@lora:{tensor_digest(a)}:{tensor_digest(b)}|" for m, (a, b) in sorted(factors.items())
+    )

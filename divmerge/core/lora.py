@@ -17,7 +17,7 @@ dense weight; ``attached`` adds their product to the module's output during a ``
 """
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -149,3 +149,12 @@ def fold(tensors: Mapping[str, Tensor], root: nn.Module) -> dict[str, Tensor]:
             dense[weight].dtype
         )
     return dense
+
+
+def stack_lora(parts: Sequence[tuple[int, Tensor, Tensor]]) -> LoraStack:
+    """Stack (task, A (r_t, in), s_t * B_t (out, r_t)) of several adapters along the rank."""
+    return LoraStack(
+        a=torch.cat([a for _, a, _ in parts]),  # (R, in)
+        b=torch.cat([b for _, _, b in parts], dim=1),  # (out, R)
+        task=torch.cat([torch.full((a.shape[0],), t, dtype=torch.long) for t, a, _ in parts]),  # (R,)
+    )

@@ -9,15 +9,15 @@ task-vector rows (``dense_rows``).
 """
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 
-from divmerge.core.digest import entry, model_digest, set_fingerprint, tensor_digest
+from divmerge.core.digest import entry, factors_digest, model_digest, set_fingerprint, tensor_digest
 from divmerge.core.expert_set import ExpertSet
-from divmerge.core.lora import LoraStack
+from divmerge.core.lora import stack_lora
 from divmerge.errors import DivMergeError
 from divmerge.experts.adapters import is_adapter, load_adapter
 from divmerge.experts.kind import ExpertKind
@@ -198,19 +198,3 @@ def append_adapter_rows(
             stacked[n] = torch.cat([stacked[n], rows])  # (len(full) + extra, *shape)
         dense_rows[n] = full + [t for t, _ in extra]
     return dense_rows
-
-
-def factors_digest(factors: Mapping[str, tuple[Tensor, Tensor]]) -> str:
-    """The part of an expert's digest that covers its plain LoRA factors (empty without any)."""
-    return "".join(
-        f"{m}@lora:{tensor_digest(a)}:{tensor_digest(b)}|" for m, (a, b) in sorted(factors.items())
-    )
-
-
-def stack_lora(parts: Sequence[tuple[int, Tensor, Tensor]]) -> LoraStack:
-    """Stack (task, A (r_t, in), s_t * B_t (out, r_t)) of several adapters along the rank."""
-    return LoraStack(
-        a=torch.cat([a for _, a, _ in parts]),  # (R, in)
-        b=torch.cat([b for _, _, b in parts], dim=1),  # (out, R)
-        task=torch.cat([torch.full((a.shape[0],), t, dtype=torch.long) for t, a, _ in parts]),  # (R,)
-    )

@@ -11,13 +11,17 @@ Nothing is instantiated at full size: the forward code comes from each model's c
 device (buffers such as rotary frequencies are computed for real), and the experts' fingerprint is
 assembled from every rank's partial digests (``divmerge.core.digest``), so it equals the fingerprint of a
 whole load: checkpoints and teacher caches are interchangeable between the two ways of loading.
+
+LoRA adapter experts that are plain LoRA on linear layers (``divmerge.experts.lora_files``) are read
+whole, as their factors (adapter-sized, kept whole on every rank as sharded merges keep them); they add
+no task-vector rows, and the base's share stands for their merged tensors.
 """
 
 from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 from transformers import AutoConfig, PreTrainedModel
@@ -26,14 +30,17 @@ from divmerge.core.digest import (
     DigestPart,
     combine_digest,
     entry,
+    factors_digest,
     model_digest,
     partial_digest,
     set_fingerprint,
 )
 from divmerge.core.expert_set import ExpertSet
+from divmerge.core.lora import stack_lora
 from divmerge.errors import DivMergeError
 from divmerge.experts.adapters import is_adapter
 from divmerge.experts.kind import ExpertKind
+from divmerge.experts.lora_files import plain_lora_refusal, read_plain_lora
 from divmerge.experts.sources import missing_weights
 from divmerge.experts.weight_files import WeightFiles, column_range
 
@@ -54,9 +61,15 @@ def sharded_refusal(kind: ExpertKind, paths: Mapping[str, str], held_out: Mappin
         return reason
     if held_out:
         return "held-out classifiers are read whole"
+    linear: set[str] | None = None
     for task, path in paths.items():
         if is_adapter(path):
-            return f"expert {task!r} is a LoRA adapter (adapters are read whole)"
+            if linear is None:
+                linear = linear_modules(empty_model(kind.base_class, paths["base"]))
+            reason = plain_lora_refusal(path, paths["base"], linear)
+            if reason is not None:
+                return f"expert {task!r} is a LoRA adapter that is not plain LoRA on linear layers ({reason})"
+            continue
         if not WeightFiles.present(path):
             return f"{task if task == 'base' else 'expert ' + repr(task)} has no local safetensors weights"
     return None
@@ -78,6 +91,18 @@ def empty_model(model_class: type, source: str) -> PreTrainedModel:
             module.to_empty(device="cpu", recurse=False)
             model._init_weights(module)
     return model.eval()
+
+
+def linear_modules(model: PreTrainedModel) -> set[str]:
+    """Names of ``model``'s ``nn.Linear`` modules whose weight is its own (not tied to another tensor)."""
+    owners: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        owners[id(param)] = owners.get(id(param), 0) + 1
+    return {
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and owners.get(id(module.weight)) == 1
+    }
 
 
 def load_sharded(
@@ -120,9 +145,24 @@ def load_sharded(
         "base": {n: partial_digest(theta0[n], cols[n][0], s.numel()) for n, s in shapes.items()}
     }
     dtype = task_vector_dtype or torch.float32
-    stacked = {n: torch.empty((len(task_names), hi - lo), dtype=dtype) for n, (lo, hi) in cols.items()}
+    full = [t for t, task in enumerate(task_names) if not is_adapter(paths[task])]  # stored rows
+    stacked = {n: torch.empty((len(full), hi - lo), dtype=dtype) for n, (lo, hi) in cols.items()}
     skeletons, num_labels, types = [], [], []
+    lora_parts: dict[str, list[tuple[int, Tensor, Tensor]]] = {}  # module -> (task, A, s * B)
+    extra: dict[str, str] = {}  # task -> its adapter factors' digest line
     for t, task in enumerate(task_names):
+        if t not in full:  # a plain LoRA adapter: the base's weights plus factors, read whole (small)
+            factors = read_plain_lora(paths[task])
+            check_factors(task, factors, shapes, sources["base"])
+            for m, (a, b) in factors.items():
+                lora_parts.setdefault(m, []).append((t, a, b))
+            parts[task], extra[task] = parts["base"], factors_digest(factors)
+            model = empty_model(kind.expert_class, paths["base"])
+            types.append(model.config.model_type)
+            num_labels.append(kind.num_outputs(model))
+            kind.to_skeleton(model)
+            skeletons.append(model)
+            continue
         files = WeightFiles(paths[task], f"expert {task!r}")
         model = empty_model(kind.expert_class, paths[task])
         if model.config.model_type != base_type:
@@ -134,14 +174,14 @@ def load_sharded(
         parts[task] = {}
         for n, (lo, hi) in cols.items():
             theta = files.read_columns(n, lo, hi)  # (hi - lo,) float32
-            torch.sub(theta, theta0[n], out=stacked[n][t])  # tau_t's columns
+            torch.sub(theta, theta0[n], out=stacked[n][full.index(t)])  # tau_t's columns
             parts[task][n] = partial_digest(theta, lo, shapes[n].numel())
         files.close()
         types.append(model.config.model_type)
         num_labels.append(kind.num_outputs(model))
         kind.to_skeleton(model)
         skeletons.append(model)
-    fingerprint, task_digests = gathered_digests(kind, task_names, types, shapes, parts, mesh)
+    fingerprint, task_digests = gathered_digests(kind, task_names, types, shapes, parts, mesh, extra)
     return ExpertSet(
         task_names=task_names,
         names=names,
@@ -157,6 +197,8 @@ def load_sharded(
         sources=dict(sources),
         family=kind.name,
         shapes=shapes,
+        dense_rows={n: list(full) for n in names} if len(full) < len(task_names) else {},
+        lora={m: stack_lora(p) for m, p in lora_parts.items()},
     )
 
 
@@ -173,6 +215,20 @@ def check_tensors(task: str, source: str, files: WeightFiles, shapes: Mapping[st
             )
 
 
+def check_factors(
+    task: str, factors: Mapping[str, tuple[Tensor, Tensor]], shapes: Mapping[str, torch.Size], base: str
+) -> None:
+    """Refuse an adapter whose factors do not fit the base's layers (it was trained on another base)."""
+    for m, (a, b) in factors.items():
+        out, inp = shapes[f"{m}.weight"]
+        if a.shape[1] != inp or b.shape[0] != out or a.shape[0] != b.shape[1]:
+            raise DivMergeError(
+                f"Adapter {task!r} does not fit the configured base {base!r} (its LoRA on {m!r} has A "
+                f"{tuple(a.shape)} and B {tuple(b.shape)} for a {out} x {inp} weight): it was trained on "
+                "another base model; set model.base to the adapter's base."
+            )
+
+
 def gathered_digests(
     kind: ExpertKind,
     task_names: list[str],
@@ -180,8 +236,13 @@ def gathered_digests(
     shapes: Mapping[str, torch.Size],
     parts: Mapping[str, Mapping[str, DigestPart]],
     mesh: DeviceMesh,
+    extra: Mapping[str, str] | None = None,
 ) -> tuple[str, list[str]]:
-    """(fingerprint, per-task digests) from every rank's partial digests, as a whole load computes them."""
+    """(fingerprint, per-task digests) from every rank's partial digests, as a whole load computes them.
+
+    ``extra``: task -> a line appended to its expert's digest (an adapter's factors, the same on every
+    rank).
+    """
     everyone: list[dict[str, dict[str, DigestPart]] | None] = [None] * mesh.size()
     dist.all_gather_object(everyone, dict(parts), group=mesh.get_group())
 
@@ -190,7 +251,10 @@ def gathered_digests(
 
     base = model_digest("", [entry(n, digest("base", n)) for n in shapes])
     experts = [
-        model_digest(f"{model_type}|{kind.digest_tag}|", [entry(n, digest(task, n)) for n in shapes])
+        model_digest(
+            f"{model_type}|{kind.digest_tag}|",
+            [entry(n, digest(task, n)) for n in shapes] + [(extra or {}).get(task, "")],
+        )
         for task, model_type in zip(task_names, types, strict=True)
     ]
     return set_fingerprint(task_names, experts, base)
