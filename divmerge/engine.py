@@ -295,6 +295,8 @@ class Merger:
         """
         if mesh is not None:
             check_shardable(get_space(self.granularity, self.space_options), self.granularity)
+            if self.merged is not None and not self.merged.sharded:
+                log.warning("the experts were loaded whole before sharding (built before the mesh existed).")
         if self.merged is None:
             dtype = getattr(torch, self.task_vector_dtype)
             family = detect_family(self.experts).from_options(self.family_options)

@@ -197,6 +197,8 @@ def test_sharded_bf16_fit_evaluates_per_block_in_lock_step(tmp_path, lm):
     first = torch.load(ckpt, weights_only=True)
     # resume from the kilobyte checkpoint under the same strategy (Lightning's own loader wants DTensors)
     log = sharded_fit(config, tmp_path, "bf16", *flags, "--trainer.max_epochs", "3", "--ckpt_path", str(ckpt))
+    assert "loaded whole before sharding" not in log  # the checkpoint check did not load them early
+    assert "reads the experts whole" not in log
     resumed = torch.load(ckpt, weights_only=True)
     assert first["epoch"] == 1 and resumed["epoch"] == 2, log[-2000:]  # one more epoch, not three
     steps = [c["optimizer_states"][0]["state"][0]["step"] for c in (first, resumed)]

@@ -72,7 +72,9 @@ class DivMergeCLI(LightningCLI):
             found = [Path(d) / "last.ckpt" for d in dirs if (Path(d) / "last.ckpt").is_file()]
             ckpt_path = found[0] if found else None
         if ckpt_path and str(ckpt_path) not in SPECIAL_CKPT_PATHS:
-            self.model.check_checkpoint_meta(check_checkpoint(ckpt_path))
+            # sharded: the experts are loaded in shards at setup, and compared then (on_load_checkpoint)
+            sharded = isinstance(self.trainer.strategy, ModelParallelStrategy)
+            self.model.check_checkpoint_meta(check_checkpoint(ckpt_path), expert_set=not sharded)
 
     def before_fit(self) -> None:  # noqa: D102
         check_trainable(self.model.hparams.method)

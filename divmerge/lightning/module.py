@@ -223,17 +223,25 @@ class DivMergeModule(L.LightningModule):
         self.engine.check_task_names(dm.task_names)
         return dm
 
-    def check_checkpoint_meta(self, meta: dict[str, Any]) -> None:
-        """Refuse checkpoint metadata (``checkpoint["divmerge"]``) made with a different expert set."""
-        self.build()
-        if meta["fingerprint"] != self.fingerprint:
-            raise DivMergeError(
-                f"The checkpoint was made with another expert set (tasks {meta['tasks']}, fingerprint "
-                f"{meta['fingerprint']}) than the configured one (tasks {self.task_names}, fingerprint "
-                f"{self.fingerprint}): resume with the experts it was made with, or start a fresh run "
-                "without --ckpt_path."
-            )
+    def check_checkpoint_meta(self, meta: dict[str, Any], expert_set: bool = True) -> None:
+        """Refuse checkpoint metadata (``checkpoint["divmerge"]``) made with a different expert set.
+
+        Args:
+            meta: The checkpoint's ``divmerge`` entry.
+            expert_set: Also compare what needs the experts loaded (the fingerprint, the tensor names):
+                not before a sharded run's setup, which would load them whole on every rank; its
+                ``on_load_checkpoint`` compares them once they are loaded in shards.
+        """
         theirs, ours = meta.get("granularity"), self.hparams.granularity
+        if expert_set:
+            self.build()
+            if meta["fingerprint"] != self.fingerprint:
+                raise DivMergeError(
+                    f"The checkpoint was made with another expert set (tasks {meta['tasks']}, fingerprint "
+                    f"{meta['fingerprint']}) than the configured one (tasks {self.task_names}, fingerprint "
+                    f"{self.fingerprint}): resume with the experts it was made with, or start a fresh run "
+                    "without --ckpt_path."
+                )
         options = self.hparams.space_options or {}
         if theirs == ours and meta.get("space_options", {}) != options:
             raise DivMergeError(
@@ -248,7 +256,7 @@ class DivMergeModule(L.LightningModule):
                 f"{start}: set model.start_from / start_options to match, or start a fresh run without "
                 "--ckpt_path."
             )
-        if theirs != ours or meta.get("tensor_names") != self.build().names:
+        if theirs != ours or (expert_set and meta.get("tensor_names") != self.build().names):
             raise DivMergeError(
                 f"The checkpoint holds {theirs}-wise coefficients but the config asks for {ours}-wise ones: "
                 f"set model.granularity: {theirs} to use it, or start a fresh run without --ckpt_path."

@@ -23,8 +23,12 @@ class MergeParallelStrategy(ModelParallelStrategy):
     """
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        """The checkpoint file, read on every rank by the trainer's ``CheckpointIO``."""
-        return Strategy.load_checkpoint(self, checkpoint_path, weights_only)
+        """The checkpoint file rank 0 names, read on every rank by the trainer's ``CheckpointIO``.
+
+        Always as data (``weights_only=True``), whatever ``CheckpointIO`` the trainer has.
+        """
+        path = self.broadcast(checkpoint_path)  # "last" may resolve differently per rank
+        return Strategy.load_checkpoint(self, path, weights_only=True)
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         """The module's state (the coefficients), as on one device."""
