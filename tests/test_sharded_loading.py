@@ -106,6 +106,15 @@ def test_adapters_that_are_not_plain_lora_are_read_whole(setup, tmp_path):  # no
     config["base_model_name_or_path"] = str(tmp_path)  # another local directory
     (other / "adapter_config.json").write_text(json.dumps(config))
     assert "another local base" in plain_lora_refusal(str(other), setup["base"], linear)
+    for key, value, reason in [
+        ("init_lora_weights", "pissa", "changes the base weights"),  # peft rewrites W on load
+        ("use_bdlora", {"nblocks": 2}, "it sets use_bdlora"),  # a variant this reader does not know
+        ("bias", "all", "trains biases"),
+    ]:
+        config[key] = value
+        (other / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": None}))
+        assert reason in plain_lora_refusal(str(other), setup["base"], linear), key
+        del config[key]
     assert "on 'model.layers.0.mlp.up_proj'" in plain_lora_refusal(
         setup["plain"], setup["base"], linear - {"model.layers.0.mlp.up_proj"}
     )

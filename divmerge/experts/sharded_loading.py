@@ -152,8 +152,8 @@ def load_sharded(
     extra: dict[str, str] = {}  # task -> its adapter factors' digest line
     for t, task in enumerate(task_names):
         if t not in full:  # a plain LoRA adapter: the base's weights plus factors, read whole (small)
-            factors = read_plain_lora(paths[task])
-            check_factors(task, factors, shapes, sources["base"])
+            factors, rank = read_plain_lora(paths[task])
+            check_factors(task, factors, rank, shapes, sources["base"])
             for m, (a, b) in factors.items():
                 lora_parts.setdefault(m, []).append((t, a, b))
             parts[task], extra[task] = parts["base"], factors_digest(factors)
@@ -216,16 +216,21 @@ def check_tensors(task: str, source: str, files: WeightFiles, shapes: Mapping[st
 
 
 def check_factors(
-    task: str, factors: Mapping[str, tuple[Tensor, Tensor]], shapes: Mapping[str, torch.Size], base: str
+    task: str,
+    factors: Mapping[str, tuple[Tensor, Tensor]],
+    rank: int,
+    shapes: Mapping[str, torch.Size],
+    base: str,
 ) -> None:
     """Refuse an adapter whose factors do not fit the base's layers (it was trained on another base)."""
     for m, (a, b) in factors.items():
         out, inp = shapes[f"{m}.weight"]
-        if a.shape[1] != inp or b.shape[0] != out or a.shape[0] != b.shape[1]:
+        if a.shape[1] != inp or b.shape[0] != out or a.shape[0] != b.shape[1] or a.shape[0] != rank:
             raise DivMergeError(
                 f"Adapter {task!r} does not fit the configured base {base!r} (its LoRA on {m!r} has A "
-                f"{tuple(a.shape)} and B {tuple(b.shape)} for a {out} x {inp} weight): it was trained on "
-                "another base model; set model.base to the adapter's base."
+                f"{tuple(a.shape)} and B {tuple(b.shape)}, rank {rank} in its config, for a {out} x {inp} "
+                "weight): it was trained on another base model, or its files disagree; set model.base to "
+                "the adapter's base, or save the adapter again."
             )
 
 
