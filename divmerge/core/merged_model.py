@@ -25,10 +25,10 @@ from divmerge.core.sharding import (
     gather_columns,
     is_sharded,
     local_merge,
+    mean_grad,
     shard_flat,
     shard_stacks,
     sharded_weighted_sum,
-    summed_grad,
 )
 from divmerge.errors import DivMergeError
 
@@ -161,7 +161,7 @@ class MergedModel(nn.Module):
     def _table(self, table: Tensor | None) -> Tensor:
         """The coefficients to merge with (None: the learned ones); sharded: gradient summed over ranks."""
         table = self.coefficients() if table is None else table
-        return summed_grad(table, self._mesh()) if self.sharded else table
+        return mean_grad(table, self._mesh()) if self.sharded else table
 
     def _mesh(self) -> DeviceMesh:
         """The mesh the task vectors are sharded over."""
@@ -194,12 +194,9 @@ class MergedModel(nn.Module):
     def _merge_lora(self, table: Tensor, merged: dict[str, Tensor]) -> None:
         """Add every LoRA module's ``@lora_A`` and coefficient-scaled ``@lora_B`` entries to ``merged``.
 
-        Sharded, the factors are whole on every rank, so their share of the coefficient gradient is this
-        rank's own, not a column slice: it is scaled by 1 / N before the ranks' gradients are summed.
+        Sharded, the factors are whole on every rank: their share of the coefficient gradient is this
+        rank's own, which the table's ``mean_grad`` averages over the ranks.
         """
-        if self.sharded and self.lora_b:
-            scale = 1 / self._mesh().size()
-            table = table.detach() + scale * (table - table.detach())  # the value; gradient x 1 / N
         for m, b in self.lora_b.items():
             coef = self.coefficients.column(table, f"{m}.weight")  # (T,)
             merged[self.full_name(m) + lora.LORA_A] = self.lora_a[m]  # (R, in)

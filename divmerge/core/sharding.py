@@ -15,10 +15,12 @@ their gradient (2 models) on every rank; the per-block merge (``divmerge.core.pe
 block's at a time.
 
 Ranks see different data (data parallel), so the merged tensors' gradients differ per rank; in backward
-they are averaged across ranks and each rank keeps its own columns (one reduce-scatter per gather), from
+they are summed across ranks and each rank keeps its own columns (one reduce-scatter per gather), from
 which it finds its partial coefficient gradient <grad merged[cols], tau_t[cols]>; the coefficient table
-sums those over ranks (``summed_grad``, one small all-reduce per step), so the gradient is the same on
-every rank and the coefficients step identically without DDP.
+sums those partials over ranks and divides by N (``mean_grad``, one small all-reduce per step): the
+ranks' mean gradient, as data parallelism averages, the same on every rank, so the coefficients step
+identically without DDP. A use of the table that is whole on every rank (LoRA factors) contributes its
+own rank's gradient, which the same sum and division average.
 """
 
 from collections.abc import Callable
@@ -82,8 +84,8 @@ def shard_flat(tensors: dict[str, Tensor], mesh: DeviceMesh) -> dict[str, Tensor
     }
 
 
-class _SumGrad(torch.autograd.Function):
-    """Identity forward; backward sums the gradient over the mesh's ranks (one all-reduce)."""
+class _MeanGrad(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over the mesh's ranks and divides by their number."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, group: dist.ProcessGroup) -> Tensor:
@@ -94,23 +96,24 @@ class _SumGrad(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, group=ctx.group)
-        return grad, None
+        return grad / dist.get_world_size(ctx.group), None
 
 
-def summed_grad(table: Tensor, mesh: DeviceMesh) -> Tensor:
-    """``table`` whose gradient is summed over the ranks of ``mesh`` in backward.
+def mean_grad(table: Tensor, mesh: DeviceMesh) -> Tensor:
+    """``table`` whose gradient is summed over the ranks of ``mesh`` and divided by N in backward.
 
-    Each rank's merge computes its columns only, so the coefficient gradient it finds,
-    <grad merged[my columns], tau_t[my columns]>, is partial; summed over ranks it is the full gradient,
-    the same on every rank. Apply it once to the coefficient table of a step (one small all-reduce).
+    Each rank's merge computes its columns only (of the ranks' summed merged-tensor gradient), so the
+    coefficient gradient it finds, <grad merged[my columns], tau_t[my columns]>, is partial; summed over
+    ranks and divided by N it is the ranks' mean gradient, the same on every rank. Apply it once to the
+    coefficient table of a step (one small all-reduce).
     """
-    return _SumGrad.apply(table, mesh.get_group()) if table.requires_grad else table
+    return _MeanGrad.apply(table, mesh.get_group()) if table.requires_grad else table
 
 
 class _GatherColumns(torch.autograd.Function):
     """All-gather the column shards of several tensors in one collective; backward reduce-scatters.
 
-    In backward the ranks' gradients of the full tensors are averaged and each rank keeps its columns.
+    In backward the ranks' gradients of the full tensors are summed and each rank keeps its columns.
     """
 
     @staticmethod
@@ -155,7 +158,6 @@ class _GatherColumns(torch.autograd.Function):
                     send[:, start : start + chunk] = padded.view(world, chunk)
         mine = send.new_empty(width)
         dist.reduce_scatter_single(mine, send.reshape(-1), group=ctx.group)  # summed over ranks
-        mine /= world  # ranks saw different data: the mean, as data parallelism averages
         mine = mine.to(like.dtype)
         return (
             None,
@@ -173,8 +175,8 @@ def gather_columns(parts: list[Tensor], numels: list[int], mesh: DeviceMesh) -> 
         mesh: The 1-D mesh the columns are sharded over.
 
     Returns:
-        Each full tensor, flat (numel,); in backward the ranks' gradients are averaged and each rank
-        keeps its own columns.
+        Each full tensor, flat (numel,); in backward the ranks' gradients are summed and each rank
+        keeps its own columns (``mean_grad`` on the coefficient table makes the sum a mean).
     """
     return _GatherColumns.apply(mesh.get_group(), list(numels), *parts)
 
@@ -183,7 +185,7 @@ def local_merge(coef: Tensor, base: DTensor, tau: DTensor) -> Tensor:
     """This rank's columns of base + sum_t coef[t] * tau[t], (hi - lo,) float32, via ``WeightedSum``.
 
     Args:
-        coef: Coefficients (T,) (summed over ranks in backward by ``summed_grad`` on the table).
+        coef: Coefficients (T,) (averaged over ranks in backward by ``mean_grad`` on the table).
         base: The origin, a DTensor (numel,) ``Shard(0)``.
         tau: Stacked task vectors, a DTensor (T, numel) ``Shard(1)``.
     """
@@ -194,7 +196,7 @@ def sharded_weighted_sum(coef: Tensor, base: DTensor, tau: DTensor, shape: torch
     """The merge base + sum_t coef[t] * tau[t] from column-sharded origin and task vectors; a collective.
 
     Every rank of ``tau``'s mesh must call it with the same ``coef``, taken from a table passed through
-    ``summed_grad`` (so the coefficient gradient is complete on every rank).
+    ``mean_grad`` (so the coefficient gradient is complete on every rank).
 
     Args:
         coef: Coefficients (T,), a plain (replicated) tensor.
