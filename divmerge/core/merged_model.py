@@ -14,6 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
+from transformers.pytorch_utils import Conv1D
 
 from divmerge.core import lora, per_block
 from divmerge.core.coefficients import Granularity, MergeCoefficients
@@ -340,22 +341,20 @@ class MergedModel(nn.Module):
         with torch.autocast(device_type=device, enabled=False):
             if not self.sharded:
                 return {self.full_name(n): compute(n, self._merge_one(n, table, origin)) for n in wanted}
-            batched = [n for n in wanted if self.dense_rows.get(n) != []]
-            out = {
-                self.full_name(n): compute(n, self._merge_one(n, table, origin))
+            # every tensor's local columns merged (or, where only adapters change it, its origin's),
+            # then the block gathered: one collective per dtype
+            parts = {
+                n: compute(
+                    n,
+                    origin[n].to_local()
+                    if self.dense_rows.get(n) == []
+                    else local_merge(self._coef(n, table)[:, 0], origin[n], self.task_vectors[n]),
+                )
                 for n in wanted
-                if n not in batched
             }
-            # every tensor's local columns merged, then the block gathered (one collective per dtype)
-            merged = self._gather(
-                {
-                    n: compute(n, local_merge(self._coef(n, table)[:, 0], origin[n], self.task_vectors[n]))
-                    for n in batched
-                }
-            )
-            for n in batched:
-                out[self.full_name(n)] = compute(n, merged[n]).reshape(self.shapes[n])
-            return out
+            return {
+                self.full_name(n): full.reshape(self.shapes[n]) for n, full in self._gather(parts).items()
+            }
 
     def _gather(self, parts: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """The full flat tensors from this rank's columns of each; one collective per dtype among them.
@@ -384,7 +383,7 @@ class MergedModel(nn.Module):
             for n in self.names:
                 module, _, leaf = self.full_name(n).rpartition(".")
                 owner = skeleton.get_submodule(module)
-                if leaf == "weight" and (isinstance(owner, nn.Linear) or type(owner).__name__ == "Conv1D"):
+                if leaf == "weight" and isinstance(owner, (nn.Linear, Conv1D)):
                     self._linear_weights.add(n)
         return self._linear_weights
 
