@@ -79,6 +79,12 @@ def test_sharded_merge_and_gradient_equal_the_unsharded_mean_gradient(setup, mod
     mp.spawn(_compare, args=(world, free_port(), setup["base"], experts, mode), nprocs=world)
 
 
+def test_sharded_per_block_merge_of_adapters_alone(setup):  # noqa: F811
+    """Only a LoRA adapter: every block tensor is the base's, gathered with the block, and the whole-on-
+    every-rank factors' coefficient gradient is the ranks' mean."""
+    mp.spawn(_compare, args=(2, free_port(), setup["base"], {"plain": setup["plain"]}, "per_block"), nprocs=2)
+
+
 def _decode_unevenly(
     rank: int, world: int, port: int, base: str, experts: dict, bf16: bool, out: dict
 ) -> None:

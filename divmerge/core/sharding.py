@@ -62,7 +62,7 @@ def shard_stacks(stacks: dict[str, Tensor], mesh: DeviceMesh) -> dict[str, Tenso
         out[name] = (
             tau
             if is_sharded(tau)
-            else distribute_tensor(tau.reshape(tau.shape[0], -1), mesh, [Shard(1)], src_data_rank=None)
+            else distribute_tensor(tau.flatten(1), mesh, [Shard(1)], src_data_rank=None)  # (T, numel)
         )
     return out
 
