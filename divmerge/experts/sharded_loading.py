@@ -152,31 +152,28 @@ def load_sharded(
     extra: dict[str, str] = {}  # task -> its adapter factors' digest line
     for t, task in enumerate(task_names):
         if t not in full:  # a plain LoRA adapter: the base's weights plus factors, read whole (small)
-            factors, rank = read_plain_lora(paths[task])
-            check_factors(task, factors, rank, shapes, sources["base"])
+            factors, lora_rank = read_plain_lora(paths[task])
+            check_factors(task, factors, lora_rank, shapes, sources["base"])
             for m, (a, b) in factors.items():
                 lora_parts.setdefault(m, []).append((t, a, b))
             parts[task], extra[task] = parts["base"], factors_digest(factors)
             model = empty_model(kind.expert_class, paths["base"])
-            types.append(model.config.model_type)
-            num_labels.append(kind.num_outputs(model))
-            kind.to_skeleton(model)
-            skeletons.append(model)
-            continue
-        files = WeightFiles(paths[task], f"expert {task!r}")
-        model = empty_model(kind.expert_class, paths[task])
-        if model.config.model_type != base_type:
-            raise DivMergeError(
-                f"Expert {task!r} is a {model.config.model_type!r} model but the base is {base_type!r}: "
-                "every expert must be fine-tuned from the configured base."
-            )
-        check_tensors(task, sources[task], files, shapes)
-        parts[task] = {}
-        for n, (lo, hi) in cols.items():
-            theta = files.read_columns(n, lo, hi)  # (hi - lo,) float32
-            torch.sub(theta, theta0[n], out=stacked[n][full.index(t)])  # tau_t's columns
-            parts[task][n] = partial_digest(theta, lo, shapes[n].numel())
-        files.close()
+        else:
+            row = full.index(t)  # its row of the stacks
+            files = WeightFiles(paths[task], f"expert {task!r}")
+            model = empty_model(kind.expert_class, paths[task])
+            if model.config.model_type != base_type:
+                raise DivMergeError(
+                    f"Expert {task!r} is a {model.config.model_type!r} model but the base is "
+                    f"{base_type!r}: every expert must be fine-tuned from the configured base."
+                )
+            check_tensors(task, sources[task], files, shapes)
+            parts[task] = {}
+            for n, (lo, hi) in cols.items():
+                theta = files.read_columns(n, lo, hi)  # (hi - lo,) float32
+                torch.sub(theta, theta0[n], out=stacked[n][row])  # tau_t's columns
+                parts[task][n] = partial_digest(theta, lo, shapes[n].numel())
+            files.close()
         types.append(model.config.model_type)
         num_labels.append(kind.num_outputs(model))
         kind.to_skeleton(model)
@@ -241,7 +238,7 @@ def gathered_digests(
     shapes: Mapping[str, torch.Size],
     parts: Mapping[str, Mapping[str, DigestPart]],
     mesh: DeviceMesh,
-    extra: Mapping[str, str] | None = None,
+    extra: Mapping[str, str],
 ) -> tuple[str, list[str]]:
     """(fingerprint, per-task digests) from every rank's partial digests, as a whole load computes them.
 
@@ -258,7 +255,7 @@ def gathered_digests(
     experts = [
         model_digest(
             f"{model_type}|{kind.digest_tag}|",
-            [entry(n, digest(task, n)) for n in shapes] + [(extra or {}).get(task, "")],
+            [entry(n, digest(task, n)) for n in shapes] + [extra.get(task, "")],
         )
         for task, model_type in zip(task_names, types, strict=True)
     ]

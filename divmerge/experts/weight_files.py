@@ -8,6 +8,7 @@ tensors and a JSON header only.
 
 import json
 import math
+from collections.abc import KeysView
 from pathlib import Path
 
 import torch
@@ -60,9 +61,9 @@ class WeightFiles:
         """Whether ``folder`` holds safetensors weights this class reads."""
         return (Path(folder) / INDEX).is_file() or (Path(folder) / SINGLE).is_file()
 
-    def names(self) -> set[str]:
-        """Every tensor name in the files."""
-        return set(self.files)
+    def names(self) -> KeysView[str]:
+        """Every tensor name in the files (a set-like view: membership is O(1))."""
+        return self.files.keys()
 
     def _slice(self, name: str):
         path = self.files[name]
@@ -79,10 +80,6 @@ class WeightFiles:
     def shape(self, name: str) -> tuple[int, ...]:
         """The stored shape of tensor ``name``."""
         return tuple(self._slice(name).get_shape())
-
-    def read(self, name: str) -> Tensor:
-        """Tensor ``name`` whole, in float32 (as ``from_pretrained(dtype=float32)`` gives it)."""
-        return self._slice(name)[:].to(torch.float32)
 
     def read_columns(self, name: str, lo: int, hi: int) -> Tensor:
         """Flat elements [lo, hi) of tensor ``name``, in float32, (hi - lo,); reads only their rows.
