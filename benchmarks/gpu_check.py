@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 from benchmarks._measure import MB  # noqa: E402
 from benchmarks.memory_model import ARCHITECTURES, per_rank_bytes  # noqa: E402
-from benchmarks.per_block_memory import TASKS, expert_sources, step_closure  # noqa: E402
+from benchmarks.per_block_memory import AUTOCAST, TASKS, expert_sources, step_closure  # noqa: E402
 from benchmarks.step_cost import format_table  # noqa: E402
 from divmerge.core.merged_model import MergedModel  # noqa: E402
 from divmerge.families import load_experts  # noqa: E402
@@ -79,7 +79,7 @@ def measure(experts: Any, precision: str, mode: str, config: dict[str, Any]) -> 
             times.append(time.perf_counter() - start)
     _, peak = allocated(device)
     arch = ARCHITECTURES.get(config["architecture"])
-    compute = 2 if precision.startswith(("bf16", "16")) else 4  # merged block matrices' bytes
+    compute = 4 if AUTOCAST[precision] is None else 2  # merged block matrices' bytes
     tasks = len(merged.task_names)
     model = per_rank_bytes(arch, tasks, 1, 4, mode, 0.0, compute_bytes=compute) if arch else None
     del merged, step
