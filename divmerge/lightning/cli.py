@@ -28,7 +28,7 @@ from divmerge.lightning.checkpoint_io import SafeCheckpointIO, check_checkpoint
 from divmerge.lightning.datamodule import MergeDataModule
 from divmerge.lightning.export_command import parse_export_args, run_export
 from divmerge.lightning.module import DivMergeModule
-from divmerge.lightning.progress import PlainProgress
+from divmerge.lightning.progress import PLAIN_EVERY_S, PlainProgress
 from divmerge.lightning.run_dir import guarded
 from divmerge.lightning.strategy import MergeParallelStrategy
 from divmerge.lightning.timing import PhaseTimer
@@ -40,8 +40,6 @@ DEFAULT_EPOCHS = 4
 """Training length when the config sets none: 4 epochs (the demo: 4 x 64 steps) ..."""
 MIN_DEFAULT_STEPS = 128
 """... and at least this many optimizer steps (small unlabelled sets get more epochs)."""
-PLAIN_EVERY_S = 30.0
-"""Seconds between progress lines when stdout is not a terminal (and at each epoch's end)."""
 
 
 class DivMergeCLI(LightningCLI):

@@ -11,6 +11,9 @@ import time
 import lightning as L
 from lightning.pytorch import Callback
 
+PLAIN_EVERY_S = 30.0
+"""Seconds between progress lines when stdout is not a terminal (and at each epoch's end)."""
+
 
 def duration(seconds: float) -> str:
     """``75`` -> ``1m15s``; ``3725`` -> ``1h02m``.
@@ -32,12 +35,17 @@ class PlainProgress(Callback):
     The ETA divides the steps left by the training rate so far (validation excluded), on the machine as
     loaded now: it moves when other work starts or stops on the same machine.
 
+    An epoch without validation (e.g. fine-tuning an expert) gets its line at the epoch's end instead.
+
     Args:
         every_s: Seconds between two progress lines (the first comes after ``every_s`` too).
+        label: Named after ``divmerge:`` on each line (e.g. ``expert 'rt'``); None names nothing.
     """
 
-    def __init__(self, every_s: float = 30.0) -> None:
+    def __init__(self, every_s: float = 30.0, label: str | None = None) -> None:
         self.every_s = every_s
+        self.label = label
+        self._validated = False
         self._train_s = 0.0
         self._since = 0.0
         self._last_print = 0.0
@@ -49,6 +57,14 @@ class PlainProgress(Callback):
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
         self._since = time.perf_counter()
+        self._validated = False
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+        if not self._validated:  # no validation ran this epoch: its line comes now
+            now = time.perf_counter()
+            self._train_s += now - self._since
+            self._since = now
+            self._report(trainer, now)
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:  # noqa: D102
         now = time.perf_counter()
@@ -62,6 +78,7 @@ class PlainProgress(Callback):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
         if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._validated = True
             self._report(trainer, time.perf_counter(), epoch_end=True)
             self._since = time.perf_counter()
 
@@ -74,7 +91,8 @@ class PlainProgress(Callback):
         trained = self._train_s + (now - self._since if self._since else 0.0)
         done, total = trainer.global_step, trainer.estimated_stepping_batches
         rate = (done - self._first_step) / trained if trained > 0 else 0.0
-        parts = [f"step {done}/{int(total)}", f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"]
+        parts = [self.label] if self.label else []
+        parts += [f"step {done}/{int(total)}", f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"]
         metrics = trainer.callback_metrics
         if "train/loss" in metrics:
             parts.append(f"loss {float(metrics['train/loss']):.4f}")

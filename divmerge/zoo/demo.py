@@ -28,6 +28,7 @@ import lightning.pytorch  # noqa: F401  (importing it sets its loggers to INFO: 
 from divmerge.errors import DivMergeError
 from divmerge.experts.build_once import build_once
 from divmerge.experts.sources import default_cache_dir
+from divmerge.lightning.progress import PLAIN_EVERY_S, PlainProgress
 from divmerge.phases import EXPERT_PHASE, timed
 from divmerge.quiet import quiet
 from divmerge.zoo.extra_tasks import EXTRA_LABELS, EXTRA_PACKAGES, EXTRA_READERS
@@ -498,6 +499,7 @@ def _make_expert_module(model: Any, lr: float) -> Any:
             out = self.model(**batch)
             acc = (out.logits.argmax(-1) == batch["labels"]).float().mean()
             self.log("acc", acc, prog_bar=True, on_step=True, on_epoch=False)
+            self.log("train/loss", out.loss.detach(), on_step=True, on_epoch=False)
             return out.loss
 
         def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -515,7 +517,8 @@ def _train_expert(name: str, recipe: ExpertRecipe, out_dir: Path, progress: bool
         name: One of :data:`DEMO_TASKS`.
         recipe: The fine-tuning recipe.
         out_dir: An existing, empty directory.
-        progress: Whether to show Lightning's progress bar.
+        progress: Whether to show progress: Lightning's bar on a terminal, else a fit's plain line
+            (step, loss, speed, ETA, the expert named) every ``PLAIN_EVERY_S`` seconds and per epoch.
 
     """
     import lightning.pytorch as pl
@@ -563,6 +566,7 @@ def _train_expert(name: str, recipe: ExpertRecipe, out_dir: Path, progress: bool
         generator=torch.Generator().manual_seed(recipe.seed),
         collate_fn=collate,
     )
+    plain = progress and not sys.stdout.isatty()  # a redrawn bar shows nothing useful in a log file
     trainer = pl.Trainer(
         max_epochs=recipe.epochs,
         accelerator="auto",
@@ -570,7 +574,8 @@ def _train_expert(name: str, recipe: ExpertRecipe, out_dir: Path, progress: bool
         deterministic=True,
         logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=progress,
+        enable_progress_bar=progress and not plain,
+        callbacks=[PlainProgress(PLAIN_EVERY_S, label=f"expert {name!r}")] if plain else [],
         enable_model_summary=False,
         default_root_dir=out_dir,
     )
