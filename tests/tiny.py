@@ -1,7 +1,9 @@
 """Tiny random models and data for fast tests: a 2-layer BERT base, perturbed experts, small CSVs."""
 
+import os
 import random
 import shutil
+import signal
 from pathlib import Path
 
 import pandas as pd
@@ -178,3 +180,37 @@ def randomise_coefficients(merged) -> None:
     """Seeded uniform(-0.5, 1) coefficients, so that no merge is a plain average."""
     with torch.no_grad():
         merged.coefficients.weight.uniform_(-0.5, 1.0, generator=torch.Generator().manual_seed(4))
+
+
+class KillAt(Callback):
+    """``kill -9`` this process at one point of a run, on one rank (for the dead-rank tests).
+
+    Args:
+        rank: The global rank that dies.
+        hook: ``setup`` (as the teacher cache starts), ``train_step``, ``validation``, ``save`` (while a
+            checkpoint is being written), or ``stop``: ``kill -STOP`` (alive but stuck) at a training step.
+        epoch: The epoch at which ``train_step``, ``validation`` or ``save`` kills.
+    """
+
+    def __init__(self, rank: int, hook: str, epoch: int = 1) -> None:
+        self.rank, self.hook, self.epoch = rank, hook, epoch
+
+    def _maybe_kill(self, trainer, hook: str) -> None:
+        at = hook == "setup" or trainer.current_epoch == self.epoch
+        if hook == self.hook and trainer.global_rank == self.rank and at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._maybe_kill(trainer, "setup")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._maybe_kill(trainer, "train_step")
+        if self.hook == "stop" and trainer.global_rank == self.rank and trainer.current_epoch == self.epoch:
+            os.kill(os.getpid(), signal.SIGSTOP)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if not trainer.sanity_checking:
+            self._maybe_kill(trainer, "validation")
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self._maybe_kill(trainer, "save")

@@ -27,6 +27,12 @@ from divmerge.errors import DivMergeError, first_line
 from divmerge.lightning.checkpoint_io import SafeCheckpointIO, check_checkpoint
 from divmerge.lightning.datamodule import MergeDataModule
 from divmerge.lightning.export_command import parse_export_args, run_export
+from divmerge.lightning.lost_process import (
+    LOST_PROCESS_EXIT,
+    LostProcessError,
+    lost_process,
+    lost_process_line,
+)
 from divmerge.lightning.module import DivMergeModule
 from divmerge.lightning.progress import PLAIN_EVERY_S, PlainProgress
 from divmerge.lightning.run_dir import guarded
@@ -139,8 +145,15 @@ class DivMergeCLI(LightningCLI):
         lock_dir = (dirs[0] if dirs else None) if subcommand == "fit" and rank0 else None
         for path in outputs:
             check_writable_dir(path, "The run's log or checkpoint directory")
-        with guarded(outputs if rank0 else [], lock_dir):
-            super()._run_subcommand(subcommand)
+        try:
+            with guarded(outputs if rank0 else [], lock_dir):
+                super()._run_subcommand(subcommand)
+        except Exception as err:  # a collective that lost a process: one line, not a traceback per rank
+            if not lost_process(err):
+                raise
+            raise LostProcessError(
+                lost_process_line(err, self.timer.current(), self.trainer, subcommand)
+            ) from None
 
     def after_fit(self) -> None:
         """Report the learned merge on the test split (per-task table + ANP)."""
@@ -248,3 +261,6 @@ def main(argv: list[str] | None = None) -> DivMergeCLI | Path:
     except DivMergeError as err:
         print(f"divmerge: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except LostProcessError as err:
+        print(f"divmerge: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(LOST_PROCESS_EXIT) from None

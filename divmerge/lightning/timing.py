@@ -86,6 +86,10 @@ class PhaseTimer(Callback):
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
         self._end("test")
 
+    def current(self) -> str | None:
+        """The innermost phase running now (``setup``, ``train``, ``validation``, ``test``), or None."""
+        return next(reversed(self._open), None)
+
     def table(self) -> str:
         """A markdown table: phase, seconds, share of the total; the total last."""
         total = sum(self.seconds.values())
