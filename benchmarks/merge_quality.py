@@ -83,6 +83,8 @@ from divmerge.static import STATIC_METHODS
 from divmerge.zoo import DEMO_TASKS, EXTRA_TASKS, GEN_PREFIX, GENERATIVE_TASKS, default_cache_dir
 
 PROG = "merge_quality"
+# wudi runs 300 Adam steps per matrix: on the MiniLM demo, minutes of one CPU thread per merge (about
+# 7.6 TFLOP, the token embedding a third of it); the 57 min below were timed before it was added.
 STATIC = ("average", "task_arithmetic", "ties", "dare", "tsv_m", "iso_c", "iso_cts", "wudi")
 LEARNED = tuple(f"{o}-{g}" for o in ("js", "kl", "entropy") for g in ("layer", "task"))
 DEFAULT_METHODS = STATIC + LEARNED
