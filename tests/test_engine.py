@@ -84,7 +84,16 @@ def test_method_names_and_options_are_checked_in_one_place():
         check_method("ties", {"density": 2.0})  # values too, before any tensor is merged
     with pytest.raises(DivMergeError, match="Unknown merge method"):
         check_method(LEARNED, {}, learned_ok=False)
-    assert set(STATIC_METHODS) == {"average", "task_arithmetic", "ties", "dare", "tsv_m", "iso_c", "iso_cts"}
+    assert set(STATIC_METHODS) == {
+        "average",
+        "task_arithmetic",
+        "ties",
+        "dare",
+        "tsv_m",
+        "iso_c",
+        "iso_cts",
+        "wudi",
+    }
 
 
 def test_bad_settings_fail_before_loading(tiny):

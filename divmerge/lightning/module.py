@@ -61,8 +61,8 @@ class DivMergeModule(L.LightningModule):
             max_steps); ``constant`` keeps it.
         method: ``divmerge`` learns the coefficients (with ``objective`` and ``granularity``); the name
             of a static merge (``average``, ``task_arithmetic``, ``ties``, ``dare``, ``tsv_m``,
-            ``iso_c``, ``iso_cts``) merges without training and is evaluated by ``validate`` / ``test``
-            on the same code.
+            ``iso_c``, ``iso_cts``, ``wudi``) merges without training and is evaluated by ``validate`` /
+            ``test`` on the same code.
         method_options: Options of a static ``method`` (e.g. ``{lambda_: 1.0, density: 0.2}`` for ties).
         reference: Static merge reported beside the learned one by validate/test ("reference" column).
         reference_options: Options of the reference merge (e.g. ``{lambda_: 0.3}``).

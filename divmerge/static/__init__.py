@@ -1,8 +1,9 @@
-"""Static (data-free, training-free) merges: averaging, task arithmetic, TIES, DARE, TSV-M, Iso-C/CTS.
+"""Static (data-free) merges: averaging, task arithmetic, TIES, DARE, TSV-M, Iso-C/CTS, WUDI.
 
 One file per method (``linear``: averaging and task arithmetic, ``ties``, ``dare``, ``tsv``: TSV-M,
-``iso``: Iso-C and Iso-CTS), their shared checks and SVD helpers (``common``), and ``registry``
-(``STATIC_METHODS``, ``static_merge``, ``check_method``).
+``iso``: Iso-C and Iso-CTS, ``wudi``: WUDI, solved by Adam on the task vectors alone), their shared
+checks and SVD helpers (``common``), and ``registry`` (``STATIC_METHODS``, ``static_merge``,
+``check_method``).
 """
 
 from divmerge.static.dare import DARE_P, DARE_THEN, DareThen, dare, tensor_seed
@@ -11,6 +12,7 @@ from divmerge.static.linear import TA_LAMBDA, average, task_arithmetic
 from divmerge.static.registry import STATIC_METHODS, StaticMethod, check_method, static_merge
 from divmerge.static.ties import CHUNK, TIES_DENSITY, TIES_LAMBDA, ties
 from divmerge.static.tsv import TSV_LAMBDA, TSV_RANK_FRACTION, tsv_m
+from divmerge.static.wudi import WUDI_ITERATIONS, WUDI_LAMBDA, WUDI_LR, wudi
 
 __all__ = [
     "CHUNK",
@@ -24,6 +26,9 @@ __all__ = [
     "TIES_LAMBDA",
     "TSV_LAMBDA",
     "TSV_RANK_FRACTION",
+    "WUDI_ITERATIONS",
+    "WUDI_LAMBDA",
+    "WUDI_LR",
     "DareThen",
     "StaticMethod",
     "average",
@@ -36,4 +41,5 @@ __all__ = [
     "tensor_seed",
     "ties",
     "tsv_m",
+    "wudi",
 ]

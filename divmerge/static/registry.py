@@ -15,6 +15,7 @@ from divmerge.static.iso import ISO_REFERENCE, iso_c, iso_cts
 from divmerge.static.linear import AVERAGE_REFERENCE, TASK_ARITHMETIC_REFERENCE, average, task_arithmetic
 from divmerge.static.ties import TIES_REFERENCE, ties
 from divmerge.static.tsv import TSV_REFERENCE, tsv_m
+from divmerge.static.wudi import WUDI_REFERENCE, wudi
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ STATIC_METHODS: dict[str, StaticMethod] = {
         StaticMethod("tsv_m", tsv_m, TSV_REFERENCE, ("rank_fraction", "lambda_")),
         StaticMethod("iso_c", iso_c, ISO_REFERENCE, ("lambda_",)),
         StaticMethod("iso_cts", iso_cts, ISO_REFERENCE, ("common_fraction", "lambda_")),
+        StaticMethod("wudi", wudi, WUDI_REFERENCE, ("iterations", "lr", "lambda_")),
     )
 }
 
