@@ -39,7 +39,7 @@ DEMO_TASKS: tuple[str, ...] = ("rt", "sms_spam", "trec", "bbc", "tweet_sent", "i
 EXTRA_TASKS: tuple[str, ...] = tuple(EXTRA_READERS)
 """Six more tasks (``divmerge.zoo.extra_tasks``), for merging up to twelve demo experts."""
 MORE_TASKS: tuple[str, ...] = tuple(MORE_READERS)
-"""Four more (``divmerge.zoo.more_tasks``, one of them with 37 classes), for merging up to sixteen."""
+"""Four more (``divmerge.zoo.more_tasks``, two with tens of classes), for merging up to sixteen."""
 
 ZOO_PREFIX = "zoo:"
 """Config sources like ``"zoo:rt"`` name a demo expert, ``"zoo:minilm"`` the base model."""
