@@ -290,8 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--tasks",
         default=None,
         help="comma-separated task names (experts), in order; default: the --experts names, else the "
-        f"demo tasks {','.join(DEMO_TASKS)} (more: {','.join((*EXTRA_TASKS, *MORE_TASKS))}; 'all' names "
-        "the 16)",
+        f"demo tasks {','.join(DEMO_TASKS)} (more: {','.join((*EXTRA_TASKS, *MORE_TASKS))}); "
+        "'all': every demo task (16 classification tasks, k = 2..16)",
     )
     p.add_argument(
         "--base", default=None, help=f"base model (and tokenizer) source; default zoo:minilm ({GEN_BASE})"
