@@ -80,7 +80,7 @@ from divmerge.evaluation import TaskResult, anp
 from divmerge.lightning.datamodule import MergeDataModule
 from divmerge.objectives import OBJECTIVES
 from divmerge.static import STATIC_METHODS
-from divmerge.zoo import DEMO_TASKS, EXTRA_TASKS, GEN_PREFIX, GENERATIVE_TASKS, default_cache_dir
+from divmerge.zoo import DEMO_TASKS, EXTRA_TASKS, GEN_PREFIX, GENERATIVE_TASKS, MORE_TASKS, default_cache_dir
 
 PROG = "merge_quality"
 # wudi runs 300 Adam steps per matrix: on the MiniLM demo, minutes of one CPU thread per merge (about
@@ -106,6 +106,7 @@ GEN_OPTIONS = {"max_new_tokens": 24, "teacher_top_k": 50}
 GEN_METRICS = {"bbc_headline": "CHRFScore"}  # tasks not named here: exact match
 GEN_MAX_LENGTH = 128
 HELDOUT_BATCH = 32  # inputs per forward when measuring a divergence over a whole (held-out) set
+ALL_TASKS = "all"  # --tasks all: every demo task (the 16 classification ones, k = 2..16)
 CEILING = "ceiling"  # the labelled test-set fit (diagnostic upper bound), see the module docstring
 
 Batch = dict[str, Tensor]
@@ -291,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--tasks",
         default=None,
         help="comma-separated task names (experts), in order; default: the --experts names, else the "
-        f"demo tasks {','.join(DEMO_TASKS)} (more: {','.join(EXTRA_TASKS)})",
+        f"demo tasks {','.join(DEMO_TASKS)} (more: {','.join((*EXTRA_TASKS, *MORE_TASKS))}); "
+        "'all': every demo task (16 classification tasks, k = 2..16)",
     )
     p.add_argument(
         "--base", default=None, help=f"base model (and tokenizer) source; default zoo:minilm ({GEN_BASE})"
@@ -419,8 +421,10 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     """
     experts = parse_pairs(args.experts, "experts")
     data = parse_pairs(args.data, "data")
-    demo = GENERATIVE_TASKS if args.generative else (*DEMO_TASKS, *EXTRA_TASKS)
+    demo = GENERATIVE_TASKS if args.generative else (*DEMO_TASKS, *EXTRA_TASKS, *MORE_TASKS)
     tasks = parse_list(args.tasks) or list(experts) or list(GEN_TASKS if args.generative else DEMO_TASKS)
+    if tasks == [ALL_TASKS]:
+        tasks = list(demo)
     if len(set(tasks)) != len(tasks):
         raise DivMergeError(f"--tasks lists a task twice: {tasks}.")
     if experts:

