@@ -12,12 +12,13 @@ The resampling itself is ``scipy.stats.bootstrap``: each task is one sample of r
 vectorised statistic reads the 0/1 correctness of the resampled rows.
 """
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 from numpy.typing import ArrayLike
-from scipy.stats import bootstrap
+from scipy.stats import DegenerateDataWarning, bootstrap
 
 LEVEL = 0.95
 RESAMPLES = 2000  # Efron & Tibshirani (ch. 13) suggest 1,000-2,000 for percentile intervals
@@ -70,8 +71,8 @@ def mean_ratio_interval(
     tasks = list(dict.fromkeys(t for merge in scored for t in merge))
     if not tasks or any(t not in expert for t in tasks):
         return None
-    right = {t: np.asarray(expert[t], dtype=np.float64) for t in tasks}  # (n_t,)
-    merges = [{t: np.asarray(v, dtype=np.float64) for t, v in merge.items()} for merge in scored]
+    right = {t: np.asarray(expert[t]).astype(np.uint8) for t in tasks}  # (n_t,) one byte a row
+    merges = [{t: np.asarray(v).astype(np.uint8) for t, v in merge.items()} for merge in scored]
     if any(right[t].size == 0 or v.shape != right[t].shape for m in merges for t, v in m.items()):
         return None
 
@@ -91,17 +92,19 @@ def mean_ratio_interval(
             anps.append(_nanmean(ratios))
         return _nanmean(np.stack(anps))
 
-    result = bootstrap(
-        [np.arange(right[t].size) for t in tasks],
-        statistic,
-        n_resamples=resamples,
-        batch=max(1, min(resamples, 4_000_000 // max(right[t].size for t in tasks))),  # ~32 MB of indices
-        vectorized=True,
-        paired=False,
-        confidence_level=level,
-        method=METHOD,
-        rng=np.random.default_rng(seed),
-    )
+    with warnings.catch_warnings():  # NaN resamples (ANP undefined) are handled below
+        warnings.simplefilter("ignore", DegenerateDataWarning)
+        result = bootstrap(
+            [np.arange(right[t].size) for t in tasks],
+            statistic,
+            n_resamples=resamples,
+            batch=max(1, min(resamples, 2_000_000 // sum(right[t].size for t in tasks))),  # 16 MB of indices
+            vectorized=True,
+            paired=False,
+            confidence_level=level,
+            method=METHOD,
+            rng=np.random.default_rng(seed),
+        )
     low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
     if np.isnan(low) or np.isnan(high):  # some resamples drew no row any expert gets right: ANP undefined
         defined = result.bootstrap_distribution[~np.isnan(result.bootstrap_distribution)]

@@ -53,7 +53,7 @@ class RowCorrectness(Metric):
 
     def compute(self) -> Tensor:
         """The rows' correctness (N,) uint8, in row-index order."""
-        if not self.idx:
+        if isinstance(self.idx, list) and not self.idx:  # never updated (synced states are tensors)
             return torch.zeros(0, dtype=torch.uint8)
         idx, correct = dim_zero_cat(self.idx), dim_zero_cat(self.correct)
         return correct[idx.argsort()].to(torch.uint8).cpu()
