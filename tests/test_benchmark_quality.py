@@ -395,6 +395,7 @@ def test_generative_run_on_tiny_causal_lms(tmp_path: Path, capsys) -> None:
             for t in setup["experts"]
         )
         assert 0 <= float(row["anp"]) <= 2
+        assert float(row["ci_low"]) <= float(row["ci_high"])  # exact match is scored per answer: an interval
     settings = mq.resolve_settings(mq.build_parser().parse_args(["--generative"]))
     assert settings.base == "zoo:smollm2" and settings.max_length == mq.GEN_MAX_LENGTH
     assert settings.tasks == list(mq.GEN_TASKS) and settings.experts["rt"] == "zoo:smollm2/rt"
