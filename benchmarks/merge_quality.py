@@ -31,8 +31,12 @@ Experts are loaded once per process; teacher outputs (expert log-probabilities o
 test inputs) are computed once per task into the divmerge teacher cache and reused across subsets and
 runs. Expert accuracy is the teacher's argmax on the test inputs.
 
-Outputs, under ``--out_dir``: ``merge_quality.csv`` (one row per subset x method),
-``merge_quality.md`` (ANP % by k and method, plus the mean over k) and ``merge_quality.png``.
+Outputs, under ``--out_dir``: ``merge_quality.csv`` (one row per subset x method, with ``ci_low`` /
+``ci_high``: the 95% bootstrap interval of its ANP over the test rows), ``merge_quality.md`` (ANP % by k
+and method, each cell with the 95% interval of its mean over subsets, plus the mean over k) and
+``merge_quality.png``. Intervals (``divmerge.intervals``): percentile bootstrap, 2,000 resamples, seed 0,
+each task's test rows resampled on their own and shared by the expert and every merge scored on them;
+only where every task is scored per row (accuracy, exact match; not a corpus-level text metric).
 
 Examples::
 
@@ -76,7 +80,8 @@ from divmerge.core.merged_model import MergedModel
 from divmerge.data import Rows, TaskDataset, TaskSpec
 from divmerge.engine import DEFAULT_LR, Merger
 from divmerge.errors import DivMergeError
-from divmerge.evaluation import TaskResult, anp
+from divmerge.evaluation import TaskResult, anp, anp_interval
+from divmerge.intervals import Interval, mean_ratio_interval
 from divmerge.lightning.datamodule import MergeDataModule
 from divmerge.objectives import OBJECTIVES
 from divmerge.static import STATIC_METHODS
@@ -108,6 +113,7 @@ GEN_MAX_LENGTH = 128
 HELDOUT_BATCH = 32  # inputs per forward when measuring a divergence over a whole (held-out) set
 ALL_TASKS = "all"  # --tasks all: every demo task (the 16 classification ones, k = 2..16)
 CEILING = "ceiling"  # the labelled test-set fit (diagnostic upper bound), see the module docstring
+ROWS_KEY = "_rows"  # a result row's per-task (expert, merged) 0/1 correctness of each test row
 
 Batch = dict[str, Tensor]
 
@@ -768,6 +774,7 @@ def evaluate(
     params: Mapping[str, Tensor],
     batches: Mapping[str, Sequence[Batch]],
     rows: Mapping[str, Rows] | None = None,
+    correct: dict[str, dict[str, Tensor]] | None = None,
 ) -> list[float]:
     """Test accuracy of merged tensors on every task of the subset, with the engine's evaluation.
 
@@ -776,16 +783,39 @@ def evaluate(
         params: Merged backbone tensors (``merged_params`` naming).
         batches: Per subset task, its labelled test batches.
         rows: Per task, its test rows (generative tasks: the reference answers).
+        correct: When given, filled with task -> ``expert`` / ``merged`` -> each test row's 0/1
+            correctness (tasks scored by a mean of per-row scores: accuracy, exact match).
 
     Returns:
         Per subset task (in ``merger.task_names`` order), the accuracy (or generation metric).
 
     """
-    scores = merger.evaluate(batches, "test", {"merged": params}, rows)
+    scores = merger.evaluate(batches, "test", {"merged": params}, rows, correct)
     return [scores[task]["merged"] for task in merger.task_names]
 
 
 # ------------------------------------------------------------------------------------------ reports
+
+
+def anp_intervals(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[int, str], Interval]:
+    """95% bootstrap interval of the mean ANP over subsets, per (k, method), where rows were kept.
+
+    Each task's test rows are resampled once per resample and shared by every subset holding the task
+    (the subsets of one k overlap): ``divmerge.intervals.mean_ratio_interval`` over the subsets' merges.
+    """
+    groups: dict[tuple[int, str], list[Mapping[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((int(row["k"]), str(row["method"])), []).append(row)
+    out = {}
+    for key, group in groups.items():
+        if not all(row.get(ROWS_KEY) for row in group):
+            continue
+        expert = {t: e for row in group for t, (e, _) in row[ROWS_KEY].items()}
+        merges = [{t: m for t, (e, m) in row[ROWS_KEY].items() if e.any()} for row in group]  # as anp()
+        interval = mean_ratio_interval(expert, merges)
+        if interval is not None:
+            out[key] = interval
+    return out
 
 
 def anp_by_k(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[int, str], float]:
@@ -799,6 +829,10 @@ def anp_by_k(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[int, str], float]:
 def anp_table(rows: Sequence[Mapping[str, Any]], methods: Sequence[str] | None = None) -> str:
     """Markdown table of ANP (%, 1 decimal): one row per k, then the mean over k; one column per method.
 
+    A cell whose rows kept their per-row correctness (``merge_and_score``'s ``_rows``) carries its 95%
+    bootstrap interval over the test rows, ``95.2 [93.9, 96.4]`` (``anp_intervals``); the mean over k
+    has none.
+
     Args:
         rows: Result rows with ``k``, ``tasks``, ``method`` and ``anp`` (a fraction).
         methods: Column order; default the order of first appearance.
@@ -809,8 +843,15 @@ def anp_table(rows: Sequence[Mapping[str, Any]], methods: Sequence[str] | None =
     """
     methods = list(methods) if methods is not None else list(dict.fromkeys(str(r["method"]) for r in rows))
     means = anp_by_k(rows)
+    intervals = anp_intervals(rows)
     ks = sorted({int(r["k"]) for r in rows})
     subsets = {k: len({r["tasks"] for r in rows if int(r["k"]) == k}) for k in ks}
+
+    def with_interval(k: int, method: str) -> str:
+        text = cell([means[k, method]] if (k, method) in means else [])
+        if (k, method) not in intervals:
+            return text
+        return f"{text} [{100 * intervals[k, method].low:.1f}, {100 * intervals[k, method].high:.1f}]"
 
     def cell(values: Sequence[float]) -> str:
         values = [v for v in values if not math.isnan(v)]
@@ -821,7 +862,7 @@ def anp_table(rows: Sequence[Mapping[str, Any]], methods: Sequence[str] | None =
         "|---|---|" + "|".join("---:" for _ in methods) + "|",
     ]
     for k in ks:
-        values = [cell([means[k, m]] if (k, m) in means else []) for m in methods]
+        values = [with_interval(k, m) for m in methods]
         lines.append(f"| {k} | {subsets[k]} | " + " | ".join(values) + " |")
     mean = [cell([means[k, m] for k in ks if (k, m) in means]) for m in methods]
     lines.append("| mean |  | " + " | ".join(mean) + " |")
@@ -829,11 +870,11 @@ def anp_table(rows: Sequence[Mapping[str, Any]], methods: Sequence[str] | None =
 
 
 def write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
-    """Write result rows (the union of their keys, in first-seen order) as CSV."""
-    columns = list(dict.fromkeys(key for row in rows for key in row))
+    """Write result rows (the union of their keys, in first-seen order; not ``_rows``) as CSV."""
+    columns = list(dict.fromkeys(key for row in rows for key in row if key != ROWS_KEY))
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        writer = csv.DictWriter(f, fieldnames=columns, restval="", extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 
@@ -918,6 +959,13 @@ def estimate_seconds(
                     total += settings.steps * costs.step_seconds(k)
                 total += costs.eval_per_example * settings.num_test * k
     return total
+
+
+def ci_text(row: Mapping[str, Any]) -> str:
+    """`` [93.9, 96.4]``: a result row's 95% interval in %, or '' without one."""
+    if row.get("ci_low", "") == "":
+        return ""
+    return f" [{100 * float(row['ci_low']):.1f}, {100 * float(row['ci_high']):.1f}]"
 
 
 def fmt_seconds(seconds: float) -> str:
@@ -1012,13 +1060,19 @@ def merge_and_score(
         )
     merge_s = time.perf_counter() - start
     start = time.perf_counter()
-    accuracies = evaluate(sub, params, {t: prep.test_batches[t] for t in tasks}, prep.test_rows)
+    correct: dict[str, dict[str, Tensor]] = {}
+    accuracies = evaluate(sub, params, {t: prep.test_batches[t] for t in tasks}, prep.test_rows, correct)
     eval_s = time.perf_counter() - start
+    kept = {t: {name: v.numpy() for name, v in correct[t].items()} for t in tasks if t in correct}
     results = [
-        TaskResult(t, len(prep.dm.dataset(t, "test")), prep.expert_acc[t], acc)
+        TaskResult(t, len(prep.dm.dataset(t, "test")), prep.expert_acc[t], acc, rows=kept.get(t))
         for t, acc in zip(tasks, accuracies, strict=True)
     ]
+    interval = anp_interval(results)
     row: dict[str, Any] = {"k": k, "tasks": "+".join(tasks), "method": method, "anp": round(anp(results), 6)}
+    row |= {"ci_low": "", "ci_high": ""}  # 95% bootstrap interval over the test rows (if kept)
+    if interval is not None:
+        row |= {"ci_low": round(interval.low, 6), "ci_high": round(interval.high, 6)}
     row |= {f"acc_{t}": "" for t in settings.tasks}
     row |= {f"acc_{t}": round(acc, 6) for t, acc in zip(tasks, accuracies, strict=True)}
     row |= {
@@ -1027,6 +1081,8 @@ def merge_and_score(
         "seconds": round(merge_s + eval_s, 3),
     }
     row |= {key: round(value, 6) if isinstance(value, float) else value for key, value in report.items()}
+    if len(kept) == len(tasks):  # for anp_table's intervals over subsets; not written to the CSV
+        row[ROWS_KEY] = {t: (kept[t]["expert"], kept[t]["merged"]) for t in tasks}
     return row
 
 
@@ -1141,7 +1197,7 @@ def run(settings: Settings) -> tuple[list[dict[str, Any]], str]:
         done[index] = row
         print(
             f"[{len(done)}/{len(jobs)}] k={row['k']} {row['tasks']} {row['method']}: "
-            f"ANP {100 * row['anp']:.1f}% ({row['merge_seconds']:.1f} s merge + "
+            f"ANP {100 * row['anp']:.1f}%{ci_text(row)} ({row['merge_seconds']:.1f} s merge + "
             f"{row['eval_seconds']:.1f} s eval)",
             flush=True,
         )

@@ -38,7 +38,7 @@ from divmerge.errors import DivMergeError
 from divmerge.experts.sources import default_cache_dir
 from divmerge.experts.weight_files import column_range
 from divmerge.families import FAMILIES, detect_family, load_experts
-from divmerge.families.base import ModelFamily, Teacher
+from divmerge.families.base import ROWS, ModelFamily, RowCorrectness, Teacher
 from divmerge.families.classification import BackbonePass
 from divmerge.objectives import Objective, get_objective
 from divmerge.teachers import cache_path, get_or_compute, load_cached, save_atomic
@@ -443,13 +443,19 @@ class Merger:
         return sub
 
     def new_metrics(self) -> nn.ModuleDict:
-        """Per task, fresh ``merged`` / ``expert`` / ``reference`` metrics of the experts' family."""
+        """Per task, fresh ``merged`` / ``expert`` / ``reference`` metrics of the experts' family.
+
+        Where the family's metric is a mean of per-row 0/1 scores, each also gets a ``<name>_rows``
+        :class:`~divmerge.families.base.RowCorrectness`: the rows behind the bootstrap intervals.
+        """
         self.build()
         assert self.family is not None
+        names = ("merged", "expert", "reference")
         return nn.ModuleDict(
             {
                 task: nn.ModuleDict(
-                    {k: self.family.new_metric(task, n) for k in ("merged", "expert", "reference")}
+                    {k: self.family.new_metric(task, n) for k in names}
+                    | ({k + ROWS: RowCorrectness() for k in names} if self.family.scores_rows(task) else {})
                 )
                 for task, n in self.num_labels.items()
             }
@@ -799,6 +805,7 @@ class Merger:
         split: str,
         params: Mapping[str, Mapping[str, Tensor]],
         rows: Mapping[str, Rows] | None = None,
+        correct: dict[str, dict[str, Tensor]] | None = None,
     ) -> dict[str, dict[str, float]]:
         """Score whole task splits outside Lightning: per task, ``merged`` / ``expert`` (/ ``reference``).
 
@@ -807,6 +814,8 @@ class Merger:
             split: ``val`` or ``test`` (teachers of that split loaded).
             params: ``merged`` (and optionally ``reference``) merged tensors.
             rows: Task -> the split's rows (needed by families that score generated text).
+            correct: When given, filled with task -> name -> each row's 0/1 correctness (N,) uint8 in
+                row order, for the tasks whose metric is a mean of per-row scores (bootstrap intervals).
 
         Returns:
             Task -> metric name -> value.
@@ -820,6 +829,8 @@ class Merger:
                     self.eval_update(metrics[task], task, split, batch, params, (rows or {}).get(task, empty))
                 names = ["expert", *params]
                 out[task] = {name: float(metrics[task][name].compute()) for name in names}
+                if correct is not None and "expert" + ROWS in metrics[task]:
+                    correct[task] = {name: metrics[task][name + ROWS].compute() for name in names}
         self.drain()  # sharded per block: every rank calls this; the ones done early stand in
         return out
 

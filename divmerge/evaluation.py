@@ -5,17 +5,30 @@ DivMerge (arXiv 2509.02108) and "What Matters for Model Merging at Scale?" (arXi
 Held-out tasks (no expert merged) are reported apart: merged accuracy / base-backbone accuracy with the
 same head, averaged over held-out tasks. A task whose expert scores 0 on it has no normalised score: it
 is left out of ANP and the table says so in one line below it (never a ``nan`` in the ANP row).
+
+Where each row's 0/1 correctness was kept (``TaskResult.rows``), every ANP carries a 95% bootstrap
+interval over the test rows (``anp_interval``, ``divmerge.intervals``): in the table's ANP rows as
+``0.9596 [0.9478, 0.9702]`` and in the JSON report as ``anp_ci``.
 """
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+import numpy as np
+
+from divmerge.intervals import Interval, mean_ratio_interval
 
 
 @dataclass(frozen=True)
 class TaskResult:
-    """Accuracies of one task on one split (``expert`` is base + head for a held-out task)."""
+    """Accuracies of one task on one split (``expert`` is base + head for a held-out task).
+
+    ``rows``, where kept: ``expert`` / ``merged`` / ``reference`` -> each test row's 0/1 correctness
+    (N,), in row order: what the bootstrap intervals resample. Not part of the JSON report.
+    """
 
     task: str
     examples: int
@@ -23,6 +36,7 @@ class TaskResult:
     merged: float
     reference: float | None = None
     held_out: bool = False
+    rows: Mapping[str, np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     @property
     def normalised(self) -> float:
@@ -85,6 +99,37 @@ def anp(results: list[TaskResult], reference: bool = False, held_out: bool = Fal
     return sum(ratios) / len(ratios) if ratios else math.nan
 
 
+def anp_interval(
+    results: list[TaskResult], reference: bool = False, held_out: bool = False, **options: float
+) -> Interval | None:
+    """Bootstrap interval of ``anp(results, reference, held_out)`` over the test rows, stratified by task.
+
+    Resamples each task's rows on their own, the expert's and the merge's correctness as pairs, and
+    recomputes the mean of merged / expert over the same tasks as ``anp`` (``divmerge.intervals``).
+
+    Args:
+        results: Per-task results, with ``rows`` kept.
+        reference: The reference merge's ANP instead of the learned one's.
+        held_out: The held-out tasks' ANP (normalised by base + head) instead of the held-in one.
+        **options: ``level``, ``resamples``, ``seed`` of ``divmerge.intervals.mean_ratio_interval``.
+
+    Returns:
+        The interval; None when some task's rows were not kept, or without tasks in ANP.
+    """
+    name = "reference" if reference else "merged"
+    chosen = [r for r in results if r.held_out == held_out and r.expert > 0]
+    if not chosen or any(r.rows is None or name not in r.rows for r in chosen):
+        return None
+    expert = {r.task: r.rows["expert"] for r in chosen}
+    return mean_ratio_interval(expert, [{r.task: r.rows[name] for r in chosen}], **options)
+
+
+def with_interval(value: float, interval: Interval | None) -> str:
+    """``0.9596``, or with its interval ``0.9596 [0.9478, 0.9702]``."""
+    text = f"{value:.4f}"
+    return text if interval is None else f"{text} [{interval.low:.4f}, {interval.high:.4f}]"
+
+
 def format_table(results: list[TaskResult], reference_name: str = "task arithmetic") -> str:
     """A markdown table: one row per task, then the ANP row.
 
@@ -93,7 +138,8 @@ def format_table(results: list[TaskResult], reference_name: str = "task arithmet
         reference_name: Column title of the reference merge.
 
     Returns:
-        The table as text, followed by ``zero_expert_note``'s line when some expert scores 0.
+        The table as text, followed by ``zero_expert_note``'s line when some expert scores 0. Where
+        rows were kept, each ANP cell carries its 95% bootstrap interval (``anp_interval``).
 
     """
     has_ref = all(r.reference is not None for r in results) and results
@@ -104,13 +150,13 @@ def format_table(results: list[TaskResult], reference_name: str = "task arithmet
         name = f"{r.task} (held-out)" if r.held_out else r.task
         ratio = f"{r.normalised:.4f}" if r.expert > 0 else "n/a"
         rows.append([name, str(r.examples), f"{r.expert:.4f}", *ref, f"{r.merged:.4f}", ratio])
-    anp_row = ["ANP", "", "1.0000"] + ([f"{anp(results, True):.4f}"] if has_ref else [])
-    rows.append([*anp_row, f"{anp(results):.4f}", ""])
-    if any(r.held_out for r in results):  # normalised against the base backbone with the task's head
-        out_row = ["held-out vs base", "", "1.0000"] + (
-            [f"{anp(results, True, True):.4f}"] if has_ref else []
-        )
-        rows.append([*out_row, f"{anp(results, held_out=True):.4f}", ""])
+    for title, held_out in [("ANP", False)] + [("held-out vs base", True)] * any(r.held_out for r in results):
+        # held out: normalised against the base backbone with the task's head
+        cells = [title, "", "1.0000"]
+        if has_ref:
+            cells.append(with_interval(anp(results, True, held_out), anp_interval(results, True, held_out)))
+        cells.append(with_interval(anp(results, held_out=held_out), anp_interval(results, held_out=held_out)))
+        rows.append([*cells, ""])
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
 
     def line(cells: list[str]) -> str:
@@ -129,6 +175,9 @@ def _finite(x: float) -> float | None:
 def write_report(results: list[TaskResult], directory: str | Path, split: str) -> Path:
     """Write ``report_<split>.md`` and ``report_<split>.json`` into ``directory``.
 
+    The JSON holds each ANP (``anp``, ``reference_anp``, ``held_out_anp``) and beside it its bootstrap
+    interval (``anp_ci`` ...: low, high, level, resamples, seed, method; null where rows were not kept).
+
     Args:
         results: Per-task results.
         directory: Output directory (created if needed).
@@ -140,14 +189,20 @@ def write_report(results: list[TaskResult], directory: str | Path, split: str) -
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "split": split,
-        "anp": _finite(anp(results)),
-        "reference_anp": _finite(anp(results, reference=True)),
-        "held_out_anp": _finite(anp(results, held_out=True)),
-        "left_out_of_anp": zero_experts(results),
-        "tasks": [asdict(r) | {"normalised": _finite(r.normalised)} for r in results],
-    }
+    payload = {"split": split}
+    for key, reference, held_out in [
+        ("anp", False, False),
+        ("reference_anp", True, False),
+        ("held_out_anp", False, True),
+    ]:
+        interval = anp_interval(results, reference, held_out)
+        payload[key] = _finite(anp(results, reference, held_out))
+        payload[f"{key}_ci"] = None if interval is None else interval.as_dict()
+    payload["left_out_of_anp"] = zero_experts(results)
+    reported = [f.name for f in fields(TaskResult) if f.name != "rows"]
+    payload["tasks"] = [
+        {name: getattr(r, name) for name in reported} | {"normalised": _finite(r.normalised)} for r in results
+    ]
     (directory / f"report_{split}.json").write_text(json.dumps(payload, indent=2, allow_nan=False))
     md = directory / f"report_{split}.md"
     md.write_text(format_table(results) + "\n")

@@ -4,6 +4,7 @@ import csv
 import dataclasses
 import itertools
 import math
+import re
 import runpy
 import sys
 from pathlib import Path
@@ -134,6 +135,7 @@ def test_quick_run_on_tiny_models(setup3: dict, tmp_path: Path, capsys) -> None:
     assert len(rows) == 3 * len(methods)
     assert {r["method"] for r in rows} == set(methods)
     assert all(math.isfinite(float(r["anp"])) for r in rows)
+    assert all(0 <= float(r["ci_low"]) <= float(r["ci_high"]) for r in rows)  # every ANP has its interval
     assert {r["k"] for r in rows} == {"2", "3"}
 
     table = (out / "merge_quality.md").read_text()
@@ -141,6 +143,8 @@ def test_quick_run_on_tiny_models(setup3: dict, tmp_path: Path, capsys) -> None:
     lines = ["| k |" + anp_part.splitlines()[0], *anp_part.splitlines()[1:]]
     assert lines[0] == "| k | subsets | " + " | ".join(methods) + " |"
     assert [line.split("|")[1].strip() for line in lines[2:]] == ["2", "3", "mean"]
+    interval = r"\d+\.\d \[\d+\.\d, \d+\.\d\]"  # e.g. 95.2 [93.9, 96.4]; the mean over k has none
+    assert all(re.fullmatch(interval, c.strip()) for line in lines[2:4] for c in line.split("|")[3:-1])
     # per learned method: trainable coefficients at the largest k and the step time
     assert space_part.startswith(
         "| method | coefficients (k = 3) | task vectors MB (k = 3) | step ms (mean) |"
@@ -391,6 +395,7 @@ def test_generative_run_on_tiny_causal_lms(tmp_path: Path, capsys) -> None:
             for t in setup["experts"]
         )
         assert 0 <= float(row["anp"]) <= 2
+        assert float(row["ci_low"]) <= float(row["ci_high"])  # exact match is scored per answer: an interval
     settings = mq.resolve_settings(mq.build_parser().parse_args(["--generative"]))
     assert settings.base == "zoo:smollm2" and settings.max_length == mq.GEN_MAX_LENGTH
     assert settings.tasks == list(mq.GEN_TASKS) and settings.experts["rt"] == "zoo:smollm2/rt"

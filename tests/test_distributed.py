@@ -127,12 +127,18 @@ def test_evaluation_counts_every_example_once_on_uneven_processes(tmp_path, tiny
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         report = json.loads(next(logs.rglob("report_test.json")).read_text())
-        return {r["task"]: (r["examples"], r["expert"], r["merged"], r["reference"]) for r in report["tasks"]}
+        scored = {
+            r["task"]: (r["examples"], r["expert"], r["merged"], r["reference"]) for r in report["tasks"]
+        }
+        return scored | {
+            "intervals": (report["anp_ci"], report["reference_anp_ci"])
+        }  # rows gathered, ordered
 
     one = scores("one")
     three = scores("three", "--trainer.strategy", "ddp", "--trainer.devices", "3")
     assert three == one
-    assert {n for n, *_ in one.values()} == {8}
+    assert one["intervals"][0]["low"] <= one["intervals"][0]["high"]
+    assert {n for n, *_ in (v for k, v in one.items() if k != "intervals")} == {8}
 
 
 def cached_teachers(cache: Path) -> dict[str, dict]:

@@ -14,6 +14,7 @@ LAYERS = {
     "divmerge.phases": 0,
     "divmerge.hub": 0,
     "divmerge.objectives": 0,
+    "divmerge.intervals": 0,
     "divmerge.core": 1,
     "divmerge.static": 2,
     "divmerge.experts": 2,

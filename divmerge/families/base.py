@@ -10,8 +10,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from divmerge.core.merged_model import MergedModel
@@ -22,6 +24,52 @@ from divmerge.teachers import join_rows
 
 Teacher = Tensor | dict[str, Tensor]
 """A task split's cached expert outputs: log-probabilities (N, C), or a dict of per-example tensors."""
+
+
+ROWS = "_rows"
+"""Suffix of a task's per-row correctness metrics: ``expert_rows``, ``merged_rows``, ``reference_rows``."""
+
+
+class RowCorrectness(Metric):
+    """Each evaluated row's 0/1 correctness, kept by row index and gathered from every process.
+
+    One byte and one index per row. Under DDP each process scores its share of a split (each row once,
+    ``UnrepeatedDistributedSampler``); ``compute`` concatenates every process's rows and orders them by
+    index, so the result does not depend on how the rows were shared. Feeds the bootstrap intervals
+    (``divmerge.intervals``).
+    """
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("idx", default=[], dist_reduce_fx="cat")
+        self.add_state("correct", default=[], dist_reduce_fx="cat")
+
+    def update(self, correct: Tensor, idx: Tensor) -> None:
+        """Add a batch: ``correct`` (B,) 0/1 scores or bools, ``idx`` (B,) the rows' indices in the split."""
+        self.idx.append(idx.detach().to(self.device, torch.int64).reshape(-1))
+        self.correct.append((correct.detach().to(self.device).reshape(-1) > 0.5).to(torch.uint8))
+
+    def compute(self) -> Tensor:
+        """The rows' correctness (N,) uint8, in row-index order."""
+        if isinstance(self.idx, list) and not self.idx:  # never updated (synced states are tensors)
+            return torch.zeros(0, dtype=torch.uint8)
+        idx, correct = dim_zero_cat(self.idx), dim_zero_cat(self.correct)
+        return correct[idx.argsort()].to(torch.uint8).cpu()
+
+
+def record_rows(metrics: Mapping[str, Metric], name: str, correct: Tensor, idx: Tensor) -> None:
+    """Add a batch's per-row correctness of ``name`` (expert, merged, reference) where it is kept.
+
+    Args:
+        metrics: A task's metrics; ``<name>_rows`` (a :class:`RowCorrectness`) where rows are kept.
+        name: ``expert``, ``merged`` or ``reference``.
+        correct: 0/1 per row (B,).
+        idx: The rows' indices in the split (B,).
+    """
+    if name + ROWS in metrics:
+        metrics[name + ROWS].update(correct, idx)
 
 
 class ModelFamily(ABC):
@@ -191,6 +239,10 @@ class ModelFamily(ABC):
     def new_metric(self, task: str, num_outputs: int) -> Metric:
         """A fresh evaluation metric for ``task``, whose expert has ``num_outputs`` outputs."""
 
+    def scores_rows(self, task: str) -> bool:
+        """Whether ``task``'s metric is a mean of per-row 0/1 scores (so ``eval_update`` records them)."""
+        return True
+
     @abstractmethod
     def eval_update(
         self,
@@ -207,7 +259,8 @@ class ModelFamily(ABC):
         Args:
             merged: The merged model.
             task: Index into ``merged.all_tasks``.
-            metrics: ``merged`` / ``expert`` / ``reference`` metrics of the task.
+            metrics: ``merged`` / ``expert`` / ``reference`` metrics of the task, and where kept their
+                ``<name>_rows`` per-row correctness (fed with ``record_rows``).
             batch: Collated batch (``input_ids``, ``attention_mask``, ``idx``; ``labels`` when labelled).
             params: Name (``merged``, ``reference``) -> merged tensors to score; may be empty (expert only).
             teacher: The batch's rows of the task split's teacher cache (the expert's outputs).

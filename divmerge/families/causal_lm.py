@@ -30,7 +30,7 @@ from divmerge.errors import DivMergeError
 from divmerge.experts.adapters import adapter_task_type, is_adapter
 from divmerge.experts.sources import resolve_source
 from divmerge.experts.vocab import Vocabulary, vocabulary
-from divmerge.families.base import ModelFamily, Teacher
+from divmerge.families.base import ModelFamily, Teacher, record_rows
 from divmerge.families.generation import (
     Decoded,
     answer_aligned,
@@ -701,6 +701,10 @@ class CausalLM(ModelFamily):
         """The task's generation metric (``generation_metric``, or its entry for ``task``)."""
         return generation_metric(self.metric_name(task))
 
+    def scores_rows(self, task: str) -> bool:
+        """Exact match is a mean of per-answer 0/1 scores; the corpus-level text metrics are not."""
+        return self.metric_name(task) == "exact_match"
+
     def metric_name(self, task: str) -> GenerationMetric:
         """The metric ``task`` is scored with."""
         if isinstance(self.generation_metric, str):
@@ -725,7 +729,11 @@ class CausalLM(ModelFamily):
             out = generate(merged, p, prompts_of(batch), self.eos_id, self.pad_id, self.max_new_tokens)
             return decode_answers(self.tokenizer, out.tokens, out.lengths)
 
-        expert = decode_answers(self.tokenizer, teacher["tokens"], teacher["lengths"])
-        update_generation_metric(metrics["expert"], expert, references)
+        generated = {"expert": decode_answers(self.tokenizer, teacher["tokens"], teacher["lengths"])}
         for name, tensors in params.items():  # "merged", and "reference" where computed
-            update_generation_metric(metrics[name], answers(tensors), references)
+            generated[name] = answers(tensors)
+        for name, predictions in generated.items():
+            update_generation_metric(metrics[name], predictions, references)
+            record_rows(
+                metrics, name, exact_match(predictions, references), batch["idx"]
+            )  # kept: exact match

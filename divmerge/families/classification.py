@@ -23,7 +23,7 @@ from divmerge.core.merge import accumulate_over_tasks
 from divmerge.core.merged_model import MergedModel
 from divmerge.data import Rows, TaskSpec
 from divmerge.errors import DivMergeError
-from divmerge.families.base import ModelFamily, Teacher
+from divmerge.families.base import ModelFamily, Teacher, record_rows
 from divmerge.objectives import Objective
 from divmerge.teachers import compute_logprobs
 
@@ -130,9 +130,12 @@ class Classification(ModelFamily):
         """Accuracy of the expert (cached argmax) and of each merge in ``params`` (merged, reference)."""
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         labels = batch["labels"]
-        metrics["expert"].update(teacher.argmax(-1).to(labels.device), labels)
+        predicted = {"expert": teacher.argmax(-1).to(labels.device)}
         for name, tensors in params.items():  # "merged", and "reference" where computed
-            metrics[name].update(task_logits(merged, task, tensors, **inputs).argmax(-1), labels)
+            predicted[name] = task_logits(merged, task, tensors, **inputs).argmax(-1)
+        for name, predictions in predicted.items():
+            metrics[name].update(predictions, labels)
+            record_rows(metrics, name, predictions == labels, batch["idx"])
 
 
 def forward_tasks(

@@ -24,6 +24,7 @@ from divmerge.engine import DEFAULT_LR, LEARNED, Merger, TaskVectorDtype, check_
 from divmerge.errors import DivMergeError
 from divmerge.evaluation import TaskResult, anp, format_table, write_report
 from divmerge.experts.sources import resolve_source
+from divmerge.families.base import ROWS
 from divmerge.families.causal_lm import GenerationMetric
 from divmerge.families.classification import BackbonePass
 from divmerge.lightning.datamodule import MergeDataModule
@@ -431,12 +432,18 @@ class DivMergeModule(L.LightningModule):
         if split == "val":
             self._log_val_divergence()
         results = []
+        reported = self.trainer.state.fn != TrainerFn.FITTING  # the table and report: intervals need rows
         for task in self._datamodule().eval_tasks(split):
             m = self.metrics[task]
             ref = float(m["reference"].compute()) if "reference" in self._eval_params else None
             n = len(self._datamodule().dataset(task, split))
             expert, merged_acc = float(m["expert"].compute()), float(m["merged"].compute())
-            results.append(TaskResult(task, n, expert, merged_acc, ref, held_out=task in self.held_out))
+            names = ["expert", *self._eval_params]  # merged (and reference)
+            rows = None  # each row's 0/1 correctness, gathered from every rank (a collective: all ask)
+            if reported and all(name + ROWS in m for name in names):
+                rows = {name: m[name + ROWS].compute().numpy() for name in names}
+            held_out = task in self.held_out
+            results.append(TaskResult(task, n, expert, merged_acc, ref, held_out=held_out, rows=rows))
             self.log(f"{prefix}/acc/{task}", results[-1].merged, sync_dist=True)
             self.log(f"{prefix}/expert_acc/{task}", results[-1].expert, sync_dist=True)
             for metric in m.values():
