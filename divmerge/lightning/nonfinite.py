@@ -59,7 +59,7 @@ def check_step_loss(module: L.LightningModule, loss: Tensor, per_task: Mapping[s
         return
     step = module.trainer.global_step + 1
     bad = [(task, float(value)) for task, value in per_task.items() if not torch.isfinite(value)]
-    what = f"task {bad[0][0]!r}'s loss is {bad[0][1]}" if bad else "the loss is not finite on another rank"
+    what = f"the loss of task {bad[0][0]!r} is {bad[0][1]}" if bad else "the loss is not finite on a rank"
     raise RunStoppedError(
         f"Training step {step}: {what}, so the run stopped before that step changed the coefficients; "
         f"{_kept(module)}: {_FIX}."
@@ -84,8 +84,8 @@ def check_coefficients_after_step(module: L.LightningModule, table: Tensor, task
     if found is None:
         return
     raise RunStoppedError(
-        f"Training step {module.trainer.global_step + 1}: the optimizer step made task {found[0]!r}'s "
-        f"coefficients {found[1]} (the gradient overflowed), so the run stopped before a checkpoint could "
+        f"Training step {module.trainer.global_step + 1}: the optimizer step made the coefficients of task "
+        f"{found[0]!r} {found[1]} (the gradient overflowed), so the run stopped before a checkpoint could "
         f"record them; {_kept(module)}: {_FIX}."
     )
 
