@@ -249,3 +249,14 @@ def test_a_checkpoint_without_a_format_is_format_1_and_resumes(tmp_path, tiny, f
     train.main(["fit", "--config", config, "--ckpt_path", old])
     resumed = torch.load(tmp_path / "run" / "ckpt" / "last.ckpt", weights_only=True)
     assert resumed["global_step"] == 6 and resumed[FORMAT_KEY] == CHECKPOINT_FORMAT
+
+
+def test_the_module_hook_checks_too(tiny):
+    """Whatever path Lightning loads a checkpoint by (``best``, ``hpc``, a Trainer call), the hook refuses."""
+    module = DivMergeModule(experts=tiny["experts"], base=tiny["base"])
+    meta = {"divmerge": {"fingerprint": "x", "tasks": ["alpha", "beta"]}}
+    with pytest.raises(DivMergeError, match=r"^The checkpoint was written by a newer divmerge"):
+        module.on_load_checkpoint({**meta, FORMAT_KEY: CHECKPOINT_FORMAT + 1})
+    nan = {"merged.coefficients.weight": torch.tensor([[0.5], [float("nan")]])}
+    with pytest.raises(DivMergeError, match=r"^The checkpoint holds NaN coefficients \(for task 'beta'\)"):
+        module.on_load_checkpoint({**meta, "state_dict": nan})

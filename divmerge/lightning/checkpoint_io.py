@@ -30,23 +30,27 @@ MIGRATIONS: dict[int, Callable[[dict[str, Any]], None]] = {}
 """Format n -> a function turning a format-n checkpoint into format n + 1, in place (none yet)."""
 
 
+def _named(path: Any) -> str:
+    return f"Checkpoint {str(path)!r}" if path else "The checkpoint"
+
+
 def check_format(checkpoint: dict[str, Any], path: Any) -> None:
     """Bring a divmerge checkpoint to this divmerge's format in place: older formats migrated, newer refused.
 
     Args:
         checkpoint: The loaded checkpoint dictionary (updated in place).
-        path: Its file (for messages).
+        path: Its file (for messages; None when unknown).
     """
     version = checkpoint.get(FORMAT_KEY, 1)  # unrecorded: written before the field, in format 1
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise DivMergeError(
-            f"Checkpoint {str(path)!r} records an unknown divmerge checkpoint format {version!r}: it is "
+            f"{_named(path)} records an unknown divmerge checkpoint format {version!r}: it is "
             "corrupt or was edited; pass an intact .ckpt written by divmerge, or start a fresh run without "
             "--ckpt_path."
         )
     if version > CHECKPOINT_FORMAT:
         raise DivMergeError(
-            f"Checkpoint {str(path)!r} was written by a newer divmerge (checkpoint format {version}; this "
+            f"{_named(path)} was written by a newer divmerge (checkpoint format {version}; this "
             f"divmerge reads formats up to {CHECKPOINT_FORMAT}): upgrade divmerge to use it."
         )
     for step in range(version, CHECKPOINT_FORMAT):
@@ -65,7 +69,7 @@ def check_finite_coefficients(checkpoint: dict[str, Any], path: Any) -> None:
         if found is not None:
             where = f"for task {found[0]!r}" if by_task else f"in {name!r}"
             raise DivMergeError(
-                f"Checkpoint {str(path)!r} holds {found[1]} coefficients ({where}): it records a merge that "
+                f"{_named(path)} holds {found[1]} coefficients ({where}): it records a merge that "
                 "diverged, which is never evaluated or exported; pass an earlier checkpoint of that run, or "
                 "train again with a lower model.lr (or model.clamp)."
             )

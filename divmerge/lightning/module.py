@@ -542,6 +542,6 @@ class DivMergeModule(L.LightningModule):
         if meta is None:
             raise DivMergeError("This checkpoint was not written by divmerge: pass a divmerge checkpoint.")
         path = self._trainer.ckpt_path if self._trainer is not None else None
-        checkpoint_io.check_format(checkpoint, path or "given")
-        checkpoint_io.check_finite_coefficients(checkpoint, path or "given")
+        checkpoint_io.check_format(checkpoint, path)
+        checkpoint_io.check_finite_coefficients(checkpoint, path)
         self.check_checkpoint_meta(meta)
