@@ -37,7 +37,7 @@ def _kept(module: L.LightningModule) -> str:
     path = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
     if path:
         return f"the last checkpoint, {str(path)!r}, holds a finite merge (resume from it with --ckpt_path)"
-    return "no checkpoint had been written yet"
+    return "this run had written no checkpoint yet"
 
 
 def check_step_loss(module: L.LightningModule, loss: Tensor, per_task: Mapping[str, Tensor]) -> None:
