@@ -19,3 +19,12 @@ def first_line(err: BaseException) -> str:
     """
     lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()] or [type(err).__name__]
     return " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
+
+
+class RunStoppedError(DivMergeError):
+    """A run stopped mid-way on something it met while running (e.g. a loss that turned NaN).
+
+    One line and exit code 2 like any ``DivMergeError``, but what the run wrote is kept: its last
+    checkpoint is what the user resumes from or inspects (bad-input failures remove a fresh run's
+    directories, ``divmerge.lightning.run_dir.guarded``).
+    """

@@ -20,6 +20,7 @@ from divmerge.core.expert_set import ExpertSet
 from divmerge.core.lora import stack_lora
 from divmerge.errors import DivMergeError
 from divmerge.experts.adapters import is_adapter, load_adapter
+from divmerge.experts.finite import check_finite, factor_tensors
 from divmerge.experts.kind import ExpertKind
 from divmerge.experts.sharded_loading import load_sharded, sharded_refusal
 from divmerge.experts.sources import load_pretrained, resolve_source
@@ -69,6 +70,7 @@ def load_expert_set(
             return load_sharded(kind, {"base": base, **experts}, paths, mesh, task_vector_dtype)
         log.warning("every rank reads the experts whole: %s.", reason)
     base_model = load_pretrained(kind.base_class, base, "the base model")
+    check_finite(f"The base model {base!r}", base_model.named_parameters())
     kind.extend_base(base_model)
     theta0 = {n: p.detach() for n, p in base_model.named_parameters()}  # tied tensors appear once
     base_type = base_model.config.model_type
@@ -90,6 +92,9 @@ def load_expert_set(
                 kind.expert_class, sources[task], f"expert {task!r}", kind.complete_experts
             )
             factors = {}
+        what = f"{'Expert' if t < len(task_names) else 'Held-out classifier'} {task!r}"
+        check_finite(what, model.named_parameters())  # a LoRA adapter: with its densified updates
+        check_finite(what, factor_tensors(factors))
         if model.config.model_type != base_type:
             raise DivMergeError(
                 f"Expert {task!r} is a {model.config.model_type!r} model but the base is {base_type!r}: "

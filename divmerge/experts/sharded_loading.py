@@ -39,6 +39,7 @@ from divmerge.core.expert_set import ExpertSet
 from divmerge.core.lora import stack_lora
 from divmerge.errors import DivMergeError
 from divmerge.experts.adapters import is_adapter
+from divmerge.experts.finite import factor_tensors, nonfinite, nonfinite_message
 from divmerge.experts.kind import ExpertKind
 from divmerge.experts.lora_files import plain_lora_refusal, read_plain_lora
 from divmerge.experts.sources import missing_weights
@@ -140,6 +141,9 @@ def load_sharded(
         )
     cols = {n: column_range(shapes[n].numel(), rank, world) for n in names}
     theta0 = {n: base_files.read_columns(n, *cols[n]) for n in names}  # (hi - lo,) float32
+    # NaN / inf in this rank's columns: reported by every rank alike once gathered (gathered_digests)
+    found = nonfinite(theta0.items())
+    problem = None if found is None else nonfinite_message(f"The base model {sources['base']!r}", *found)
     base_files.close()  # its mapped pages leave the resident set: one file open at a time
     parts: dict[str, dict[str, DigestPart]] = {
         "base": {n: partial_digest(theta0[n], cols[n][0], s.numel()) for n, s in shapes.items()}
@@ -154,6 +158,9 @@ def load_sharded(
         if t not in full:  # a plain LoRA adapter: the base's weights plus factors, read whole (small)
             factors, lora_rank = read_plain_lora(paths[task])
             check_factors(task, factors, lora_rank, shapes, sources["base"])
+            found = nonfinite(factor_tensors(factors))
+            if problem is None and found is not None:
+                problem = nonfinite_message(f"Expert {task!r}", *found)
             for m, (a, b) in factors.items():
                 lora_parts.setdefault(m, []).append((t, a, b))
             parts[task], extra[task] = parts["base"], factors_digest(factors)
@@ -171,6 +178,9 @@ def load_sharded(
             parts[task] = {}
             for n, (lo, hi) in cols.items():
                 theta = files.read_columns(n, lo, hi)  # (hi - lo,) float32
+                found = nonfinite([(n, theta)]) if problem is None else None
+                if found is not None:
+                    problem = nonfinite_message(f"Expert {task!r}", *found)
                 torch.sub(theta, theta0[n], out=stacked[n][row])  # tau_t's columns
                 parts[task][n] = partial_digest(theta, lo, shapes[n].numel())
             files.close()
@@ -178,7 +188,7 @@ def load_sharded(
         num_labels.append(kind.num_outputs(model))
         kind.to_skeleton(model)
         skeletons.append(model)
-    fingerprint, task_digests = gathered_digests(kind, task_names, types, shapes, parts, mesh, extra)
+    fingerprint, task_digests = gathered_digests(kind, task_names, types, shapes, parts, mesh, extra, problem)
     return ExpertSet(
         task_names=task_names,
         names=names,
@@ -239,17 +249,23 @@ def gathered_digests(
     parts: Mapping[str, Mapping[str, DigestPart]],
     mesh: DeviceMesh,
     extra: Mapping[str, str],
+    problem: str | None = None,
 ) -> tuple[str, list[str]]:
     """(fingerprint, per-task digests) from every rank's partial digests, as a whole load computes them.
 
     ``extra``: task -> a line appended to its expert's digest (an adapter's factors, the same on every
-    rank).
+    rank). ``problem``: what this rank found wrong in its columns (non-finite values), or None: raised
+    on every rank alike (the first rank's), so no rank goes on to wait for the others in a collective.
     """
-    everyone: list[dict[str, dict[str, DigestPart]] | None] = [None] * mesh.size()
-    dist.all_gather_object(everyone, dict(parts), group=mesh.get_group())
+    gathered: list[tuple[dict[str, dict[str, DigestPart]], str | None] | None] = [None] * mesh.size()
+    dist.all_gather_object(gathered, (dict(parts), problem), group=mesh.get_group())
+    found = [p for _, p in gathered if p is not None]  # type: ignore[misc]
+    if found:
+        raise DivMergeError(found[0])
+    everyone = [p for p, _ in gathered]  # type: ignore[misc]
 
     def digest(key: str, name: str) -> str:
-        return combine_digest(shapes[name], torch.float32, [p[key][name] for p in everyone])  # type: ignore[index]
+        return combine_digest(shapes[name], torch.float32, [p[key][name] for p in everyone])
 
     base = model_digest("", [entry(n, digest("base", n)) for n in shapes])
     experts = [

@@ -6,12 +6,73 @@ Checkpoints are shared between people, so a checkpoint is data, never code: ever
 
 import os
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch import Tensor
 
 from divmerge.errors import DivMergeError
+from divmerge.lightning.nonfinite import nonfinite_task
+
+CHECKPOINT_FORMAT = 1
+"""The layout of divmerge's checkpoints, recorded in each as ``checkpoint[FORMAT_KEY]``.
+
+1: the coefficients under ``state_dict``, optimizer and loop state as Lightning writes them, and the
+``divmerge`` entry (fingerprint, tasks, granularity, space options, start, tensor names). Checkpoints
+written before the version was recorded have no ``FORMAT_KEY`` and this same layout: they are format 1.
+A change of layout bumps this number and adds a step to ``MIGRATIONS`` that turns the previous format
+into the new one; a checkpoint of a newer format than this divmerge knows is refused.
+"""
+FORMAT_KEY = "divmerge_format"
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], None]] = {}
+"""Format n -> a function turning a format-n checkpoint into format n + 1, in place (none yet)."""
+
+
+def _named(path: Any) -> str:
+    return f"Checkpoint {str(path)!r}" if path else "The checkpoint"
+
+
+def check_format(checkpoint: dict[str, Any], path: Any) -> None:
+    """Bring a divmerge checkpoint to this divmerge's format in place: older formats migrated, newer refused.
+
+    Args:
+        checkpoint: The loaded checkpoint dictionary (updated in place).
+        path: Its file (for messages; None when unknown).
+    """
+    version = checkpoint.get(FORMAT_KEY, 1)  # unrecorded: written before the field, in format 1
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise DivMergeError(
+            f"{_named(path)} records an unknown divmerge checkpoint format {version!r}: it is "
+            "corrupt or was edited; pass an intact .ckpt written by divmerge, or start a fresh run without "
+            "--ckpt_path."
+        )
+    if version > CHECKPOINT_FORMAT:
+        raise DivMergeError(
+            f"{_named(path)} was written by a newer divmerge (checkpoint format {version}; this "
+            f"divmerge reads formats up to {CHECKPOINT_FORMAT}): upgrade divmerge to use it."
+        )
+    for step in range(version, CHECKPOINT_FORMAT):
+        MIGRATIONS[step](checkpoint)
+    checkpoint[FORMAT_KEY] = CHECKPOINT_FORMAT
+
+
+def check_finite_coefficients(checkpoint: dict[str, Any], path: Any) -> None:
+    """Refuse a checkpoint whose coefficients hold NaN or inf (a merge that diverged) in one line."""
+    tasks = list((checkpoint.get("divmerge") or {}).get("tasks") or [])
+    for name, value in (checkpoint.get("state_dict") or {}).items():
+        if not isinstance(value, Tensor) or not value.is_floating_point():
+            continue
+        by_task = value.dim() == 2 and value.shape[0] == len(tasks)  # a (T, G) table: name the task
+        found = nonfinite_task(value, tasks) if by_task else nonfinite_task(value.reshape(1, -1), [name])
+        if found is not None:
+            where = f"for task {found[0]!r}" if by_task else f"in {name!r}"
+            raise DivMergeError(
+                f"{_named(path)} holds {found[1]} coefficients ({where}): it records a merge that "
+                "diverged, which is never evaluated or exported; pass an earlier checkpoint of that run, or "
+                "train again with a lower model.lr (or model.clamp)."
+            )
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
@@ -79,7 +140,8 @@ def check_checkpoint(path: Any) -> dict[str, Any]:
         path: The checkpoint file.
 
     Returns:
-        The ``divmerge`` entry (fingerprint, tasks, granularity, tensor names).
+        The ``divmerge`` entry (fingerprint, tasks, granularity, tensor names), once the checkpoint's
+        format is known (``check_format``) and its coefficients are finite.
 
     """
     checkpoint = SafeCheckpointIO().load_checkpoint(path)
@@ -88,4 +150,6 @@ def check_checkpoint(path: Any) -> dict[str, Any]:
         raise DivMergeError(
             f"Checkpoint {str(path)!r} was not written by divmerge: pass a divmerge checkpoint."
         )
+    check_format(checkpoint, path)
+    check_finite_coefficients(checkpoint, path)
     return meta

@@ -21,12 +21,13 @@ from torch.distributed.device_mesh import DeviceMesh
 from divmerge.core.coefficients import Granularity
 from divmerge.core.merged_model import MergedModel, MergeModeOption
 from divmerge.engine import DEFAULT_LR, LEARNED, Merger, TaskVectorDtype, check_method, check_trainable
-from divmerge.errors import DivMergeError
+from divmerge.errors import DivMergeError, RunStoppedError
 from divmerge.evaluation import TaskResult, anp, format_table, write_report
 from divmerge.experts.sources import resolve_source
 from divmerge.families.base import ROWS
 from divmerge.families.causal_lm import GenerationMetric
 from divmerge.families.classification import BackbonePass
+from divmerge.lightning import checkpoint_io, nonfinite
 from divmerge.lightning.datamodule import MergeDataModule
 from divmerge.phases import TEACHER_PHASE, timed
 from divmerge.plots import plot_coefficients, plot_divergence
@@ -358,12 +359,18 @@ class DivMergeModule(L.LightningModule):
     def training_step(self, batch: dict[str, dict[str, Tensor]], batch_idx: int) -> Tensor:
         """Sum over tasks of the mean divergence between expert (cached) and merged outputs."""
         loss, per_task = self.engine.step_loss(batch)
+        nonfinite.check_step_loss(self, loss, per_task)  # NaN / inf: stop before backward and the step
         for task, value in per_task.items():
             size = len(batch[task]["idx"])
             self.log(f"train/{self.hparams.objective}/{task}", value, batch_size=size)
         sizes = sum(len(batch[task]["idx"]) for task in per_task)
         self.log("train/loss", loss, prog_bar=True, batch_size=sizes)
         return loss
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Take the optimizer step; stop the run if it left a coefficient NaN or inf (before any save)."""
+        super().optimizer_step(*args, **kwargs)
+        nonfinite.check_coefficients_after_step(self, self.build().coefficients.weight, self.task_names)
 
     # ---------------------------------------------------------------- evaluation
     @property
@@ -392,6 +399,8 @@ class DivMergeModule(L.LightningModule):
         return params
 
     def _eval_start(self) -> None:
+        if not self.is_static:  # no ANP for a non-finite merge
+            nonfinite.refuse_nonfinite_merge(self.build().coefficients.weight, self.task_names, "evaluated")
         self._eval_params = {"merged": self.eval_params(whole=False)}
         if self.trainer.state.fn != TrainerFn.FITTING:
             reference = self.reference_params()
@@ -520,8 +529,11 @@ class DivMergeModule(L.LightningModule):
 
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record the expert-set fingerprint beside the coefficients."""
+        """Record the expert-set fingerprint and the checkpoint format beside the coefficients."""
         merged = self.build()
+        table = merged.coefficients.weight
+        nonfinite.refuse_nonfinite_merge(table, self.task_names, "saved", RunStoppedError)
+        checkpoint[checkpoint_io.FORMAT_KEY] = checkpoint_io.CHECKPOINT_FORMAT
         checkpoint["divmerge"] = {
             "fingerprint": self.fingerprint,
             "tasks": self.task_names,
@@ -532,8 +544,11 @@ class DivMergeModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint made with a different expert set."""
+        """Refuse a checkpoint made with a different expert set, a newer divmerge or a non-finite merge."""
         meta = checkpoint.get("divmerge")
         if meta is None:
             raise DivMergeError("This checkpoint was not written by divmerge: pass a divmerge checkpoint.")
+        path = self._trainer.ckpt_path if self._trainer is not None else None
+        checkpoint_io.check_format(checkpoint, path)
+        checkpoint_io.check_finite_coefficients(checkpoint, path)
         self.check_checkpoint_meta(meta)

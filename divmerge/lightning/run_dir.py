@@ -3,7 +3,8 @@
 A run takes ``.divmerge.lock`` in its checkpoint directory (its PID and host); a second live run on
 the same directory is refused, a lock left by a dead process is taken over. When a run fails on bad
 input (a ``DivMergeError``), the directories it created (log and checkpoint directories) are removed,
-so a failed run leaves nothing behind; a killed or crashed run keeps its checkpoints, to resume.
+so a failed run leaves nothing behind; a killed or crashed run, or one stopped mid-way on what it met
+(a ``RunStoppedError``: a loss that turned NaN), keeps its checkpoints, to resume or inspect.
 """
 
 import contextlib
@@ -13,7 +14,7 @@ import socket
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from divmerge.errors import DivMergeError
+from divmerge.errors import DivMergeError, RunStoppedError
 from divmerge.pids import pid_alive
 
 LOCK_FILE = ".divmerge.lock"
@@ -42,9 +43,10 @@ def guarded(outputs: Sequence[Path], lock_dir: Path | None) -> Iterator[None]:
         if lock_dir is not None:
             lock = _take(lock_dir)
         yield
-    except DivMergeError:
-        for path in fresh:
-            shutil.rmtree(path, ignore_errors=True)
+    except DivMergeError as err:
+        if not isinstance(err, RunStoppedError):  # a run stopped mid-way keeps its checkpoints
+            for path in fresh:
+                shutil.rmtree(path, ignore_errors=True)
         raise
     finally:
         if lock is not None and lock.exists():
