@@ -9,6 +9,7 @@ import contextlib
 import logging
 import math
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from divmerge.engine import check_trainable, check_writable_dir
 from divmerge.errors import DivMergeError, first_line
@@ -28,6 +30,7 @@ from divmerge.lightning.checkpoint_io import SafeCheckpointIO, check_checkpoint
 from divmerge.lightning.datamodule import MergeDataModule
 from divmerge.lightning.export_command import parse_export_args, run_export
 from divmerge.lightning.module import DivMergeModule
+from divmerge.lightning.preemption import EXIT_BASE, Preemption
 from divmerge.lightning.progress import PlainProgress
 from divmerge.lightning.run_dir import guarded
 from divmerge.lightning.strategy import MergeParallelStrategy
@@ -120,6 +123,7 @@ class DivMergeCLI(LightningCLI):
         self.timer = PhaseTimer()
         trainer.callbacks.append(self.timer)
         trainer.callbacks.append(PlainProgress(every_s=PLAIN_EVERY_S if self._plain else math.inf))
+        trainer.callbacks.append(Preemption())  # SIGTERM/SIGUSR1: last.ckpt at the step's end, exit 128+N
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = SafeCheckpointIO()
         if type(trainer.strategy) is ModelParallelStrategy:  # read divmerge's full-file checkpoints
@@ -250,3 +254,6 @@ def main(argv: list[str] | None = None) -> DivMergeCLI | Path:
     except DivMergeError as err:
         print(f"divmerge: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except SIGTERMException:  # Lightning's: SIGTERM outside training steps (validation, test, sanity check)
+        print("divmerge: stopped by SIGTERM before it finished: rerun the same command.", file=sys.stderr)
+        raise SystemExit(EXIT_BASE + signal.SIGTERM) from None
