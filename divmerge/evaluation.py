@@ -12,6 +12,8 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from divmerge.disk import atomic_file
+
 
 @dataclass(frozen=True)
 class TaskResult:
@@ -148,7 +150,10 @@ def write_report(results: list[TaskResult], directory: str | Path, split: str) -
         "left_out_of_anp": zero_experts(results),
         "tasks": [asdict(r) | {"normalised": _finite(r.normalised)} for r in results],
     }
-    (directory / f"report_{split}.json").write_text(json.dumps(payload, indent=2, allow_nan=False))
+    fix = "free space in the log directory, or set the logger's save_dir to a disk with room"
+    with atomic_file(directory / f"report_{split}.json", fix) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, allow_nan=False))
     md = directory / f"report_{split}.md"
-    md.write_text(format_table(results) + "\n")
+    with atomic_file(md, fix) as tmp:
+        tmp.write_text(format_table(results) + "\n")
     return md

@@ -10,6 +10,10 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from torch import Tensor
 
+from divmerge.disk import atomic_file
+
+FIX = "free space in the log directory, or set the logger's save_dir to a disk with room"
+
 
 def plot_coefficients(
     table: Tensor, task_names: Sequence[str], group_labels: Sequence[str], path: Path
@@ -36,8 +40,11 @@ def plot_coefficients(
     ax.set_xticks(ticks, labels=[group_labels[i] for i in ticks], rotation=90, fontsize=6)
     ax.set_title("learned merge coefficients (task x parameter group)")
     fig.colorbar(image, ax=ax, fraction=0.02)
-    fig.savefig(path, dpi=110, bbox_inches="tight")  # grows the canvas to fit long rotated labels
-    plt.close(fig)
+    try:
+        with atomic_file(path, FIX) as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight")  # grows the canvas to fit long rotated labels
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -71,6 +78,9 @@ def plot_divergence(metrics_csv: Path, path: Path) -> Path | None:
     ax.legend(fontsize=7)
     ax.set_title("training divergence (rolling mean of 5 logged steps; raw faint)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_file(path, FIX) as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
     return path

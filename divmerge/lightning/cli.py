@@ -24,6 +24,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from divmerge.disk import one_line as no_space_line
 from divmerge.engine import check_trainable, check_writable_dir
 from divmerge.errors import DivMergeError, first_line
 from divmerge.lightning.checkpoint_io import SafeCheckpointIO, check_checkpoint
@@ -81,6 +82,7 @@ class DivMergeCLI(LightningCLI):
 
     def before_fit(self) -> None:  # noqa: D102
         check_trainable(self.model.hparams.method)
+        self.model.artefacts_after_test = True  # after_fit writes the figures once the table is out
         self._check_before_run()
         self._size_training()
 
@@ -152,6 +154,7 @@ class DivMergeCLI(LightningCLI):
         """Report the learned merge on the test split (per-task table + ANP)."""
         if not self.trainer.interrupted:
             self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+        self.model.write_fit_artefacts()  # optional figures after the table: a full disk cannot lose it
         self._print_phases()
 
     def after_validate(self) -> None:  # noqa: D102
@@ -253,6 +256,11 @@ def main(argv: list[str] | None = None) -> DivMergeCLI | Path:
         return make_cli(with_default_config(args))
     except DivMergeError as err:
         print(f"divmerge: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except Exception as err:  # a full disk met by a library (e.g. the logger, while handling our own error)
+        if (line := no_space_line(err)) is None:
+            raise
+        print(f"divmerge: error: {line}", file=sys.stderr)
         raise SystemExit(2) from None
     except SIGTERMException:  # Lightning's: SIGTERM outside training steps (validation, test, sanity check)
         print("divmerge: stopped by SIGTERM before it finished: rerun the same command.", file=sys.stderr)

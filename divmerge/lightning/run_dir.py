@@ -13,6 +13,7 @@ import socket
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from divmerge.disk import NoSpaceError
 from divmerge.errors import DivMergeError
 from divmerge.pids import pid_alive
 
@@ -42,6 +43,8 @@ def guarded(outputs: Sequence[Path], lock_dir: Path | None) -> Iterator[None]:
         if lock_dir is not None:
             lock = _take(lock_dir)
         yield
+    except NoSpaceError:  # not bad input: what the run wrote (its checkpoints) is kept
+        raise
     except DivMergeError:
         for path in fresh:
             shutil.rmtree(path, ignore_errors=True)
