@@ -69,6 +69,7 @@ def no_space_message(
     needed: int | None = None,
     at_least: bool = False,
     fix: str = "free space there or write elsewhere",
+    clean: bool = True,
 ) -> str:
     """The one line for a full disk: what, how much is needed, how much is free, the fix.
 
@@ -78,6 +79,7 @@ def no_space_message(
         needed: Bytes the write needs (None: unknown).
         at_least: ``needed`` is only what was written before the disk filled.
         fix: What the user can do, e.g. ``point model.cache_dir to a disk with room``.
+        clean: The writer left nothing partial (said in the message).
 
     Returns:
         The message.
@@ -92,7 +94,7 @@ def no_space_message(
     if free is not None:
         parts.append(f"{size_text(free)} free there")
     detail = f" ({', '.join(parts)})" if parts else ""
-    return f"{what} writing {str(path)!r}{detail}: {fix}; nothing partial was left."
+    return f"{what} writing {str(path)!r}{detail}: {fix}{'; nothing partial was left' if clean else ''}."
 
 
 def one_line(err: BaseException) -> str | None:
@@ -109,8 +111,31 @@ def one_line(err: BaseException) -> str | None:
         return None
     if isinstance(found, NoSpaceError):
         return str(found)
-    name = getattr(found, "filename", None)
-    return no_space_message(name or "a file", found, fix="free space there or write elsewhere")
+    name = getattr(found, "filename", None) or _path_in_traceback(found)
+    return no_space_message(name or "a file", found, fix="free space there or write elsewhere", clean=False)
+
+
+_PATH_NAMES = ("path", "filepath", "filename", "file", "fname", "urlpath")
+
+
+def _path_in_traceback(err: BaseException) -> str | None:
+    """The file a library was writing when it met the full disk: a path-like local of its innermost frames.
+
+    Libraries (Lightning's loggers through fsspec, PyYAML) raise the OSError of a ``write`` or ``close``
+    without a file name; the file object (``self.path``) or the caller's ``path`` argument names it.
+    """
+    frames = []
+    tb = err.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        names = [frame.f_locals.get(name) for name in _PATH_NAMES]
+        names.append(getattr(frame.f_locals.get("self"), "path", None))
+        for value in names:
+            if isinstance(value, (str, os.PathLike)) and str(value) and os.sep in str(value):
+                return str(value)
+    return None
 
 
 @contextlib.contextmanager
@@ -147,12 +172,15 @@ def no_space_is_one_line(
 
 
 @contextlib.contextmanager
-def atomic_file(path: Path | str, fix: str = "free space there or write elsewhere") -> Iterator[Path]:
+def atomic_file(
+    path: Path | str, fix: str = "free space there or write elsewhere", needed: int | None = None
+) -> Iterator[Path]:
     """A temporary sibling to write ``path`` into: renamed over it on success, removed on any failure.
 
     Args:
         path: The final file; the temporary name keeps its suffix (matplotlib picks the format by it).
         fix: The fix named when the disk is full.
+        needed: Bytes to be written, when known (else the message gives what was written before failing).
 
     Yields:
         The temporary path to write.
@@ -163,11 +191,31 @@ def atomic_file(path: Path | str, fix: str = "free space there or write elsewher
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     try:
-        with no_space_is_one_line(path, lambda: _size(tmp), fix, at_least=True):
+        size = (lambda: _size(tmp)) if needed is None else needed
+        with no_space_is_one_line(path, size, fix, at_least=needed is None):
             yield tmp
             os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_atomic(
+    path: Path | str, data: bytes | str, fix: str = "free space there or write elsewhere"
+) -> Path:
+    """Write ``data`` to ``path`` atomically; a full disk is one line with the exact size needed.
+
+    Args:
+        path: The file.
+        data: Its contents (text is written as UTF-8).
+        fix: The fix named when the disk is full.
+
+    Returns:
+        ``path``.
+    """
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    with atomic_file(path, fix, needed=len(raw)) as tmp:
+        tmp.write_bytes(raw)
+    return Path(path)
 
 
 def _size(path: Path) -> int | None:

@@ -12,7 +12,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from divmerge.disk import atomic_file
+from divmerge.disk import write_atomic
 
 
 @dataclass(frozen=True)
@@ -151,9 +151,6 @@ def write_report(results: list[TaskResult], directory: str | Path, split: str) -
         "tasks": [asdict(r) | {"normalised": _finite(r.normalised)} for r in results],
     }
     fix = "free space in the log directory, or set the logger's save_dir to a disk with room"
-    with atomic_file(directory / f"report_{split}.json", fix) as tmp:
-        tmp.write_text(json.dumps(payload, indent=2, allow_nan=False))
-    md = directory / f"report_{split}.md"
-    with atomic_file(md, fix) as tmp:
-        tmp.write_text(format_table(results) + "\n")
+    write_atomic(directory / f"report_{split}.json", json.dumps(payload, indent=2, allow_nan=False), fix)
+    md = write_atomic(directory / f"report_{split}.md", format_table(results) + "\n", fix)
     return md

@@ -125,7 +125,7 @@ def test_the_table_is_out_before_the_figures_and_a_full_disk_there_keeps_it(
 ):
     config = write_config(tmp_path, tiny, epochs=1)
     FullDisk(monkeypatch, tmp_path / "run", suffix=".png")
-    out = expect_no_space(capsys, ["fit", "--config", config], "coefficients.png")
+    out = expect_no_space(capsys, ["fit", "--config", config], "coefficients.png' (it needs ")
     assert "Per-task accuracy on test" in out and "| ANP" in out  # printed before the figures
     logs = next((tmp_path / "run").rglob("report_test.json")).parent
     assert not list(logs.glob("*.png")) and not list(logs.glob(".*tmp*"))

@@ -20,7 +20,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from divmerge.core.coefficients import Granularity
 from divmerge.core.merged_model import MergedModel, MergeModeOption
-from divmerge.disk import atomic_file
+from divmerge.disk import write_atomic
 from divmerge.engine import DEFAULT_LR, LEARNED, Merger, TaskVectorDtype, check_method, check_trainable
 from divmerge.errors import DivMergeError
 from divmerge.evaluation import TaskResult, anp, format_table, write_report
@@ -503,18 +503,13 @@ class DivMergeModule(L.LightningModule):
         out.mkdir(parents=True, exist_ok=True)
         table = merged.coefficients().detach().cpu()  # (T, G)
         groups = merged.coefficients.group_labels()
-        with atomic_file(out / "coefficients.json", PLOT_FIX) as tmp:
-            tmp.write_text(
-                json.dumps(
-                    {
-                        "tasks": self.task_names,
-                        "groups": groups,
-                        "start_from": self.hparams.start_from,  # coefficients are around this static merge
-                        "coefficients": table.tolist(),
-                    },
-                    indent=1,
-                )
-            )
+        payload = {
+            "tasks": self.task_names,
+            "groups": groups,
+            "start_from": self.hparams.start_from,  # coefficients are around this static merge
+            "coefficients": table.tolist(),
+        }
+        write_atomic(out / "coefficients.json", json.dumps(payload, indent=1), PLOT_FIX)
         plot_coefficients(table, self.task_names, groups, out / "coefficients.png")
         if isinstance(self.logger, CSVLogger):
             self.logger.save()
