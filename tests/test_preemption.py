@@ -181,3 +181,28 @@ def test_sigterm_outside_training_steps_exits_143(uninterrupted, capsys, monkeyp
         train.main(["test", "--config", cfg, "--ckpt_path", str(last)])
     assert stopped.value.code == 143
     assert "stopped by SIGTERM before it finished" in capsys.readouterr().err
+
+
+class SignalOneRank(SignalSelf):
+    """Sends the signal to rank ``rank``'s process only (the others never receive it)."""
+
+    def __init__(self, step: int, signum: int, rank: int) -> None:
+        super().__init__(step, signum)
+        self.rank = rank
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_rank == self.rank:
+            super().on_train_batch_end(trainer, *args)
+
+
+def test_a_signal_to_one_ddp_rank_stops_every_rank_at_the_same_step(tmp_path, tiny):
+    """2 gloo processes; only rank 1 is signalled: both stop after the same step, rank 0 writes last.ckpt."""
+    cfg = write_config(tmp_path, tiny, epochs=2)
+    send = callback("SignalOneRank", step=4, signum=int(signal.SIGTERM), rank=1)
+    ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--data.batch_size_per_task", "2"]
+    cmd = [sys.executable, str(ROOT / "train.py"), "fit", "--config", cfg, *ddp, "--trainer.callbacks+", send]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert proc.stderr.count("resume with:") == 1 and "after step 4" in proc.stderr, proc.stderr[-3000:]
+    last = tmp_path / "run" / "ckpt" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 4
