@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from divmerge.disk import write_atomic
 from divmerge.intervals import Interval, mean_ratio_interval
 
 
@@ -203,7 +204,7 @@ def write_report(results: list[TaskResult], directory: str | Path, split: str) -
     payload["tasks"] = [
         {name: getattr(r, name) for name in reported} | {"normalised": _finite(r.normalised)} for r in results
     ]
-    (directory / f"report_{split}.json").write_text(json.dumps(payload, indent=2, allow_nan=False))
-    md = directory / f"report_{split}.md"
-    md.write_text(format_table(results) + "\n")
+    fix = "free space in the log directory, or set the logger's save_dir to a disk with room"
+    write_atomic(directory / f"report_{split}.json", json.dumps(payload, indent=2, allow_nan=False), fix)
+    md = write_atomic(directory / f"report_{split}.md", format_table(results) + "\n", fix)
     return md

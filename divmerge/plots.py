@@ -1,5 +1,6 @@
 """Report figures: the learned coefficients as a heatmap and the training divergence curve."""
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -9,6 +10,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 from torch import Tensor
+
+from divmerge.disk import write_atomic
+
+FIX = "free space in the log directory, or set the logger's save_dir to a disk with room"
 
 
 def plot_coefficients(
@@ -36,8 +41,12 @@ def plot_coefficients(
     ax.set_xticks(ticks, labels=[group_labels[i] for i in ticks], rotation=90, fontsize=6)
     ax.set_title("learned merge coefficients (task x parameter group)")
     fig.colorbar(image, ax=ax, fraction=0.02)
-    fig.savefig(path, dpi=110, bbox_inches="tight")  # grows the canvas to fit long rotated labels
-    plt.close(fig)
+    png = io.BytesIO()  # rendered first: a full disk then names the size needed
+    try:
+        fig.savefig(png, format="png", dpi=110, bbox_inches="tight")  # grows the canvas to fit long labels
+    finally:
+        plt.close(fig)
+    write_atomic(path, png.getvalue(), FIX)
     return path
 
 
@@ -71,6 +80,10 @@ def plot_divergence(metrics_csv: Path, path: Path) -> Path | None:
     ax.legend(fontsize=7)
     ax.set_title("training divergence (rolling mean of 5 logged steps; raw faint)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    png = io.BytesIO()
+    try:
+        fig.savefig(png, format="png", dpi=110)
+    finally:
+        plt.close(fig)
+    write_atomic(path, png.getvalue(), FIX)
     return path

@@ -21,7 +21,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from divmerge.disk import no_space_is_one_line, torch_save
 from divmerge.errors import DivMergeError
+
+CACHE_FIX = "free space, or point model.cache_dir (or $DIVMERGE_CACHE) to a disk with room"
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 2  # 2: outputs stored with their SHA-256
@@ -99,10 +102,13 @@ def save_atomic(value: Tensor | Mapping[str, Tensor], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
+    tensors = [value] if isinstance(value, Tensor) else list(value.values())
+    needed = sum(t.numel() * t.element_size() for t in tensors)
     try:
-        torch.save({"outputs": value, "sha256": content_digest(value)}, tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+        with no_space_is_one_line(path, needed, CACHE_FIX):  # a full disk: one line, no partial file
+            torch_save({"outputs": value, "sha256": content_digest(value)}, tmp)
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

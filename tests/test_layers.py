@@ -9,6 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "divmerge"
 # divmerge module (or package) prefix -> layer; a module may import its own layer and those below.
 LAYERS = {
     "divmerge.errors": 0,
+    "divmerge.disk": 0,
     "divmerge.quiet": 0,
     "divmerge.pids": 0,
     "divmerge.phases": 0,

@@ -11,6 +11,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from divmerge.disk import no_space_is_one_line, written
 from divmerge.errors import DivMergeError
 
 
@@ -37,8 +38,10 @@ def build_once(final: Path, marker: str, what: str, build: Callable[[Path], None
         )
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    fix = "free space, or point model.cache_dir (or $DIVMERGE_CACHE) to a disk with room"
     try:
-        build(tmp)
+        with no_space_is_one_line(final, written(tmp), fix, at_least=True):
+            build(tmp)
         # mkdtemp (and safetensors) create owner-only entries; the cache is meant to be shared.
         for entry in (tmp, *tmp.iterdir()):
             entry.chmod(0o755 if entry.is_dir() else 0o644)

@@ -15,6 +15,7 @@ from typing import Any
 
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
+from divmerge.disk import no_space_is_one_line, written
 from divmerge.errors import DivMergeError, first_line
 from divmerge.pids import pid_alive
 
@@ -46,8 +47,11 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()  # not mkdtemp: that makes it private (0o700), while an export should follow the umask
     try:
-        yield tmp
-        move_into_place(tmp, out)
+        with no_space_is_one_line(
+            out, written(tmp), "free space, or choose --out_dir on a disk with room", True
+        ):
+            yield tmp
+            move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -4,15 +4,18 @@ Checkpoints are shared between people, so a checkpoint is data, never code: ever
 ``weights_only=True`` (tensors, containers and plain values only), whatever the caller asks for.
 """
 
+import io
 import os
 import pickle
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import Tensor
 
+from divmerge.disk import no_space_is_one_line
 from divmerge.errors import DivMergeError
 from divmerge.lightning.nonfinite import nonfinite_task
 
@@ -74,6 +77,11 @@ def check_finite_coefficients(checkpoint: dict[str, Any], path: Any) -> None:
                 "train again with a lower model.lr (or model.clamp)."
             )
 
+FIX = (
+    "free space, or give the ModelCheckpoint callback a dirpath on a disk with room (the previous "
+    "checkpoint is intact)"
+)
+
 
 class SafeCheckpointIO(TorchCheckpointIO):
     """``TorchCheckpointIO`` that never leaves a half-written file and explains unreadable ones."""
@@ -81,12 +89,13 @@ class SafeCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
     ) -> None:
-        """Write to a temporary sibling, then rename over the target."""
+        """Write to a temporary sibling, then rename over the target; a full disk is one line."""
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp")
         try:
-            super().save_checkpoint(checkpoint, tmp, storage_options)
-            os.replace(tmp, path)
+            with no_space_is_one_line(path, lambda: _serialized_size(checkpoint), FIX):
+                super().save_checkpoint(checkpoint, tmp, storage_options)
+                os.replace(tmp, path)
         finally:
             if tmp.exists():
                 tmp.unlink()
@@ -131,6 +140,12 @@ class SafeCheckpointIO(TorchCheckpointIO):
                 f"Checkpoint {str(path)!r} is corrupt or not a checkpoint ({type(err).__name__}): pass an "
                 "intact .ckpt written by divmerge, or start a fresh run without --ckpt_path."
             ) from err
+
+
+def _serialized_size(checkpoint: dict[str, Any]) -> int:
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    return buffer.getbuffer().nbytes
 
 
 def check_checkpoint(path: Any) -> dict[str, Any]:

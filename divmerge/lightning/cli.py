@@ -9,6 +9,7 @@ import contextlib
 import logging
 import math
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Iterator
@@ -21,7 +22,9 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from divmerge.disk import one_line as no_space_line
 from divmerge.engine import check_trainable, check_writable_dir
 from divmerge.errors import DivMergeError, first_line
 from divmerge.lightning.checkpoint_io import SafeCheckpointIO, check_checkpoint
@@ -34,6 +37,7 @@ from divmerge.lightning.lost_process import (
     lost_process_line,
 )
 from divmerge.lightning.module import DivMergeModule
+from divmerge.lightning.preemption import EXIT_BASE, Preemption
 from divmerge.lightning.progress import PLAIN_EVERY_S, PlainProgress
 from divmerge.lightning.run_dir import guarded
 from divmerge.lightning.strategy import MergeParallelStrategy
@@ -82,6 +86,7 @@ class DivMergeCLI(LightningCLI):
 
     def before_fit(self) -> None:  # noqa: D102
         check_trainable(self.model.hparams.method)
+        self.model.artefacts_after_test = True  # after_fit writes the figures once the table is out
         self._check_before_run()
         self._size_training()
 
@@ -124,6 +129,7 @@ class DivMergeCLI(LightningCLI):
         self.timer = PhaseTimer()
         trainer.callbacks.append(self.timer)
         trainer.callbacks.append(PlainProgress(every_s=PLAIN_EVERY_S if self._plain else math.inf))
+        trainer.callbacks.append(Preemption())  # SIGTERM/SIGUSR1: last.ckpt at the step's end, exit 128+N
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = SafeCheckpointIO()
         if type(trainer.strategy) is ModelParallelStrategy:  # read divmerge's full-file checkpoints
@@ -159,6 +165,7 @@ class DivMergeCLI(LightningCLI):
         """Report the learned merge on the test split (per-task table + ANP)."""
         if not self.trainer.interrupted:
             self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+        self.model.write_fit_artefacts()  # optional figures after the table: a full disk cannot lose it
         self._print_phases()
 
     def after_validate(self) -> None:  # noqa: D102
@@ -264,3 +271,11 @@ def main(argv: list[str] | None = None) -> DivMergeCLI | Path:
     except LostProcessError as err:
         print(f"divmerge: error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(LOST_PROCESS_EXIT) from None
+    except Exception as err:  # a full disk met by a library (e.g. the logger, while handling our own error)
+        if (line := no_space_line(err)) is None:
+            raise
+        print(f"divmerge: error: {line}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except SIGTERMException:  # Lightning's: SIGTERM outside training steps (validation, test, sanity check)
+        print("divmerge: stopped by SIGTERM before it finished: rerun the same command.", file=sys.stderr)
+        raise SystemExit(EXIT_BASE + signal.SIGTERM) from None

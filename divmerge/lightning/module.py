@@ -20,6 +20,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from divmerge.core.coefficients import Granularity
 from divmerge.core.merged_model import MergedModel, MergeModeOption
+from divmerge.disk import write_atomic
 from divmerge.engine import DEFAULT_LR, LEARNED, Merger, TaskVectorDtype, check_method, check_trainable
 from divmerge.errors import DivMergeError, RunStoppedError
 from divmerge.evaluation import TaskResult, anp, format_table, write_report
@@ -30,6 +31,7 @@ from divmerge.families.classification import BackbonePass
 from divmerge.lightning import checkpoint_io, nonfinite
 from divmerge.lightning.datamodule import MergeDataModule
 from divmerge.phases import TEACHER_PHASE, timed
+from divmerge.plots import FIX as PLOT_FIX
 from divmerge.plots import plot_coefficients, plot_divergence
 
 _STAGE_SPLITS = {"fit": ("unlabelled", "val"), "validate": ("val",), "test": ("test",)}
@@ -499,7 +501,15 @@ class DivMergeModule(L.LightningModule):
         """Refuse to train a static merge."""
         check_trainable(self.hparams.method)
 
+    artefacts_after_test = False
+    """The CLI sets it: the figures are written after the test table (so a full disk cannot lose it)."""
+
     def on_fit_end(self) -> None:
+        """Write the fit's figures, unless the CLI writes them after the test table."""
+        if not self.artefacts_after_test:
+            self.write_fit_artefacts()
+
+    def write_fit_artefacts(self) -> None:
         """Write the coefficient heatmap, coefficients.json and the divergence curve to the log dir."""
         log_dir = self.trainer.log_dir
         if not self.trainer.is_global_zero or not log_dir:
@@ -509,17 +519,13 @@ class DivMergeModule(L.LightningModule):
         out.mkdir(parents=True, exist_ok=True)
         table = merged.coefficients().detach().cpu()  # (T, G)
         groups = merged.coefficients.group_labels()
-        (out / "coefficients.json").write_text(
-            json.dumps(
-                {
-                    "tasks": self.task_names,
-                    "groups": groups,
-                    "start_from": self.hparams.start_from,  # coefficients are around this static merge
-                    "coefficients": table.tolist(),
-                },
-                indent=1,
-            )
-        )
+        payload = {
+            "tasks": self.task_names,
+            "groups": groups,
+            "start_from": self.hparams.start_from,  # coefficients are around this static merge
+            "coefficients": table.tolist(),
+        }
+        write_atomic(out / "coefficients.json", json.dumps(payload, indent=1), PLOT_FIX)
         plot_coefficients(table, self.task_names, groups, out / "coefficients.png")
         if isinstance(self.logger, CSVLogger):
             self.logger.save()

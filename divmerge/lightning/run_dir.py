@@ -14,6 +14,7 @@ import socket
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from divmerge.disk import NoSpaceError
 from divmerge.errors import DivMergeError, RunStoppedError
 from divmerge.pids import pid_alive
 
@@ -44,7 +45,7 @@ def guarded(outputs: Sequence[Path], lock_dir: Path | None) -> Iterator[None]:
             lock = _take(lock_dir)
         yield
     except DivMergeError as err:
-        if not isinstance(err, RunStoppedError):  # a run stopped mid-way keeps its checkpoints
+        if not isinstance(err, (RunStoppedError, NoSpaceError)):  # a stopped run keeps its checkpoints
             for path in fresh:
                 shutil.rmtree(path, ignore_errors=True)
         raise
