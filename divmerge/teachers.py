@@ -8,13 +8,13 @@ coefficients, which reproduces the expert exactly, so experts are never loaded t
 Each file holds the outputs and a SHA-256 of their bytes, checked on every read, with the number of
 rows expected: a file that was truncated, replaced or edited is rebuilt, never used. Files are
 loaded as data only (``weights_only=True``) and written with the user's umask, so a team can share
-one cache directory.
+one cache directory. A file is written under a temporary name holding the writer's pid and host, then
+renamed; the temporaries a killed run leaves are removed by the next run that uses the cache.
 """
 
 import hashlib
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from divmerge.errors import DivMergeError
+from divmerge.pids import remove_stale, tmp_name
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 2  # 2: outputs stored with their SHA-256
@@ -97,8 +98,7 @@ def save_atomic(value: Tensor | Mapping[str, Tensor], path: Path) -> None:
         path: The cache file; created with the user's umask (shared caches stay readable).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
+    tmp = path.with_name(tmp_name(path.name))  # pid and host in the name: a killed run's is found stale
     try:
         torch.save({"outputs": value, "sha256": content_digest(value)}, tmp)
         os.chmod(tmp, 0o666 & ~_umask())
@@ -106,6 +106,18 @@ def save_atomic(value: Tensor | Mapping[str, Tensor], path: Path) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_stale_temporaries(cache_dir: str | Path) -> None:
+    """Delete the temporary files that runs killed while writing a teacher (kill -9) left in the cache.
+
+    Only those of processes of this host that are gone: a live run's file is being written.
+
+    Args:
+        cache_dir: Root cache directory (``teachers/`` under it is cleaned).
+    """
+    for path in remove_stale(Path(cache_dir) / "teachers"):
+        log.info("teacher cache: removed %s, left by a killed run", path.name)
 
 
 def _rows(value: Tensor | Mapping[str, Tensor]) -> int:

@@ -12,6 +12,7 @@ from typing import Any
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from divmerge.errors import DivMergeError
+from divmerge.pids import remove_stale, tmp_name
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
@@ -20,9 +21,9 @@ class SafeCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
     ) -> None:
-        """Write to a temporary sibling, then rename over the target."""
+        """Write to a temporary sibling (named with this pid and host), then rename over the target."""
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
+        tmp = path.with_name(tmp_name(path.name))
         try:
             super().save_checkpoint(checkpoint, tmp, storage_options)
             os.replace(tmp, path)
@@ -70,6 +71,27 @@ class SafeCheckpointIO(TorchCheckpointIO):
                 f"Checkpoint {str(path)!r} is corrupt or not a checkpoint ({type(err).__name__}): pass an "
                 "intact .ckpt written by divmerge, or start a fresh run without --ckpt_path."
             ) from err
+
+
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Delete the half-written checkpoints a killed run left in its checkpoint directory.
+
+    Call it holding the directory's lock (``run_dir.guarded``): the temporaries of dead processes of this
+    host go, and so do untagged ``.<name>.ckpt.tmp`` files of earlier divmerge versions, which no live run
+    can be writing while the lock is held.
+
+    Args:
+        directory: The checkpoint directory.
+
+    Returns:
+        The files removed.
+    """
+    removed = remove_stale(directory)
+    if directory.is_dir():
+        for legacy in directory.glob(".*.ckpt.tmp"):
+            legacy.unlink(missing_ok=True)
+            removed.append(legacy)
+    return removed
 
 
 def check_checkpoint(path: Any) -> dict[str, Any]:

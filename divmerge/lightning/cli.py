@@ -9,6 +9,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import sys
 import warnings
 from collections.abc import Iterator
@@ -24,12 +25,12 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from divmerge.engine import check_trainable, check_writable_dir
 from divmerge.errors import DivMergeError, first_line
-from divmerge.lightning.checkpoint_io import SafeCheckpointIO, check_checkpoint
+from divmerge.lightning.checkpoint_io import SafeCheckpointIO, check_checkpoint, remove_stale_temporaries
 from divmerge.lightning.datamodule import MergeDataModule
 from divmerge.lightning.export_command import parse_export_args, run_export
 from divmerge.lightning.module import DivMergeModule
 from divmerge.lightning.progress import PlainProgress
-from divmerge.lightning.run_dir import guarded
+from divmerge.lightning.run_dir import LOCK_FILE, guarded
 from divmerge.lightning.strategy import MergeParallelStrategy
 from divmerge.lightning.timing import PhaseTimer
 
@@ -141,7 +142,12 @@ class DivMergeCLI(LightningCLI):
         lock_dir = (dirs[0] if dirs else None) if subcommand == "fit" and rank0 else None
         for path in outputs:
             check_writable_dir(path, "The run's log or checkpoint directory")
-        with guarded(outputs if rank0 else [], lock_dir):
+        with guarded(outputs if rank0 else [], lock_dir), warnings.catch_warnings():
+            if lock_dir is not None:
+                remove_stale_temporaries(lock_dir)  # a killed run's half-written checkpoint
+                if not _holds_more_than(lock_dir, LOCK_FILE):  # Lightning's warning would be about our lock
+                    not_empty = f"Checkpoint directory {re.escape(str(lock_dir))} exists and is not empty"
+                    warnings.filterwarnings("ignore", message=not_empty)
             super()._run_subcommand(subcommand)
 
     def after_fit(self) -> None:
@@ -160,6 +166,11 @@ class DivMergeCLI(LightningCLI):
         if self.trainer.is_global_zero:
             title = "Wall time per phase (this machine, as loaded during the run)"
             print(f"{title}:\n{self.timer.table()}\n", flush=True)
+
+
+def _holds_more_than(directory: Path, name: str) -> bool:
+    """Whether ``directory`` exists and holds an entry other than ``name``."""
+    return directory.is_dir() and any(entry.name != name for entry in directory.iterdir())
 
 
 def _all_experts(experts: dict[str, str], held_out: dict[str, str] | None) -> dict[str, str]:
