@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import transformers
+from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
@@ -29,6 +30,7 @@ from divmerge.lightning.checkpoint_io import SafeCheckpointIO, check_checkpoint,
 from divmerge.lightning.datamodule import MergeDataModule
 from divmerge.lightning.export_command import parse_export_args, run_export
 from divmerge.lightning.module import DivMergeModule
+from divmerge.lightning.parse_errors import one_line
 from divmerge.lightning.progress import PlainProgress
 from divmerge.lightning.run_dir import LOCK_FILE, guarded
 from divmerge.lightning.strategy import MergeParallelStrategy
@@ -51,6 +53,13 @@ class DivMergeCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:  # noqa: D102
         parser.link_arguments("model.base", "data.tokenizer")
         parser.link_arguments(("model.experts", "model.held_out"), "data.experts", compute_fn=_all_experts)
+
+    def parse_arguments(self, parser, args) -> None:
+        """Parse, turning jsonargparse's usage dump and multi-line error into one DivMergeError line."""
+        try:  # the parsers raise (make_cli: exit_on_error=False) instead of printing the usage and exiting
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            raise DivMergeError(one_line(str(err), sys.argv[1:] if args is None else args)) from None
 
     def _parse_ckpt_path(self) -> None:
         """Check an explicit --ckpt_path before anything runs or is written.
@@ -242,6 +251,7 @@ def make_cli(args: list[str], run: bool = True) -> DivMergeCLI:
             MergeDataModule,
             run=run,
             save_config_kwargs={"overwrite": True},
+            parser_kwargs={"exit_on_error": False},  # parse errors: one line (parse_arguments)
             seed_everything_default=0,
             # The coefficients exist only after setup(): the module builds its own optimizer (model.lr,
             # model.lr_schedule) instead of LightningCLI's --optimizer, which would see no parameters.
