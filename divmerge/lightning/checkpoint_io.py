@@ -6,6 +6,7 @@ Checkpoints are shared between people, so a checkpoint is data, never code: ever
 
 import os
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +52,18 @@ class SafeCheckpointIO(TorchCheckpointIO):
             )
         if not Path(path).is_file():
             raise DivMergeError(f"Checkpoint {str(path)!r} does not exist: check --ckpt_path.")
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; random or cut bytes are not one
+            raise DivMergeError(
+                f"Checkpoint {str(path)!r} is not a checkpoint (not a torch.save archive: corrupt, truncated "
+                "or another kind of file): pass an intact .ckpt written by divmerge, or start a fresh run "
+                "without --ckpt_path."
+            )
         try:
             if map_location is None:
                 return super().load_checkpoint(path, weights_only=True)
             return super().load_checkpoint(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as err:
-            if "weights_only" not in str(err):
+            if "Unsupported global" not in str(err):  # not a class or function: damaged, not crafted
                 raise DivMergeError(
                     f"Checkpoint {str(path)!r} is corrupt or not a checkpoint (UnpicklingError): pass an "
                     "intact .ckpt written by divmerge, or start a fresh run without --ckpt_path."
@@ -106,7 +113,7 @@ def check_checkpoint(path: Any) -> dict[str, Any]:
     """
     checkpoint = SafeCheckpointIO().load_checkpoint(path)
     meta = checkpoint.get("divmerge") if isinstance(checkpoint, dict) else None
-    if meta is None:
+    if not isinstance(meta, dict):
         raise DivMergeError(
             f"Checkpoint {str(path)!r} was not written by divmerge: pass a divmerge checkpoint."
         )

@@ -77,6 +77,15 @@ class DivMergeCLI(LightningCLI):
         """Fail on mismatched tasks or a checkpoint of another expert set before any output is written."""
         self.model.check_data(self.datamodule)
         ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+        if ckpt_path == "best":  # Lightning's "best" is the best of a fit in this same process: never here
+            dirs = [
+                str(cb.dirpath) for cb in self.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)
+            ]
+            where = f" (in {dirs[0]!r})" if dirs else ""
+            raise DivMergeError(
+                "--ckpt_path best means the best checkpoint of a fit in this same process, which a separate "
+                f"{self.subcommand} has not got: pass the checkpoint file{where}, or --ckpt_path last."
+            )
         if ckpt_path == "last":
             dirs = [cb.dirpath for cb in self.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
             found = [Path(d) / "last.ckpt" for d in dirs if (Path(d) / "last.ckpt").is_file()]
@@ -157,7 +166,8 @@ class DivMergeCLI(LightningCLI):
                 if not _holds_more_than(lock_dir, LOCK_FILE):  # Lightning's warning would be about our lock
                     not_empty = f"Checkpoint directory {re.escape(str(lock_dir))} exists and is not empty"
                     warnings.filterwarnings("ignore", message=not_empty)
-            super()._run_subcommand(subcommand)
+            with _past_max_epochs_explained():
+                super()._run_subcommand(subcommand)
 
     def after_fit(self) -> None:
         """Report the learned merge on the test split (per-task table + ANP)."""
@@ -175,6 +185,21 @@ class DivMergeCLI(LightningCLI):
         if self.trainer.is_global_zero:
             title = "Wall time per phase (this machine, as loaded during the run)"
             print(f"{title}:\n{self.timer.table()}\n", flush=True)
+
+
+@contextlib.contextmanager
+def _past_max_epochs_explained() -> Iterator[None]:
+    """Lightning's MisconfigurationException for a resume beyond ``max_epochs``, as one DivMergeError line."""
+    try:
+        yield
+    except MisconfigurationException as err:
+        done = re.search(r"current_epoch=(\d+).*max_epochs=(-?\d+)", str(err))
+        if done is None:
+            raise
+        raise DivMergeError(
+            f"The checkpoint is at epoch {done[1]} (counted from 0), past trainer.max_epochs {done[2]}: "
+            "raise trainer.max_epochs to train further, or test or export the checkpoint as it is."
+        ) from None
 
 
 def _holds_more_than(directory: Path, name: str) -> bool:

@@ -232,6 +232,12 @@ class DivMergeModule(L.LightningModule):
                 not before a sharded run's setup, which would load them whole on every rank; its
                 ``on_load_checkpoint`` compares them once they are loaded in shards.
         """
+        lacking = [key for key in ("fingerprint", "tasks", "granularity") if key not in meta]
+        if lacking:
+            raise DivMergeError(
+                f"The checkpoint's divmerge entry lacks {lacking} (edited or damaged): pass an intact .ckpt "
+                "written by divmerge, or start a fresh run without --ckpt_path."
+            )
         theirs, ours = meta.get("granularity"), self.hparams.granularity
         if expert_set:
             self.build()
@@ -525,8 +531,25 @@ class DivMergeModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint made with a different expert set."""
+        """Refuse a checkpoint made with a different expert set, or whose coefficients are not all there."""
         meta = checkpoint.get("divmerge")
-        if meta is None:
+        if not isinstance(meta, dict):
             raise DivMergeError("This checkpoint was not written by divmerge: pass a divmerge checkpoint.")
         self.check_checkpoint_meta(meta)
+        self.check_state_dict(checkpoint.get("state_dict"))
+
+    def check_state_dict(self, state: Any) -> None:
+        """Refuse a checkpoint ``state_dict`` that does not hold exactly this module's tensors (one line).
+
+        Args:
+            state: The checkpoint's ``state_dict`` entry.
+        """
+        ours = set(self.state_dict())
+        theirs = set(state) if isinstance(state, dict) else set()
+        if theirs != ours:
+            lacking, extra = sorted(ours - theirs), sorted(theirs - ours)
+            problem = f"lacks {lacking[:3]}" if lacking else f"holds unknown tensors {extra[:3]}"
+            raise DivMergeError(
+                f"The checkpoint's state_dict {problem} (edited or damaged): pass an intact .ckpt written by "
+                "divmerge, or start a fresh run without --ckpt_path."
+            )
