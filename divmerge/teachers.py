@@ -12,9 +12,11 @@ one cache directory. A file is written under a temporary name holding the writer
 renamed; the temporaries a killed run leaves are removed by the next run that uses the cache.
 """
 
+import contextlib
 import hashlib
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -26,6 +28,8 @@ from divmerge.pids import remove_stale, tmp_name
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 2  # 2: outputs stored with their SHA-256
+LEGACY_TMP_AGE_S = 3600.0
+"""Age after which an untagged temporary of an earlier divmerge version is taken as a killed run's."""
 
 
 def cache_path(cache_dir: str | Path, task: str, split: str, expert_digest: str, data_digest: str) -> Path:
@@ -111,12 +115,22 @@ def save_atomic(value: Tensor | Mapping[str, Tensor], path: Path) -> None:
 def remove_stale_temporaries(cache_dir: str | Path) -> None:
     """Delete the temporary files that runs killed while writing a teacher (kill -9) left in the cache.
 
-    Only those of processes of this host that are gone: a live run's file is being written.
+    Only those of processes of this host that are gone: a live run's file is being written. Untagged
+    ``tmp*.tmp`` files of earlier divmerge versions go once older than ``LEGACY_TMP_AGE_S`` (a teacher
+    file is written in seconds).
 
     Args:
         cache_dir: Root cache directory (``teachers/`` under it is cleaned).
     """
-    for path in remove_stale(Path(cache_dir) / "teachers"):
+    directory = Path(cache_dir) / "teachers"
+    removed = remove_stale(directory)
+    if directory.is_dir():  # earlier divmerge versions named them tmp*.tmp (mkstemp), with no pid
+        for legacy in directory.glob("tmp*.tmp"):
+            with contextlib.suppress(OSError):
+                if time.time() - legacy.stat().st_mtime > LEGACY_TMP_AGE_S:
+                    legacy.unlink()
+                    removed.append(legacy)
+    for path in removed:
         log.info("teacher cache: removed %s, left by a killed run", path.name)
 
 

@@ -4,6 +4,7 @@ import os
 import pathlib
 import shutil
 import socket
+import time
 import warnings
 from pathlib import Path
 
@@ -226,8 +227,11 @@ def test_debris_of_killed_runs_is_cleaned_by_the_next_run(tmp_path, tiny):
         teachers / f".beta-val-v2-x-y.pt.{os.getpid()}@{host}.tmp",  # a live run's
         teachers / ".beta-val-v2-x-y.pt.999999999@another-host.tmp",  # another host's (shared disk)
     ]
-    for path in dead + kept:
+    legacy = teachers / "tmpab12cd34.tmp"  # an earlier divmerge's (mkstemp, no pid), an hour old
+    for path in [*dead, *kept, legacy]:
         path.write_bytes(b"partial")
+    os.utime(legacy, (time.time() - 7200, time.time() - 7200))
+    dead.append(legacy)
     train.main(["fit", "--config", config])
     assert [p for p in dead if p.exists()] == [] and all(p.exists() for p in kept)
     assert (ckpt_dir / "last.ckpt").is_file() and len(list(teachers.glob("*.pt"))) == 6
