@@ -238,6 +238,11 @@ def _read_table(spec: TaskSpec, where: str, hub_split: str) -> pd.DataFrame:
     """A local file (by suffix) or split ``hub_split`` of hub dataset ``where``, as a table."""
     path = Path(where).expanduser()
     if _is_local(where):
+        if path.exists() and not path.is_file():
+            raise DivMergeError(
+                f"Task {spec.name!r}: data file {where!r} is not a regular file (a directory, pipe or "
+                f"device): give the path of a file, one of {sorted(_READERS)}."
+            )
         if not path.is_file():
             raise DivMergeError(f"Task {spec.name!r}: data file {where!r} does not exist; fix its path.")
         reader = _READERS.get(path.suffix.lower())
@@ -277,6 +282,17 @@ ClassNames = Callable[[], tuple[list[str], str] | None]
 
 def _label_names(spec: TaskSpec) -> tuple[str, ...] | None:
     """``label_names`` as given inline, or read from a .txt (one per line) or .json (a list) file."""
+    names = _read_label_names(spec) or ()
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise DivMergeError(
+            f"Task {spec.name!r}: label_names names {twice[:3]} more than once: each class needs its own "
+            "name, in the expert's class order."
+        )
+    return names or None
+
+
+def _read_label_names(spec: TaskSpec) -> tuple[str, ...] | None:
     if spec.label_names is None or isinstance(spec.label_names, list):
         return tuple(str(n) for n in spec.label_names) if spec.label_names else None
     path = Path(spec.label_names).expanduser()

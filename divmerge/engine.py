@@ -41,7 +41,7 @@ from divmerge.families import FAMILIES, detect_family, load_experts
 from divmerge.families.base import ROWS, ModelFamily, RowCorrectness, Teacher
 from divmerge.families.classification import BackbonePass
 from divmerge.objectives import Objective, get_objective
-from divmerge.teachers import cache_path, get_or_compute, load_cached, save_atomic
+from divmerge.teachers import cache_path, get_or_compute, load_cached, remove_stale_temporaries, save_atomic
 
 log = logging.getLogger(__name__)
 LEARNED = "divmerge"
@@ -511,6 +511,7 @@ class Merger:
         assert self.family is not None
         wanted = [(task, split) for task in self.task_names for split in splits]
         wanted += [(task, split) for task in self.held_out for split in splits if split != "unlabelled"]
+        remove_stale_temporaries(self.cache_dir)
         paths = {}
         for task, split in wanted:
             ds = data.dataset(task, split)

@@ -2,8 +2,8 @@
 
 Without this, an id that is not cached fails only after huggingface_hub's retries (about a minute
 with no network). The local Hugging Face cache is checked first; with the hub switched off
-(``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` / ``HF_DATASETS_OFFLINE``) the loaders themselves fail at
-once; otherwise one bounded request decides.
+(``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` / ``HF_DATASETS_OFFLINE``) an id missing from the cache
+is refused at once, naming the variable; otherwise one bounded request decides.
 """
 
 import os
@@ -20,10 +20,10 @@ _OFFLINE_VARS = {
 }
 
 
-def _offline(repo_type: str) -> bool:
-    return any(
-        os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in _OFFLINE_VARS[repo_type]
-    )
+def _offline(repo_type: str) -> str | None:
+    """The first environment variable that switches the hub off for ``repo_type``, or None."""
+    on = ("1", "true", "yes", "on")
+    return next((v for v in _OFFLINE_VARS[repo_type] if os.environ.get(v, "").strip().lower() in on), None)
 
 
 def check_available(repo_id: str, repo_type: Literal["model", "dataset"], what: str) -> None:
@@ -37,8 +37,12 @@ def check_available(repo_id: str, repo_type: Literal["model", "dataset"], what: 
     marker = "config.json" if repo_type == "model" else "README.md"
     if isinstance(try_to_load_from_cache(repo_id, marker, repo_type=repo_type), str):
         return  # cached: loads offline too
-    if _offline(repo_type):
-        return  # the loaders fail at once offline, with divmerge's one-line message
+    offline = _offline(repo_type)
+    if offline:
+        raise DivMergeError(
+            f"{what.capitalize()} {repo_id!r} is a hub id not in the Hugging Face cache, and offline mode "
+            f"is on ({offline}=1): give a local path, or unset {offline} (with network access) to fetch it."
+        )
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None)
     info = api.model_info if repo_type == "model" else api.dataset_info
     try:

@@ -8,13 +8,15 @@ coefficients, which reproduces the expert exactly, so experts are never loaded t
 Each file holds the outputs and a SHA-256 of their bytes, checked on every read, with the number of
 rows expected: a file that was truncated, replaced or edited is rebuilt, never used. Files are
 loaded as data only (``weights_only=True``) and written with the user's umask, so a team can share
-one cache directory.
+one cache directory. A file is written under a temporary name holding the writer's pid and host, then
+renamed; the temporaries a killed run leaves are removed by the next run that uses the cache.
 """
 
+import contextlib
 import hashlib
 import logging
 import os
-import tempfile
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -23,11 +25,14 @@ from torch import Tensor
 
 from divmerge.disk import no_space_is_one_line, torch_save
 from divmerge.errors import DivMergeError
+from divmerge.pids import remove_stale, tmp_name
 
 CACHE_FIX = "free space, or point model.cache_dir (or $DIVMERGE_CACHE) to a disk with room"
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 2  # 2: outputs stored with their SHA-256
+LEGACY_TMP_AGE_S = 3600.0
+"""Age after which an untagged temporary of an earlier divmerge version is taken as a killed run's."""
 
 
 def cache_path(cache_dir: str | Path, task: str, split: str, expert_digest: str, data_digest: str) -> Path:
@@ -100,8 +105,7 @@ def save_atomic(value: Tensor | Mapping[str, Tensor], path: Path) -> None:
         path: The cache file; created with the user's umask (shared caches stay readable).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
+    tmp = path.with_name(tmp_name(path.name))  # pid and host in the name: a killed run's is found stale
     tensors = [value] if isinstance(value, Tensor) else list(value.values())
     needed = sum(t.numel() * t.element_size() for t in tensors)
     try:
@@ -112,6 +116,28 @@ def save_atomic(value: Tensor | Mapping[str, Tensor], path: Path) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_stale_temporaries(cache_dir: str | Path) -> None:
+    """Delete the temporary files that runs killed while writing a teacher (kill -9) left in the cache.
+
+    Only those of processes of this host that are gone: a live run's file is being written. Untagged
+    ``tmp*.tmp`` files of earlier divmerge versions go once older than ``LEGACY_TMP_AGE_S`` (a teacher
+    file is written in seconds).
+
+    Args:
+        cache_dir: Root cache directory (``teachers/`` under it is cleaned).
+    """
+    directory = Path(cache_dir) / "teachers"
+    removed = remove_stale(directory)
+    if directory.is_dir():  # earlier divmerge versions named them tmp*.tmp (mkstemp), with no pid
+        for legacy in directory.glob("tmp*.tmp"):
+            with contextlib.suppress(OSError):
+                if time.time() - legacy.stat().st_mtime > LEGACY_TMP_AGE_S:
+                    legacy.unlink()
+                    removed.append(legacy)
+    for path in removed:
+        log.info("teacher cache: removed %s, left by a killed run", path.name)
 
 
 def _rows(value: Tensor | Mapping[str, Tensor]) -> int:

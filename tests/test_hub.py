@@ -14,9 +14,7 @@ from divmerge.hub import check_available
 def test_offline_and_not_cached_fails_at_once(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
-    with pytest.raises(
-        DivMergeError, match="Could not load the base model from 'someone/no-such-model-here'"
-    ):
+    with pytest.raises(DivMergeError, match=r"'someone/no-such-model-here' is a hub id .*offline mode is on"):
         load_pretrained(AutoModel, "someone/no-such-model-here", "the base model")
     assert time.perf_counter() - start < 5
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from transformers import PreTrainedModel
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from divmerge.errors import DivMergeError, first_line
 from divmerge.experts.adapters import ADAPTER_CONFIG, is_adapter
@@ -82,11 +82,61 @@ def resolve_source(source: str, build: bool = False) -> str:
                 f"{source!r} is not a Hugging Face model or peft adapter directory (no config.json or "
                 f"{ADAPTER_CONFIG}): point to the folder written by save_pretrained."
             )
+        _refuse_pickled(path, source)
         return str(path)
     if source.startswith(_LOCAL_PREFIXES) or os.sep in source.strip(os.sep).replace("/", "", 1):
         raise DivMergeError(f"Model directory {source!r} does not exist: fix the path in the config.")
     check_available(source, "model", "model")
     return source  # a hub id, cached or reachable
+
+
+_SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+_PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+_SAFE_ADAPTER, _PICKLED_ADAPTER = "adapter_model.safetensors", "adapter_model.bin"
+
+
+def _refuse_pickled(path: Path, source: str) -> None:
+    """Refuse a directory whose weights exist only as a pickled ``.bin``, without ever opening it.
+
+    Unpickling a received file can run code (and ``torch.load``'s safe mode is no promise for a file
+    nobody checked), so divmerge reads weights from safetensors only.
+    """
+    adapter = is_adapter(path)
+    safe, pickled = ((_SAFE_ADAPTER,), (_PICKLED_ADAPTER,)) if adapter else (_SAFE_WEIGHTS, _PICKLED_WEIGHTS)
+    found = next((name for name in pickled if (path / name).is_file()), None)
+    if found is None or any((path / name).is_file() for name in safe):
+        return
+    writes = _SAFE_ADAPTER if adapter else "model.safetensors"
+    raise DivMergeError(
+        f"{source!r} holds its weights only as a pickled {found}, which could run code when loaded, so "
+        f"divmerge does not open it: convert it to safetensors (where you trust the file, load it and call "
+        f"save_pretrained, which writes {writes}) and point to the converted folder."
+    )
+
+
+def has_weights(path: str | Path) -> bool:
+    """Whether a local model or adapter directory holds a weights file (safetensors or pickled)."""
+    names = (*_SAFE_WEIGHTS, *_PICKLED_WEIGHTS, _SAFE_ADAPTER, _PICKLED_ADAPTER)
+    return any((Path(path) / name).is_file() for name in names)
+
+
+def load_config(path: str, what: str) -> PretrainedConfig:
+    """A model directory's (or cached hub id's) config, with one clear error when it is unreadable.
+
+    Args:
+        path: A resolved source (see :func:`resolve_source`).
+        what: How to name the model in an error, e.g. ``"the base model"``.
+
+    Returns:
+        The config.
+    """
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as err:
+        raise DivMergeError(
+            f"Could not read the config of {what} at {path!r} ({first_line(err)}): its config.json is "
+            "damaged or not a transformers config; save or copy that model again."
+        ) from err
 
 
 def _gguf_file(path: Path) -> Path | None:
@@ -121,21 +171,28 @@ def load_pretrained(loader: type, source: str, what: str, complete: bool = False
     Returns:
         The loaded model.
     """
+    path = resolve_source(source)
     try:
-        model, info = loader.from_pretrained(
-            resolve_source(source), dtype=torch.float32, output_loading_info=True
-        )
-    except DivMergeError:
-        raise
+        model, info = loader.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
     except SafetensorError as err:
         raise DivMergeError(
             f"Could not load {what} from {source!r}: a weights file is truncated or corrupt "
             f"({first_line(err)}); save or copy that model again."
         ) from err
     except (OSError, ValueError, KeyError) as err:
+        resolved = Path(path).expanduser()
+        if resolved.is_dir() and not has_weights(resolved):
+            raise DivMergeError(
+                f"Could not load {what} from {source!r}: the folder has a config but no weights file "
+                "(model.safetensors); copy the weights into it, or save that model again."
+            ) from err
+        if resolved.is_dir():
+            raise DivMergeError(
+                f"Could not load {what} from {source!r} ({first_line(err)}): save or copy that model again."
+            ) from err
         raise DivMergeError(
             f"Could not load {what} from {source!r} ({first_line(err)}): give a local model directory, or a "
-            "hub id with network access (unset HF_HUB_OFFLINE)."
+            "hub id with network access."
         ) from err
     missing = sorted(info.get("missing_keys") or [])
     if complete and missing:

@@ -12,11 +12,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoTokenizer
 
 from divmerge.errors import DivMergeError
 from divmerge.experts.adapters import is_adapter
-from divmerge.experts.sources import resolve_source
+from divmerge.experts.sources import load_config, resolve_source
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class Vocabulary:
 
 def _rows(path: str) -> int | None:
     """``vocab_size`` of a model directory's config (None if it has none)."""
-    config = AutoConfig.from_pretrained(path)
+    config = load_config(path, "the model")
     size = getattr(config, "vocab_size", None) or getattr(config.get_text_config(), "vocab_size", None)
     return int(size) if size else None
 

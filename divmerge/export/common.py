@@ -39,13 +39,19 @@ def atomic_dir(out: Path) -> Iterator[Path]:
         The temporary directory.
 
     """
-    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()  # not mkdtemp: that makes it private (0o700), while an export should follow the umask
+    except OSError as err:  # a read-only or foreign parent: PermissionError, read-only file system, ...
+        raise DivMergeError(
+            f"Cannot create the export directory {str(out)!r} ({err.strerror or first_line(err)}: "
+            f"{err.filename or out.parent}): choose a --out_dir where you can write."
+        ) from err
     for stale in out.parent.glob(f".{out.name}.tmp-*-*"):  # left by a killed export
         pid = stale.name.rsplit(".tmp-", 1)[1].split("-")[0]
         if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()  # not mkdtemp: that makes it private (0o700), while an export should follow the umask
     try:
         with no_space_is_one_line(
             out, written(tmp), "free space, or choose --out_dir on a disk with room", True

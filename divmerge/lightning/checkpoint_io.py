@@ -7,6 +7,7 @@ Checkpoints are shared between people, so a checkpoint is data, never code: ever
 import io
 import os
 import pickle
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from torch import Tensor
 from divmerge.disk import no_space_is_one_line
 from divmerge.errors import DivMergeError
 from divmerge.lightning.nonfinite import nonfinite_task
+from divmerge.pids import remove_stale, tmp_name
 
 CHECKPOINT_FORMAT = 1
 """The layout of divmerge's checkpoints, recorded in each as ``checkpoint[FORMAT_KEY]``.
@@ -77,6 +79,7 @@ def check_finite_coefficients(checkpoint: dict[str, Any], path: Any) -> None:
                 "train again with a lower model.lr (or model.clamp)."
             )
 
+
 FIX = (
     "free space, or give the ModelCheckpoint callback a dirpath on a disk with room (the previous "
     "checkpoint is intact)"
@@ -89,9 +92,9 @@ class SafeCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
     ) -> None:
-        """Write to a temporary sibling, then rename over the target; a full disk is one line."""
+        """Write to a pid-and-host-named temporary sibling, then rename it; a full disk is one line."""
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
+        tmp = path.with_name(tmp_name(path.name))
         try:
             with no_space_is_one_line(path, lambda: _serialized_size(checkpoint), FIX):
                 super().save_checkpoint(checkpoint, tmp, storage_options)
@@ -120,12 +123,18 @@ class SafeCheckpointIO(TorchCheckpointIO):
             )
         if not Path(path).is_file():
             raise DivMergeError(f"Checkpoint {str(path)!r} does not exist: check --ckpt_path.")
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; random or cut bytes are not one
+            raise DivMergeError(
+                f"Checkpoint {str(path)!r} is not a checkpoint (not a torch.save archive: corrupt, truncated "
+                "or another kind of file): pass an intact .ckpt written by divmerge, or start a fresh run "
+                "without --ckpt_path."
+            )
         try:
             if map_location is None:
                 return super().load_checkpoint(path, weights_only=True)
             return super().load_checkpoint(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as err:
-            if "weights_only" not in str(err):
+            if "Unsupported global" not in str(err):  # not a class or function: damaged, not crafted
                 raise DivMergeError(
                     f"Checkpoint {str(path)!r} is corrupt or not a checkpoint (UnpicklingError): pass an "
                     "intact .ckpt written by divmerge, or start a fresh run without --ckpt_path."
@@ -148,6 +157,27 @@ def _serialized_size(checkpoint: dict[str, Any]) -> int:
     return buffer.getbuffer().nbytes
 
 
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Delete the half-written checkpoints a killed run left in its checkpoint directory.
+
+    Call it holding the directory's lock (``run_dir.guarded``): the temporaries of dead processes of this
+    host go, and so do untagged ``.<name>.ckpt.tmp`` files of earlier divmerge versions, which no live run
+    can be writing while the lock is held.
+
+    Args:
+        directory: The checkpoint directory.
+
+    Returns:
+        The files removed.
+    """
+    removed = remove_stale(directory)
+    if directory.is_dir():
+        for legacy in directory.glob(".*.ckpt.tmp"):
+            legacy.unlink(missing_ok=True)
+            removed.append(legacy)
+    return removed
+
+
 def check_checkpoint(path: Any) -> dict[str, Any]:
     """Read a checkpoint's divmerge metadata, with one clear error when it is unusable.
 
@@ -161,7 +191,7 @@ def check_checkpoint(path: Any) -> dict[str, Any]:
     """
     checkpoint = SafeCheckpointIO().load_checkpoint(path)
     meta = checkpoint.get("divmerge") if isinstance(checkpoint, dict) else None
-    if meta is None:
+    if not isinstance(meta, dict):
         raise DivMergeError(
             f"Checkpoint {str(path)!r} was not written by divmerge: pass a divmerge checkpoint."
         )

@@ -9,6 +9,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import warnings
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import transformers
+from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
@@ -27,7 +29,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from divmerge.disk import one_line as no_space_line
 from divmerge.engine import check_trainable, check_writable_dir
 from divmerge.errors import DivMergeError, first_line
-from divmerge.lightning.checkpoint_io import SafeCheckpointIO, check_checkpoint
+from divmerge.lightning.checkpoint_io import SafeCheckpointIO, check_checkpoint, remove_stale_temporaries
 from divmerge.lightning.datamodule import MergeDataModule
 from divmerge.lightning.export_command import parse_export_args, run_export
 from divmerge.lightning.lost_process import (
@@ -37,9 +39,10 @@ from divmerge.lightning.lost_process import (
     lost_process_line,
 )
 from divmerge.lightning.module import DivMergeModule
+from divmerge.lightning.parse_errors import one_line
 from divmerge.lightning.preemption import EXIT_BASE, Preemption
 from divmerge.lightning.progress import PLAIN_EVERY_S, PlainProgress
-from divmerge.lightning.run_dir import guarded
+from divmerge.lightning.run_dir import LOCK_FILE, guarded
 from divmerge.lightning.strategy import MergeParallelStrategy
 from divmerge.lightning.timing import PhaseTimer
 
@@ -59,6 +62,13 @@ class DivMergeCLI(LightningCLI):
         parser.link_arguments("model.base", "data.tokenizer")
         parser.link_arguments(("model.experts", "model.held_out"), "data.experts", compute_fn=_all_experts)
 
+    def parse_arguments(self, parser, args) -> None:
+        """Parse, turning jsonargparse's usage dump and multi-line error into one DivMergeError line."""
+        try:  # the parsers raise (make_cli: exit_on_error=False) instead of printing the usage and exiting
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            raise DivMergeError(one_line(str(err), sys.argv[1:] if args is None else args)) from None
+
     def _parse_ckpt_path(self) -> None:
         """Check an explicit --ckpt_path before anything runs or is written.
 
@@ -75,6 +85,15 @@ class DivMergeCLI(LightningCLI):
         """Fail on mismatched tasks or a checkpoint of another expert set before any output is written."""
         self.model.check_data(self.datamodule)
         ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+        if ckpt_path == "best":  # Lightning's "best" is the best of a fit in this same process: never here
+            dirs = [
+                str(cb.dirpath) for cb in self.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)
+            ]
+            where = f" (in {dirs[0]!r})" if dirs else ""
+            raise DivMergeError(
+                "--ckpt_path best means the best checkpoint of a fit in this same process, which a separate "
+                f"{self.subcommand} has not got: pass the checkpoint file{where}, or --ckpt_path last."
+            )
         if ckpt_path == "last":
             dirs = [cb.dirpath for cb in self.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
             found = [Path(d) / "last.ckpt" for d in dirs if (Path(d) / "last.ckpt").is_file()]
@@ -152,8 +171,14 @@ class DivMergeCLI(LightningCLI):
         for path in outputs:
             check_writable_dir(path, "The run's log or checkpoint directory")
         try:
-            with guarded(outputs if rank0 else [], lock_dir):
-                super()._run_subcommand(subcommand)
+            with guarded(outputs if rank0 else [], lock_dir), warnings.catch_warnings():
+                if lock_dir is not None:
+                    remove_stale_temporaries(lock_dir)  # a killed run's half-written checkpoint
+                    if not _holds_more_than(lock_dir, LOCK_FILE):  # Lightning would warn about our lock
+                        not_empty = f"Checkpoint directory {re.escape(str(lock_dir))} exists and is not empty"
+                        warnings.filterwarnings("ignore", message=not_empty)
+                with _past_max_epochs_explained():
+                    super()._run_subcommand(subcommand)
         except Exception as err:  # a collective that lost a process: one line, not a traceback per rank
             if not lost_process(err):
                 raise
@@ -178,6 +203,26 @@ class DivMergeCLI(LightningCLI):
         if self.trainer.is_global_zero:
             title = "Wall time per phase (this machine, as loaded during the run)"
             print(f"{title}:\n{self.timer.table()}\n", flush=True)
+
+
+@contextlib.contextmanager
+def _past_max_epochs_explained() -> Iterator[None]:
+    """Lightning's MisconfigurationException for a resume beyond ``max_epochs``, as one DivMergeError line."""
+    try:
+        yield
+    except MisconfigurationException as err:
+        done = re.search(r"current_epoch=(\d+).*max_epochs=(-?\d+)", str(err))
+        if done is None:
+            raise
+        raise DivMergeError(
+            f"The checkpoint is at epoch {done[1]} (counted from 0), past trainer.max_epochs {done[2]}: "
+            "raise trainer.max_epochs to train further, or test or export the checkpoint as it is."
+        ) from None
+
+
+def _holds_more_than(directory: Path, name: str) -> bool:
+    """Whether ``directory`` exists and holds an entry other than ``name``."""
+    return directory.is_dir() and any(entry.name != name for entry in directory.iterdir())
 
 
 def _all_experts(experts: dict[str, str], held_out: dict[str, str] | None) -> dict[str, str]:
@@ -249,6 +294,7 @@ def make_cli(args: list[str], run: bool = True) -> DivMergeCLI:
             MergeDataModule,
             run=run,
             save_config_kwargs={"overwrite": True},
+            parser_kwargs={"exit_on_error": False},  # parse errors: one line (parse_arguments)
             seed_everything_default=0,
             # The coefficients exist only after setup(): the module builds its own optimizer (model.lr,
             # model.lr_schedule) instead of LightningCLI's --optimizer, which would see no parameters.

@@ -61,7 +61,8 @@ def run_export(
                 "A learned merge needs its coefficients: pass --ckpt_path (e.g. .../last.ckpt)."
             )
         module.check_checkpoint_meta(check_checkpoint(options.ckpt_path))
-        state = SafeCheckpointIO().load_checkpoint(options.ckpt_path)["state_dict"]
+        state = SafeCheckpointIO().load_checkpoint(options.ckpt_path).get("state_dict")
+        module.check_state_dict(state)
         module.load_state_dict(state)
         summary["coefficients"] = coefficient_stats(merged.coefficients().detach(), merged.task_names)
         summary.update(objective=module.hparams.objective, granularity=module.hparams.granularity)

@@ -236,6 +236,12 @@ class DivMergeModule(L.LightningModule):
                 not before a sharded run's setup, which would load them whole on every rank; its
                 ``on_load_checkpoint`` compares them once they are loaded in shards.
         """
+        lacking = [key for key in ("fingerprint", "tasks", "granularity") if key not in meta]
+        if lacking:
+            raise DivMergeError(
+                f"The checkpoint's divmerge entry lacks {lacking} (edited or damaged): pass an intact .ckpt "
+                "written by divmerge, or start a fresh run without --ckpt_path."
+            )
         theirs, ours = meta.get("granularity"), self.hparams.granularity
         if expert_set:
             self.build()
@@ -550,11 +556,28 @@ class DivMergeModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint made with a different expert set, a newer divmerge or a non-finite merge."""
+        """Refuse a checkpoint of other experts, a newer divmerge, lacking coefficients or not finite."""
         meta = checkpoint.get("divmerge")
-        if meta is None:
+        if not isinstance(meta, dict):
             raise DivMergeError("This checkpoint was not written by divmerge: pass a divmerge checkpoint.")
         path = self._trainer.ckpt_path if self._trainer is not None else None
         checkpoint_io.check_format(checkpoint, path)
         checkpoint_io.check_finite_coefficients(checkpoint, path)
         self.check_checkpoint_meta(meta)
+        self.check_state_dict(checkpoint.get("state_dict"))
+
+    def check_state_dict(self, state: Any) -> None:
+        """Refuse a checkpoint ``state_dict`` that does not hold exactly this module's tensors (one line).
+
+        Args:
+            state: The checkpoint's ``state_dict`` entry.
+        """
+        ours = set(self.state_dict())
+        theirs = set(state) if isinstance(state, dict) else set()
+        if theirs != ours:
+            lacking, extra = sorted(ours - theirs), sorted(theirs - ours)
+            problem = f"lacks {lacking[:3]}" if lacking else f"holds unknown tensors {extra[:3]}"
+            raise DivMergeError(
+                f"The checkpoint's state_dict {problem} (edited or damaged): pass an intact .ckpt written by "
+                "divmerge, or start a fresh run without --ckpt_path."
+            )
