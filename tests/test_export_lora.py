@@ -214,6 +214,18 @@ def test_bad_ranks_are_refused_with_nothing_written(lms, full, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_extended_vocabulary_is_refused(lms, tmp_path):
+    from tests.test_vocab import extend
+
+    extended = extend(lms["full_a"], tmp_path / "extended", ["<x1>"])
+    merged = MergedModel(load_experts(lms["base"], {"a": extended, "b": lms["full_b"]}))
+    with torch.no_grad():
+        params = merged.merged_params()
+    with pytest.raises(DivMergeError, match=r"embed_tokens.weight has shape.*cannot resize.*--format hf"):
+        export_lora(merged, params, lms["base"], tmp_path / "out", {}, rank=4)
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_lora_format_lines_and_the_hf_default(tmp_path, tiny, capsys):
     config = write_config(tmp_path, tiny)
     static = ["export", "--config", config, "--model.method", "ties", "--format", "lora"]

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
+from transformers import AutoModel, AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from divmerge.core import lora
@@ -48,6 +49,7 @@ from divmerge.export.common import (
     atomic_dir,
     check_target,
     check_task_names,
+    load_base_config,
     relative_files,
 )
 from divmerge.export.model_card import jsonable, md
@@ -116,6 +118,7 @@ def export_lora(
         check_task_names(merged.task_names)
     plan = plan_adapter(merged, params, rank)
     source = resolve_source(base_source)
+    _check_fits(plan, merged, source, base_source)
     config = adapter_config(plan, source, "CAUSAL_LM" if not heads else None)
     note = describe(plan, config)
     with atomic_dir(out) as tmp:
@@ -241,6 +244,23 @@ def plan_adapter(merged: MergedModel, params: Mapping[str, Tensor], rank: int | 
                 plan.saved[alias] = value.detach().cpu().clone()
             plan.tied |= name in tied
     return plan
+
+
+def _check_fits(plan: AdapterPlan, merged: MergedModel, source: str, base_source: str) -> None:
+    """Refuse an adapter whose tensors do not fit the base model (experts that extended the vocabulary)."""
+    config = load_base_config(source, base_source)
+    with torch.device("meta"):
+        model = (AutoModel if merged.prefix else AutoModelForCausalLM).from_config(config)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
+    ours = {n: tuple(v.shape) for n, v in plan.saved.items()}
+    ours |= {f"{m}.weight": tuple(merged.base[f"{m}.weight"].shape) for m in plan.factors}
+    for name, shape in ours.items():
+        if shapes.get(name) != shape:
+            raise DivMergeError(
+                f"The merge's {name} has shape {shape} but the base {base_source!r} has "
+                f"{shapes.get(name)} (experts that add tokens extend it): a peft adapter cannot resize its "
+                "base; export --format hf."
+            )
 
 
 def truncated(update: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
