@@ -11,10 +11,11 @@ from torch.func import functional_call
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, Qwen2ForCausalLM
 
 import train
+from divmerge.core import lora
 from divmerge.core.merged_model import MergedModel
 from divmerge.errors import DivMergeError
 from divmerge.export import coefficient_stats, export_lora, read_export_info
-from divmerge.export.lora_adapter import truncated
+from divmerge.export.lora_adapter import truncated, truncated_factors
 from divmerge.families import causal_lm, load_experts
 from divmerge.families.classification import task_logits
 from tests import tiny_lm
@@ -24,6 +25,7 @@ from tests.test_lora import batch, make_lora_expert
 from tests.test_lora_causal import make_lora_lm
 
 TOL = 1e-5
+TARGETS_AT_RANK_3 = ["self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj"]  # LoRA rank 6, 4, 4 > 3
 
 
 def relative(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -110,6 +112,23 @@ def test_exact_adapter_of_lora_lm_experts_reproduces_the_merge_through_peft(lms,
     assert info["adapter"]["exact"] and info["adapter"]["relative_errors"] == {}
     card = (out / "README.md").read_text()
     assert "PeftModel.from_pretrained" in card and "exact" in card
+    # at --lora_rank 3: the rank-6 and rank-4 stacks are compressed (SVD through their factors), o_proj kept
+    out, note = export_lora(merged, params, lms["base"], tmp_path / "r3", summary, rank=3)
+    errors = read_export_info(out)["adapter"]["relative_errors"]
+    assert set(errors) == {f"model.layers.{i}.{m}" for i in range(2) for m in TARGETS_AT_RANK_3}
+    factors = dict(lora.split(params)[1])
+    plain = PeftModel.from_pretrained(Qwen2ForCausalLM.from_pretrained(lms["base"]), out).merge_and_unload()
+    weights = plain.state_dict()
+    for m, error in errors.items():
+        a, b = factors[m]
+        update = (b @ a).double()  # (out, in), dense only here, for the check
+        u, singular, vh = torch.linalg.svd(update, full_matrices=False)
+        best = u[:, :3] @ torch.diag(singular[:3]) @ vh[:3]  # Eckart-Young, independently
+        got = weights[f"{m}.weight"].double() - merged.base[f"{m}.weight"].double()  # what peft applies
+        torch.testing.assert_close(got, best, atol=1e-5, rtol=1e-4)
+        assert error == pytest.approx(((update - best).norm() / update.norm()).item(), rel=1e-3)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 3 and set(config["rank_pattern"].values()) == {2}  # o_proj's rank 2 kept
 
 
 def test_exact_adapter_of_lora_classifier_experts_reproduces_backbone_and_task_models(tmp_path):
@@ -195,12 +214,20 @@ def test_full_experts_at_full_rank_reproduce_the_merge_with_saved_norms_embeddin
     assert relative(lm_logits(peft.merge_and_unload()), want) < TOL  # a plain model, as users fold it
 
 
-def test_truncated_svd_at_full_rank_is_exact():
-    update = torch.randn(6, 9, generator=torch.Generator().manual_seed(0))
+def test_truncated_svd_at_full_rank_is_exact_and_the_factored_svd_agrees():
+    g = torch.Generator().manual_seed(0)
+    update = torch.randn(6, 9, generator=g)
     a, b, error = truncated(update, 6)
     assert error < 1e-7 and torch.allclose(b @ a, update, atol=1e-5)
     a, b, error = truncated(update, 2)
     assert a.shape == (2, 9) and b.shape == (6, 2) and 0.1 < error < 1
+    low_a, low_b = torch.randn(5, 9, generator=g), torch.randn(6, 5, generator=g)  # rank 5
+    for rank in (2, 5):
+        a, b, error = truncated(low_b @ low_a, rank)
+        fa, fb, factored = truncated_factors(low_a, low_b, rank)
+        assert factored == pytest.approx(error, rel=1e-4, abs=1e-6)
+        torch.testing.assert_close(fb @ fa, b @ a, atol=1e-4, rtol=1e-4)
+    assert factored < 1e-6
 
 
 def test_bad_ranks_are_refused_with_nothing_written(lms, full, tmp_path):

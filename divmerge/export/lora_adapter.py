@@ -210,20 +210,24 @@ def plan_adapter(merged: MergedModel, params: Mapping[str, Tensor], rank: int | 
         plan.conv1d |= isinstance(module, Conv1D)
         low = lora_factors.get(m)
         out_features, in_features = _out_in(module)
-        if f"{m}.weight" not in changed and (rank is None or (low is not None and low[0].shape[0] <= rank)):
+        if f"{m}.weight" not in changed and (rank is None or low is None or low[0].shape[0] <= rank):
             if low is None:  # only the bias changed: a rank-1 zero update carries it
                 low = (torch.zeros(1, in_features), torch.zeros(out_features, 1))
             plan.factors[m] = (low[0].detach().float().cpu(), low[1].detach().float().cpu())  # exact
         else:
-            update = torch.zeros(out_features, in_features)  # (out, in)
-            if f"{m}.weight" in changed:
+            assert rank is not None  # refused above otherwise
+            if f"{m}.weight" not in changed:  # a low-rank update above the rank: SVD through its factors
+                a, b, error = truncated_factors(
+                    low[0].detach().float().cpu(), low[1].detach().float().cpu(), rank
+                )
+            else:
                 diff = (
                     changed[f"{m}.weight"].detach().float().cpu() - merged.base[f"{m}.weight"].float().cpu()
                 )
-                update += diff.t() if isinstance(module, Conv1D) else diff
-            if low is not None:
-                update += low[1].detach().float().cpu() @ low[0].detach().float().cpu()  # (out, R) @ (R, in)
-            a, b, error = truncated(update, rank)  # type: ignore[arg-type]  # rank is set here
+                update = diff.t() if isinstance(module, Conv1D) else diff  # (out, in)
+                if low is not None:
+                    update = update + low[1].detach().float().cpu() @ low[0].detach().float().cpu()
+                a, b, error = truncated(update, rank)
             plan.factors[m], plan.errors[m] = (a, b), error
         bias = f"{m}.bias"
         if bias in merged.base:  # peft's bias="lora_only": a target's bias is saved whole, in place
@@ -273,13 +277,38 @@ def truncated(update: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
     Returns:
         (A (rank, in), B (out, rank), ||update - B A||_F / ||update||_F; 0 for a zero update).
     """
-    u, s, vh = torch.linalg.svd(update.double(), full_matrices=False)  # (out, k), (k,), (k, in)
+    u, s, vh = torch.linalg.svd(update.float(), full_matrices=False)  # (out, k), (k,), (k, in)
+    return _split(u, s, vh, rank)
+
+
+def truncated_factors(a: Tensor, b: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
+    """``truncated(b @ a, rank)`` without forming b @ a: the SVD of a small (R, R) core.
+
+    With B = Q_b R_b and A^T = Q_a R_a (thin QR), B A = Q_b (R_b R_a^T) Q_a^T, so the SVD of the core
+    R_b R_a^T = U' S V'^T gives B A = (Q_b U') S (Q_a V')^T.
+
+    Args:
+        a: (R, in).
+        b: (out, R).
+        rank: 1 <= rank <= min(out, in).
+
+    Returns:
+        As ``truncated``.
+    """
+    q_b, r_b = torch.linalg.qr(b)  # (out, R), (R, R)
+    q_a, r_a = torch.linalg.qr(a.t())  # (in, R), (R, R)
+    u, s, vh = torch.linalg.svd(r_b @ r_a.t())  # (R, R), (R,), (R, R)
+    return _split(q_b @ u, s, vh @ q_a.t(), rank)  # (out, R), (R,), (R, in)
+
+
+def _split(u: Tensor, s: Tensor, vh: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
+    """Factors A (rank, in), B (out, rank) of the leading ``rank`` singular triplets, and the error."""
     root = s[:rank].sqrt()  # (rank,) split evenly between the factors
-    b = (u[:, :rank] * root).float()  # (out, rank)
-    a = (root[:, None] * vh[:rank]).float()  # (rank, in)
-    total = s.square().sum()
-    error = (s[rank:].square().sum() / total).sqrt().item() if total > 0 else 0.0
-    return a, b, error
+    b = u[:, :rank] * root  # (out, rank)
+    a = root[:, None] * vh[:rank]  # (rank, in)
+    total = s.double().square().sum()
+    error = (s[rank:].double().square().sum() / total).sqrt().item() if total > 0 else 0.0
+    return a.contiguous(), b.contiguous(), error
 
 
 def adapter_config(plan: AdapterPlan, base: str, task_type: str | None) -> dict[str, Any]:
