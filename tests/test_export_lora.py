@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 import train
 from divmerge.core import lora
 from divmerge.core.merged_model import MergedModel
+from divmerge.engine import Merger
 from divmerge.errors import DivMergeError
 from divmerge.export import coefficient_stats, export_lora, read_export_info
 from divmerge.export.lora_adapter import truncated, truncated_factors
@@ -239,6 +240,17 @@ def test_bad_ranks_are_refused_with_nothing_written(lms, full, tmp_path):
     with pytest.raises(DivMergeError, match=r"--lora_rank must be a positive integer, not 0"):
         export_lora(merged, params, lms["base"], tmp_path / "a", {}, rank=0)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_start_from_merge_of_lora_experts_counts_in_the_delta(lms, tmp_path):
+    experts = load_experts(lms["base"], {"a": lms["lora_a"], "b": lms["lora_b"]})
+    merger = Merger.from_expert_set(experts, granularity="layer", start_from="ties")
+    merged, params = merger.build(), merger.learned_params()  # step 0: the static TIES merge, dense
+    with pytest.raises(DivMergeError, match=r"q_proj.weight changes densely.*start_from.*--lora_rank"):
+        export_lora(merged, params, lms["base"], tmp_path / "exact", {})
+    out, _ = export_lora(merged, params, lms["base"], tmp_path / "r32", {}, rank=32)  # full rank
+    peft = PeftModel.from_pretrained(Qwen2ForCausalLM.from_pretrained(lms["base"]), out).eval()
+    assert relative(lm_logits(peft), merged_lm_logits(merged, params)) < TOL
 
 
 def test_an_extended_vocabulary_is_refused(lms, tmp_path):
