@@ -25,8 +25,8 @@ def parse_export_args(argv: list[str], default_config: Path) -> tuple[argparse.N
     parser = argparse.ArgumentParser(
         prog="train.py export",
         description="Write the merged model as a Hugging Face directory (backbone safetensors + config + "
-        "tokenizer, every task's head under heads/, a model card). Other --model.* flags override the "
-        "config.",
+        "tokenizer, every task's head under heads/, a model card), or with --format lora as one peft LoRA "
+        "adapter over the base. Other --model.* flags override the config.",
     )
     parser.add_argument("--config", default=str(default_config), help="The run's config (default: the demo).")
     parser.add_argument(
