@@ -1,4 +1,4 @@
-"""``python train.py export``: write a merged model (learned or static) as a Hugging Face directory."""
+"""``python train.py export``: write a merged model (learned or static): Hugging Face files or an adapter."""
 
 import argparse
 from collections.abc import Callable
@@ -7,7 +7,7 @@ from typing import Any
 
 from divmerge.errors import DivMergeError
 from divmerge.experts.sources import resolve_source
-from divmerge.export import EXPORTERS, check_target, coefficient_stats
+from divmerge.export import FORMATS, ExportRequest, check_target, coefficient_stats
 from divmerge.lightning.checkpoint_io import SafeCheckpointIO, check_checkpoint
 from divmerge.lightning.module import DivMergeModule
 
@@ -25,8 +25,8 @@ def parse_export_args(argv: list[str], default_config: Path) -> tuple[argparse.N
     parser = argparse.ArgumentParser(
         prog="train.py export",
         description="Write the merged model as a Hugging Face directory (backbone safetensors + config + "
-        "tokenizer, every task's head under heads/, a model card). Other --model.* flags override the "
-        "config.",
+        "tokenizer, every task's head under heads/, a model card), or with --format lora as one peft LoRA "
+        "adapter over the base. Other --model.* flags override the config.",
     )
     parser.add_argument("--config", default=str(default_config), help="The run's config (default: the demo).")
     parser.add_argument(
@@ -34,6 +34,19 @@ def parse_export_args(argv: list[str], default_config: Path) -> tuple[argparse.N
     )
     parser.add_argument("--out_dir", required=True, help="Output directory.")
     parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty --out_dir.")
+    parser.add_argument(
+        "--format",
+        default="hf",
+        choices=sorted(FORMATS),
+        help="hf: the dense merged model (default); lora: one peft LoRA adapter over the base (exact for "
+        "LoRA experts with task/layer/block coefficients, else needs --lora_rank).",
+    )
+    parser.add_argument(
+        "--lora_rank",
+        type=int,
+        help="--format lora: compress each changed matrix's merged update to this rank by truncated SVD "
+        "(the relative errors go into the model card).",
+    )
     return parser.parse_known_args(argv)
 
 
@@ -50,6 +63,14 @@ def run_export(
     Returns:
         The export directory.
     """
+    lora_rank = getattr(options, "lora_rank", None)
+    out_format = getattr(options, "format", "hf")
+    if lora_rank is not None and out_format != "lora":
+        raise DivMergeError(f"--lora_rank applies to --format lora, not {out_format!r}: add --format lora.")
+    if lora_rank is not None and lora_rank < 1:
+        raise DivMergeError(
+            f"--lora_rank must be a positive integer, not {lora_rank}: pass e.g. --lora_rank 16."
+        )
     module = build_module(["--config", options.config, *overrides])
     base_source = resolve_source(module.hparams.base)
     summary: dict[str, Any] = {"method": module.describe(), "experts": dict(module.hparams.experts)}
@@ -69,7 +90,19 @@ def run_export(
     else:
         summary["method_options"] = dict(module.hparams.method_options or {})
     params = module.eval_params()
-    export = EXPORTERS[module.engine.family.name]  # e.g. causal LMs have no heads
-    out = export(merged, params, base_source, options.out_dir, summary, overwrite=options.overwrite)
-    print(f"divmerge: exported {module.describe()} of {merged.task_names} to {out}")
+    request = ExportRequest(
+        family=module.engine.family.name,
+        merged=merged,
+        params=params,
+        base_source=base_source,
+        out_dir=options.out_dir,
+        summary=summary,
+        overwrite=options.overwrite,
+        options={"lora_rank": lora_rank},
+    )
+    out, note = FORMATS[out_format](request)
+    print(
+        f"divmerge: exported {module.describe()} of {merged.task_names} to {out}"
+        + (f" ({note})" if note else "")
+    )
     return out
