@@ -1,24 +1,26 @@
-"""Export a merged model as plain Hugging Face files: one exporter per model family.
+"""Export a merged model: a Hugging Face directory per model family, or another format (``FORMATS``).
 
 Adding a family's exporter is one file plus one entry in ``EXPORTERS`` (keyed by the family's name,
-``ExpertSet.family``).
+``ExpertSet.family``); adding an output format (``export --format``) is one file plus one entry in
+``FORMATS``.
 """
-
-from collections.abc import Callable
 
 from divmerge.export.causal_lm import export_causal_lm
 from divmerge.export.classifier import export_merged, load_task_model
 from divmerge.export.common import atomic_dir, check_target, read_export_info
+from divmerge.export.formats import EXPORTERS, FORMATS, ExportFormat
+from divmerge.export.gguf_file import export_gguf
 from divmerge.export.model_card import coefficient_stats
-
-EXPORTERS: dict[str, Callable] = {"classification": export_merged, "causal_lm": export_causal_lm}
 
 __all__ = [
     "EXPORTERS",
+    "FORMATS",
+    "ExportFormat",
     "atomic_dir",
     "check_target",
     "coefficient_stats",
     "export_causal_lm",
+    "export_gguf",
     "export_merged",
     "load_task_model",
     "read_export_info",

@@ -1,4 +1,4 @@
-"""``python train.py export``: write a merged model (learned or static) as a Hugging Face directory."""
+"""``python train.py export``: write a merged model (learned or static) in a ``--format`` (``FORMATS``)."""
 
 import argparse
 from collections.abc import Callable
@@ -7,7 +7,8 @@ from typing import Any
 
 from divmerge.errors import DivMergeError
 from divmerge.experts.sources import resolve_source
-from divmerge.export import EXPORTERS, check_target, coefficient_stats
+from divmerge.export import FORMATS, check_target, coefficient_stats
+from divmerge.export.gguf_file import DEFAULT_GGUF_TYPE, GGUF_TYPES
 from divmerge.lightning.checkpoint_io import SafeCheckpointIO, check_checkpoint
 from divmerge.lightning.module import DivMergeModule
 
@@ -25,8 +26,8 @@ def parse_export_args(argv: list[str], default_config: Path) -> tuple[argparse.N
     parser = argparse.ArgumentParser(
         prog="train.py export",
         description="Write the merged model as a Hugging Face directory (backbone safetensors + config + "
-        "tokenizer, every task's head under heads/, a model card). Other --model.* flags override the "
-        "config.",
+        "tokenizer, every task's head under heads/, a model card), or with --format gguf as one GGUF file. "
+        "Other --model.* flags override the config.",
     )
     parser.add_argument("--config", default=str(default_config), help="The run's config (default: the demo).")
     parser.add_argument(
@@ -34,6 +35,18 @@ def parse_export_args(argv: list[str], default_config: Path) -> tuple[argparse.N
     )
     parser.add_argument("--out_dir", required=True, help="Output directory.")
     parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty --out_dir.")
+    parser.add_argument(
+        "--format",
+        default="hf",
+        help=f"Output format: {', '.join(FORMATS)} (default hf: a Hugging Face directory; gguf: one "
+        "llama.cpp / Ollama file of a causal-LM merge, with a Modelfile).",
+    )
+    parser.add_argument(
+        "--gguf_type",
+        default=DEFAULT_GGUF_TYPE,
+        help=f"--format gguf: type of the matrices, one of {', '.join(GGUF_TYPES)} (default "
+        f"{DEFAULT_GGUF_TYPE}; norms stay f32).",
+    )
     return parser.parse_known_args(argv)
 
 
@@ -50,10 +63,14 @@ def run_export(
     Returns:
         The export directory.
     """
+    if options.format not in FORMATS:
+        raise DivMergeError(f"--format {options.format!r} is unknown: use one of {', '.join(FORMATS)}.")
+    output = FORMATS[options.format]
     module = build_module(["--config", options.config, *overrides])
     base_source = resolve_source(module.hparams.base)
     summary: dict[str, Any] = {"method": module.describe(), "experts": dict(module.hparams.experts)}
     check_target(Path(options.out_dir), options.overwrite, base_source, summary)  # before any heavy work
+    output.check(base_source, options)
     merged = module.build()
     if not module.is_static:
         if not options.ckpt_path:
@@ -68,7 +85,9 @@ def run_export(
     else:
         summary["method_options"] = dict(module.hparams.method_options or {})
     params = module.eval_params()
-    export = EXPORTERS[module.engine.family.name]  # e.g. causal LMs have no heads
-    out = export(merged, params, base_source, options.out_dir, summary, overwrite=options.overwrite)
+    family = module.engine.family.name  # e.g. causal LMs have no heads
+    out = output.write(
+        family, merged, params, base_source, options.out_dir, summary, options.overwrite, options
+    )
     print(f"divmerge: exported {module.describe()} of {merged.task_names} to {out}")
     return out
