@@ -64,7 +64,7 @@ def qwen(tmp_path_factory, lm) -> dict:
     args = ["export", "--config", config, "--model.method", "task_arithmetic"]
     out = {"root": root, "config": config, "args": args, "base": base}
     train.main([*args, "--out_dir", str(root / "hf")])
-    for kind in ("f32", "f16", "q8_0"):
+    for kind in ("f32", "f16", "bf16", "q8_0"):
         train.main([*args, "--out_dir", str(root / kind), "--format", "gguf", "--gguf_type", kind])
     return out
 
@@ -108,14 +108,15 @@ def test_gguf_read_back_by_transformers_answers_like_the_hf_export(qwen, referen
     assert type(model).__name__ == "Qwen2ForCausalLM" and model.config.tie_word_embeddings
 
 
-def test_q8_0_loads_and_its_difference_is_measured(qwen, reference):
-    reader = GGUFReader(qwen["root"] / "q8_0" / GGUF_FILE)
+@pytest.mark.parametrize("kind", ["q8_0", "bf16"])
+def test_q8_0_and_bf16_load_and_their_difference_is_measured(qwen, reference, kind):
+    reader = GGUFReader(qwen["root"] / kind / GGUF_FILE)
     types = {t.name: t.tensor_type.name for t in reader.tensors}
-    assert types["blk.0.attn_q.weight"] == types["token_embd.weight"] == "Q8_0"
+    assert types["blk.0.attn_q.weight"] == types["token_embd.weight"] == kind.upper()
     assert types["blk.0.attn_norm.weight"] == types["blk.0.attn_q.bias"] == "F32"
-    worst, same = compare(qwen["root"] / "q8_0", reference)
-    print(f"q8_0: max |logit diff| {worst:.2e}, {same}/{len(TEXTS)} greedy answers equal")
-    assert 0 < worst < 0.1  # quantised (not a float copy), and close
+    worst, same = compare(qwen["root"] / kind, reference)
+    print(f"{kind}: max |logit diff| {worst:.2e}, {same}/{len(TEXTS)} greedy answers equal")
+    assert 0 < worst < 0.1  # rounded (not a float copy), and close
     assert same == len(TEXTS)
     sizes = {k: (qwen["root"] / k / GGUF_FILE).stat().st_size for k in ("f32", "f16", "q8_0")}
     assert sizes["q8_0"] < sizes["f16"] < sizes["f32"]
