@@ -264,8 +264,16 @@ def test_classification_merge_and_unknown_architecture_are_refused(tiny, tmp_pat
     GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(gpt2)
     with pytest.raises(DivMergeError, match="not 'gpt2'"):
         check_gguf(None, str(gpt2), "f16")
+    qwen_base = tiny_lm_base(tmp_path)
     with pytest.raises(DivMergeError, match="this is a classification merge"):
-        check_gguf("classification", tiny_lm_base(tmp_path), "f16")
+        check_gguf("classification", qwen_base, "f16")
+    llama = tmp_path / "llama"  # a llama base whose tokenizer is WordPiece
+    LlamaConfig(
+        hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2
+    ).save_pretrained(llama)
+    AutoTokenizer.from_pretrained(tiny["base"]).save_pretrained(llama)
+    with pytest.raises(DivMergeError, match="BertTokenizer is not one"):
+        check_gguf(None, str(llama), "f16")
     assert not out.exists() and leftovers(tmp_path) == []
 
 

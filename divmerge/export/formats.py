@@ -64,8 +64,7 @@ def write_gguf(
     options: argparse.Namespace,
 ) -> Path:
     """One GGUF file (``--gguf_type``) with an Ollama Modelfile and a model card."""
-    check_gguf(family, base_source, options.gguf_type)
-    return export_gguf(merged, params, base_source, out_dir, summary, overwrite, options.gguf_type)
+    return export_gguf(merged, params, base_source, out_dir, summary, overwrite, options.gguf_type, family)
 
 
 FORMATS: dict[str, ExportFormat] = {

@@ -109,6 +109,7 @@ def check_gguf(family: str | None, base_source: str, gguf_type: str) -> Pretrain
             "converted with llama.cpp's convert_hf_to_gguf.py)."
         )
     _hyperparameters(config, base_source)  # refuses what the metadata cannot say
+    _pre_tokenizer(load_tokenizer(resolve_source(base_source), base_source))  # refuses other tokenizers
     return config
 
 
@@ -120,6 +121,7 @@ def export_gguf(
     summary: Mapping[str, Any],
     overwrite: bool = False,
     gguf_type: str = DEFAULT_GGUF_TYPE,
+    family: str = "causal_lm",
 ) -> Path:
     """Write the merged causal LM as ``out_dir/model.gguf`` with a Modelfile, a model card and metadata.
 
@@ -133,6 +135,7 @@ def export_gguf(
         overwrite: Replace a non-empty ``out_dir`` (the old one is removed only once the new one is done).
         gguf_type: Type of the matrices: f32, f16, bf16 or q8_0 (a matrix whose rows are not a multiple
             of 32 stays f16 in q8_0, as llama.cpp does).
+        family: The expert family's name (``ExpertSet.family``): other families than causal_lm are refused.
 
     Returns:
         The export directory.
@@ -141,7 +144,7 @@ def export_gguf(
 
     out = Path(out_dir).expanduser().absolute()
     check_target(out, overwrite, base_source, summary)
-    config = check_gguf(None, base_source, gguf_type)  # the family is checked by the caller (run_export)
+    config = check_gguf(family, base_source, gguf_type)
     arch = ARCHITECTURES[config.model_type]
     tokenizer = load_tokenizer(tokenizer_source(base_source, summary.get("experts", {})), base_source)
     dense = merged.dense_params(params)  # LoRA experts' low-rank updates folded in (no copy otherwise)
