@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import transformers
-from jsonargparse import ArgumentError
+from jsonargparse import ArgumentError, Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
@@ -133,9 +133,30 @@ class DivMergeCLI(LightningCLI):
     def before_test(self) -> None:  # noqa: D102
         self._check_before_run()
 
+    def _set_seed(self) -> None:
+        """Seed as LightningCLI does; a seed numpy cannot take is one line."""
+        try:
+            super()._set_seed()
+        except (ValueError, TypeError) as err:
+            raise DivMergeError(
+                f"Invalid seed_everything: {first_line(err)}: give an integer >= 0."
+            ) from None
+
+    def instantiate_classes(self) -> None:
+        """Build trainer, model and data; a value the classes cannot take is one line, not a traceback."""
+        if not isinstance(self._get(self.config, "trainer", default={}) or {}, dict | Namespace):
+            raise DivMergeError("trainer: must be a mapping of Trainer settings (see configs/demo4.yaml).")
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError, AttributeError, KeyError, MisconfigurationException) as err:
+            raise DivMergeError(
+                f"Invalid config: {first_line(err)}: fix that value in the config or the flags (`python "
+                "train.py fit --help` lists every key)."
+            ) from err
+
     def instantiate_trainer(self, **kwargs) -> Trainer:
         """Build the Trainer with a phase timer; atomic checkpoint writes unless a CheckpointIO is set."""
-        config = self._get(self.config_init, "trainer", default={})
+        config = self._get(self.config_init, "trainer", default={}) or {}
         self._plain = not sys.stdout.isatty() and config.get("enable_progress_bar") is None
         if self._plain:  # a redrawn bar is useless in a file: plain lines instead (PlainProgress)
             kwargs.setdefault("enable_progress_bar", False)
