@@ -55,8 +55,20 @@ MIN_DEFAULT_STEPS = 128
 """... and at least this many optimizer steps (small unlabelled sets get more epochs)."""
 
 
+DESCRIPTION = (
+    "divmerge: learn the coefficients that merge fine-tuned experts of one base model, without labels. "
+    "Subcommands: fit, validate and test (below), and export (`python train.py export --help`: write the "
+    "merged model as a Hugging Face directory, one LoRA adapter or one GGUF file)."
+)
+
+
 class DivMergeCLI(LightningCLI):
     """LightningCLI with the tokenizer tied to the base model and a test pass after fit."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's run subcommands without ``predict``: a merge has no forward of its own to call."""
+        return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
 
     def add_arguments_to_parser(self, parser) -> None:  # noqa: D102
         parser.link_arguments("model.base", "data.tokenizer")
@@ -315,7 +327,7 @@ def make_cli(args: list[str], run: bool = True) -> DivMergeCLI:
             MergeDataModule,
             run=run,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"exit_on_error": False},  # parse errors: one line (parse_arguments)
+            parser_kwargs={"exit_on_error": False, "description": DESCRIPTION},  # errors: parse_arguments
             seed_everything_default=0,
             # The coefficients exist only after setup(): the module builds its own optimizer (model.lr,
             # model.lr_schedule) instead of LightningCLI's --optimizer, which would see no parameters.
