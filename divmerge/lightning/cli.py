@@ -215,6 +215,9 @@ class DivMergeCLI(LightningCLI):
         except Exception as err:  # a collective that lost a process: one line, not a traceback per rank
             if not lost_process(err):
                 raise
+            kill = getattr(self.trainer.strategy.launcher, "kill", None)  # the ranks Lightning started here
+            if kill is not None:  # (a stuck one would hold the run open)
+                kill(signal.SIGKILL)
             raise LostProcessError(
                 lost_process_line(err, self.timer.current(), self.trainer, subcommand)
             ) from None
