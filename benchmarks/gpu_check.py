@@ -29,8 +29,8 @@ from typing import Any
 import torch
 
 from benchmarks.common.architectures import ARCHITECTURES, per_rank_bytes
-from benchmarks.common.cli import run_flags
-from benchmarks.common.experts import TASKS, expert_sources
+from benchmarks.common.cli import lm_flags, run_flags
+from benchmarks.common.experts import expert_sources
 from benchmarks.common.lm_step import AUTOCAST, step_closure
 from benchmarks.common.measure import MB
 from benchmarks.common.results import RESULTS_DIR, format_table, write_results
@@ -106,13 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                 warmup=2,
                 unit="prompt",
                 out_dir=RESULTS_DIR / "gpu",
-            )
+            ),
+            lm_flags(),
         ],
-    )
-    p.add_argument(
-        "--experts",
-        default=",".join(f"zoo:smollm2/{t}" for t in TASKS),
-        help="comma-separated expert sources (default: the four generative demo experts)",
     )
     p.add_argument(
         "--architecture",
@@ -122,7 +118,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda", help="torch device (default cuda)")
     p.add_argument("--precisions", default="bf16-mixed,16-mixed", help="comma-separated precisions")
     p.add_argument("--modes", default="whole,per_block", help="comma-separated merge modes")
-    p.add_argument("--answer", type=int, default=8, help="positions whose logits the loss reads")
     return p
 
 

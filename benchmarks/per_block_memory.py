@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.common.cli import run_flags, worker_flags
-from benchmarks.common.experts import TASKS, expert_sources
+from benchmarks.common.cli import lm_flags, run_flags, worker_flags
+from benchmarks.common.experts import expert_sources
 from benchmarks.common.lm_step import sizes, step_closure
 from benchmarks.common.measure import peak_rss_mb, reset_peak, rss_mb, run_worker_process
 from benchmarks.common.results import format_table, write_results
@@ -85,14 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[
             run_flags(base="zoo:smollm2", batch_size=4, seq_len=64, steps=3, warmup=1, unit="prompt"),
             worker_flags(2),
+            lm_flags(),
         ],
     )
-    p.add_argument(
-        "--experts",
-        default=",".join(f"zoo:smollm2/{t}" for t in TASKS),
-        help="comma-separated expert sources (default: the four generative demo experts)",
-    )
-    p.add_argument("--answer", type=int, default=8, help="positions whose logits the loss reads")
     return p
 
 

@@ -44,8 +44,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-from benchmarks.common.cli import run_flags, worker_flags
-from benchmarks.common.experts import TASKS, expert_sources
+from benchmarks.common.cli import lm_flags, run_flags, worker_flags
+from benchmarks.common.experts import expert_sources
 from benchmarks.common.lm_step import sizes, step_closure
 from benchmarks.common.measure import (
     MB,
@@ -194,12 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[
             run_flags(base="zoo:smollm2", batch_size=4, seq_len=64, steps=2, warmup=1, unit="prompt"),
             worker_flags(1, "torch threads per rank"),
+            lm_flags(),
         ],
-    )
-    p.add_argument(
-        "--experts",
-        default=",".join(f"zoo:smollm2/{t}" for t in TASKS),
-        help="comma-separated expert sources (default: the four generative demo experts)",
     )
     p.add_argument("--ranks", default="1,2,4", help="comma-separated numbers of processes")
     p.add_argument("--modes", default="whole,per_block", help="comma-separated merge modes")
@@ -215,7 +211,6 @@ def build_parser() -> argparse.ArgumentParser:
         default="32-true",
         help="the forward's precision (bf16-mixed: per-block merged matrices and their gather in bf16)",
     )
-    p.add_argument("--answer", type=int, default=8, help="positions whose logits the loss reads")
     p.add_argument(
         "--loading",
         choices=("sharded", "whole"),

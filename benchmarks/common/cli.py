@@ -6,6 +6,7 @@ Each script passes its own defaults, so ``--help`` and the results of every scri
 import argparse
 from pathlib import Path
 
+from benchmarks.common.experts import TASKS
 from benchmarks.common.results import RESULTS_DIR
 
 
@@ -62,4 +63,22 @@ def worker_flags(
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--threads", type=int, default=threads, help=threads_help)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def lm_flags() -> argparse.ArgumentParser:
+    """The parent parser of the causal-LM memory benchmarks: ``--experts`` (the generative demo experts by
+    default) and ``--answer``.
+
+    Returns:
+        A parser without ``-h``, for ``parents=``.
+
+    """
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument(
+        "--experts",
+        default=",".join(f"zoo:smollm2/{t}" for t in TASKS),
+        help="comma-separated expert sources (default: the four generative demo experts)",
+    )
+    p.add_argument("--answer", type=int, default=8, help="positions whose logits the loss reads")
     return p
