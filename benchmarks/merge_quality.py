@@ -79,7 +79,7 @@ from divmerge.errors import DivMergeError
 from divmerge.evaluation import TaskResult, anp, anp_interval
 from divmerge.intervals import Interval, mean_ratio_interval
 from divmerge.lightning.datamodule import MergeDataModule
-from divmerge.methods import START_SEP, method_names, parse_method
+from divmerge.methods import method_names, parse_method
 from divmerge.objectives import OBJECTIVES
 from divmerge.static import STATIC_METHODS
 from divmerge.zoo import DEMO_TASKS, EXTRA_TASKS, GEN_PREFIX, GENERATIVE_TASKS, MORE_TASKS, default_cache_dir
@@ -125,8 +125,8 @@ def valid_methods() -> list[str]:
 
 def split_start(method: str) -> tuple[str, str | None]:
     """``js-row@tsv_m`` -> (``js-row``, ``tsv_m``): the learned method and the static merge it starts from."""
-    learned, _, start = method.partition(START_SEP)
-    return learned, start or None
+    parsed = parse_method(method, [CEILING])
+    return parsed.learned, parsed.start_from
 
 
 def parse_learned(method: str) -> tuple[str, str, dict[str, int]]:

@@ -367,6 +367,7 @@ def test_unknown_demo_task_and_method_list() -> None:
 
 def test_script_entry_point(monkeypatch, capsys) -> None:
     monkeypatch.setattr(sys, "argv", ["merge_quality", "--methods", "nope"])
+    monkeypatch.delitem(sys.modules, "benchmarks.merge_quality")  # run it fresh, as python -m does
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_module("benchmarks.merge_quality", run_name="__main__")
     assert exit_info.value.code == 2
