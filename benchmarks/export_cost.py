@@ -12,7 +12,7 @@ Rows:
   mergekit 0.1.5 on the same six experts, 20.9 s and 1.66 GB peak RSS (issue 5).
 - ``learned``: the export of a learned merge from ``--ckpt_path`` (skipped when it is not given).
 
-Run ``python benchmarks/export_cost.py --help``; results go to ``<out_dir>/export_cost.md``.
+Run ``python -m benchmarks.export_cost --help``; results go to ``<out_dir>/export_cost.md``.
 """
 
 import argparse
@@ -27,10 +27,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks._measure import MB, peak_rss_mb, reset_peak, rss_mb  # noqa: E402
+from benchmarks.common.measure import MB, ROOT, module_command, peak_rss_mb, reset_peak, rss_mb
+from benchmarks.common.results import RESULTS_DIR, write_results
 
 MERGEKIT = {"wall_s": 20.9, "peak_mb": 1660.0}  # mergekit 0.1.5, TIES of the 6 demo experts (issue 5)
 
@@ -47,7 +45,6 @@ def worker(argv: list[str]) -> dict[str, Any]:
         (the whole process).
 
     """
-    sys.path.insert(0, str(ROOT))
     import transformers
 
     import train
@@ -96,7 +93,7 @@ def measure(export_args: list[str], threads: int | None) -> dict[str, Any]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    worker = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(export_args)]
+    worker = module_command("benchmarks.export_cost", "--worker", json.dumps(export_args))
     # A small launcher forks the worker: Linux carries a forking process's peak RSS into its child's
     # ru_maxrss, so forking straight from a big caller (a test session) would overstate the worker's.
     cmd = [sys.executable, "-c", _LAUNCHER, *worker]
@@ -155,9 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--learned_config", default=str(ROOT / "configs" / "demo4.yaml"), help="its config")
     p.add_argument("--repeats", type=int, default=3, help="runs per job (the median wall time is reported)")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the export processes")
-    p.add_argument(
-        "--out_dir", type=Path, default=ROOT / "benchmarks" / "results", help="where the table goes"
-    )
+    p.add_argument("--out_dir", type=Path, default=RESULTS_DIR, help="where the table goes")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker is not None:
@@ -193,8 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"1-min load average at the end {load:.1f}. Peak RSS = VmHWM of the export process."
     )
     print(f"\n{table}\n\n{note}")
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "export_cost.md").write_text(f"# Export cost\n\n{table}\n\n{note}\n")
+    write_results(args.out_dir, "export_cost", f"# Export cost\n\n{table}\n\n{note}\n")
     return 0
 
 

@@ -9,19 +9,16 @@ resident memory the export adds (VmHWM reset before each). Each file is then rea
 (``gguf_file=``) and answers chat prompts greedily; the table gives how many answers equal the Hugging
 Face export's, and the largest logit difference over the prompts.
 
-Run ``python benchmarks/gguf_export.py --help``; the table goes to ``<out_dir>/gguf_export.md``.
+Run ``python -m benchmarks.gguf_export --help``; the table goes to ``<out_dir>/gguf_export.md``.
 """
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks._measure import MB, peak_rss_mb, release_memory, reset_peak, rss_mb  # noqa: E402
+from benchmarks.common.measure import MB, peak_rss_mb, release_memory, reset_peak, rss_mb
+from benchmarks.common.results import write_results
 
 TYPES = ("f32", "f16", "bf16", "q8_0")
 TEXTS = [
@@ -172,7 +169,7 @@ def main(argv: list[str] | None = None) -> str:
         f"{table}\n\nSmolLM2-135M-Instruct, 2 experts (MLP noise {args.noise} x std), merged tensors "
         f"{merged_mb:.0f} MB in memory; {len(TEXTS)} chat prompts, {args.max_new_tokens} greedy tokens.\n"
     )
-    (out / "gguf_export.md").write_text(text)
+    write_results(out, "gguf_export", text)
     print(text)
     for r in rows:
         print(r["type"], repr(r.get("example")), f"read back {r.get('read_back_s', 0):.0f} s")

@@ -2,15 +2,16 @@
 
 For each precision (``bf16-mixed``, ``16-mixed``) and merge mode (``whole``, ``per_block``) it builds the
 merged model of the real SmolLM2-135M demo experts (T = 4, layer-wise, float32 storage) on the device and
-runs training steps as ``benchmarks/per_block_memory.py`` does (its ``step_closure``), then reports:
+runs training steps as ``python -m benchmarks.per_block_memory`` does (``benchmarks.common.lm_step``),
+then reports:
 
 - ``stored_mb``: memory allocated once the merged model is on the device (base + task vectors), and
-  ``model_stored_mb``, the memory model's ``stored`` (``benchmarks/memory_model.py``);
+  ``model_stored_mb``, the memory model's ``stored`` (``benchmarks.memory_model``);
 - ``step_peak_mb``: the peak allocated during the steps above ``stored_mb``, and ``model_transient_mb``,
   the model's ``transient`` (the rest of the peak is activations: A);
 - ``step_s``: the median step.
 
-``benchmarks/gpu_check.sh`` runs it, then two short ``train.py fit`` runs (bf16-mixed and 16-mixed,
+``bash benchmarks/gpu_check.sh`` runs it, then two short ``train.py fit`` runs (bf16-mixed and 16-mixed,
 per-block) of the SmolLM2 demo. On a machine without a GPU, ``--device cpu`` runs the same table (the
 tests do, on tiny models).
 """
@@ -23,21 +24,18 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks._measure import MB  # noqa: E402
-from benchmarks.memory_model import ARCHITECTURES, per_rank_bytes  # noqa: E402
-from benchmarks.per_block_memory import AUTOCAST, TASKS, expert_sources, step_closure  # noqa: E402
-from benchmarks.step_cost import format_table  # noqa: E402
-from divmerge.core.merged_model import MergedModel  # noqa: E402
-from divmerge.families import load_experts  # noqa: E402
+from benchmarks.common.architectures import ARCHITECTURES, per_rank_bytes
+from benchmarks.common.cli import lm_flags, run_flags
+from benchmarks.common.experts import expert_sources
+from benchmarks.common.lm_step import AUTOCAST, step_closure
+from benchmarks.common.measure import MB
+from benchmarks.common.results import RESULTS_DIR, format_table, write_results
+from divmerge.core.merged_model import MergedModel
+from divmerge.families import load_experts
 
 COLUMNS = (
     "precision",
@@ -96,12 +94,21 @@ def measure(experts: Any, precision: str, mode: str, config: dict[str, Any]) -> 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser."""
-    p = argparse.ArgumentParser(prog="gpu_check", description=__doc__.split("\n\n")[0])
-    p.add_argument("--base", default="zoo:smollm2", help="base model source (default: SmolLM2-135M)")
-    p.add_argument(
-        "--experts",
-        default=",".join(f"zoo:smollm2/{t}" for t in TASKS),
-        help="comma-separated expert sources (default: the four generative demo experts)",
+    p = argparse.ArgumentParser(
+        prog="gpu_check",
+        description=__doc__.split("\n\n")[0],
+        parents=[
+            run_flags(
+                base="zoo:smollm2",
+                batch_size=16,
+                seq_len=128,
+                steps=5,
+                warmup=2,
+                unit="prompt",
+                out_dir=RESULTS_DIR / "gpu",
+            ),
+            lm_flags(),
+        ],
     )
     p.add_argument(
         "--architecture",
@@ -111,14 +118,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda", help="torch device (default cuda)")
     p.add_argument("--precisions", default="bf16-mixed,16-mixed", help="comma-separated precisions")
     p.add_argument("--modes", default="whole,per_block", help="comma-separated merge modes")
-    p.add_argument("--batch_size", type=int, default=16, help="prompts per task per step")
-    p.add_argument("--seq_len", type=int, default=128, help="tokens per prompt")
-    p.add_argument("--answer", type=int, default=8, help="positions whose logits the loss reads")
-    p.add_argument("--steps", type=int, default=5, help="timed steps (after the warm-up)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps")
-    p.add_argument(
-        "--out_dir", type=Path, default=ROOT / "benchmarks" / "results" / "gpu", help="where the table goes"
-    )
     return p
 
 
@@ -144,9 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     text = header + format_table(rows, COLUMNS) + "\n"
     print(text)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "gpu_check.md").write_text(text)
-    (args.out_dir / "gpu_check.json").write_text(json.dumps(rows, indent=1))
+    write_results(args.out_dir, "gpu_check", text, rows)
     return 0
 
 

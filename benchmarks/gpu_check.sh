@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check (issue 14): one command, one GPU, under 8 minutes; prints tables.
 #   bash benchmarks/gpu_check.sh
-# 1. benchmarks/gpu_check.py: peak GPU memory of the whole and per-block merges under bf16-mixed and
-#    16-mixed, against the memory model (benchmarks/memory_model.py), and step time (SmolLM2-135M, T = 4).
+# 1. python -m benchmarks.gpu_check: peak GPU memory of the whole and per-block merges under bf16-mixed and
+#    16-mixed, against the memory model (benchmarks.memory_model), and step time (SmolLM2-135M, T = 4).
 # 2. Two short fits of the generative SmolLM2 demo through train.py on the GPU (bf16-mixed and 16-mixed,
 #    per-block merge, one epoch): each ends with the per-task table and ANP.
 # Needs: this repository set up with a CUDA build of torch (e.g. `bash .ci/setup test`, then
@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 PY="${PYTHON:-.venv/bin/python}"
 OUT=benchmarks/results/gpu
 mkdir -p "$OUT"
-"$PY" benchmarks/gpu_check.py --out_dir "$OUT"
+"$PY" -m benchmarks.gpu_check --out_dir "$OUT"
 for precision in bf16-mixed 16-mixed; do
   echo "== train.py fit, $precision, per_block =="
   start=$(date +%s)

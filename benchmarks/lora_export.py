@@ -2,31 +2,26 @@
 
 Four synthetic SEQ_CLS LoRA adapters (rank ``--rank`` on every backbone linear layer, as the MiniLM LoRA
 demo's ``zoo:lora/<task>`` twins) and four synthetic full experts (base + noise) over the packaged
-all-MiniLM-L6-v2 (``benchmarks.lora_memory.write_experts``), merged with random layer-wise coefficients.
+all-MiniLM-L6-v2 (``benchmarks.common.experts.write_experts``), merged with random layer-wise coefficients.
 Each row times the export call alone (experts loaded and merged before), single thread. The full
 experts' noise is full-rank, so their compression errors are a worst case, not what trained experts give.
 
-Run ``python benchmarks/lora_export.py`` (about 1-2 minutes on one core); prints a Markdown table.
+Run ``python -m benchmarks.lora_export`` (about 1-2 minutes on one core); prints a Markdown table.
 """
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks.lora_memory import write_experts  # noqa: E402  (sets the offline environment first)
-from divmerge.core.merged_model import MergedModel  # noqa: E402
-from divmerge.export import export_lora, export_merged  # noqa: E402
-from divmerge.families import load_experts  # noqa: E402
-from divmerge.zoo.demo import base_model_path  # noqa: E402
+from benchmarks.common.experts import write_experts
+from divmerge.core.merged_model import MergedModel
+from divmerge.export import export_lora, export_merged
+from divmerge.families import load_experts
+from divmerge.zoo.demo import base_model_path
 
 TARGETS = ["query", "key", "value", "dense"]
 

@@ -14,7 +14,7 @@ LoRA expert is a peft SEQ_CLS adapter of rank ``--rank`` on ``--targets`` with r
 instead of peft's zero init) and a fresh head. They are written to ``--work_dir`` and loaded exactly as
 user experts are.
 
-Run ``python benchmarks/lora_memory.py --help``.
+Run ``python -m benchmarks.lora_memory --help``.
 """
 
 from __future__ import annotations
@@ -24,29 +24,20 @@ import gc
 import json
 import os
 import statistics
-import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks._measure import MB, peak_rss_mb, rss_mb, run_worker_process  # noqa: E402
-from benchmarks.step_cost import (  # noqa: E402  (sets the offline environment first)
-    format_table,
-    make_batches,
-    make_divmerge_step,
-    teacher_logprobs,
-    time_steps,
-)
-from divmerge.core.merged_model import MergedModel  # noqa: E402
-from divmerge.experts.sources import resolve_source  # noqa: E402
-from divmerge.families import load_experts  # noqa: E402
+from benchmarks.common.cli import run_flags, worker_flags
+from benchmarks.common.experts import write_experts
+from benchmarks.common.measure import MB, peak_rss_mb, rss_mb, run_worker_process
+from benchmarks.common.results import format_table, write_results
+from benchmarks.common.steps import make_batches, make_divmerge_step, teacher_logprobs, time_steps
+from divmerge.core.merged_model import MergedModel
+from divmerge.families import load_experts
 
 COLUMNS = (
     "experts",
@@ -67,42 +58,6 @@ LEGEND = (
     "steps; step_s: median training step; d_peak_mb: increase of peak_mb per added expert of that kind "
     "since the 2-expert row. MB = 10^6 bytes."
 )
-
-
-def write_experts(
-    base: str, out: Path, count: int, rank: int, targets: Sequence[str]
-) -> dict[str, list[str]]:
-    """Write ``count`` synthetic full experts and ``count`` LoRA adapters over ``base`` under ``out``.
-
-    Returns:
-        ``{"full": [dirs], "lora": [dirs]}``.
-    """
-    from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import AutoModelForSequenceClassification
-
-    path = resolve_source(base)
-    dirs: dict[str, list[str]] = {"full": [], "lora": []}
-    for i in range(count):
-        torch.manual_seed(i)
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, dtype=torch.float32)
-        with torch.no_grad():
-            for p in model.base_model.parameters():
-                if p.is_floating_point() and p.numel() > 1:
-                    p.add_(1e-3 * p.std() * torch.randn_like(p))
-        model.save_pretrained(out / f"full{i}")
-        dirs["full"].append(str(out / f"full{i}"))
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, dtype=torch.float32)
-        config = LoraConfig(
-            task_type=TaskType.SEQ_CLS, r=rank, lora_alpha=2 * rank, target_modules=list(targets)
-        )
-        adapter = get_peft_model(model, config)
-        with torch.no_grad():
-            for name, p in adapter.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0.0, 0.01)
-        adapter.save_pretrained(out / f"lora{i}")
-        dirs["lora"].append(str(out / f"lora{i}"))
-    return dirs
 
 
 def run_worker(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -135,28 +90,22 @@ def run_worker(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def measure(config: Mapping[str, Any]) -> dict[str, Any]:
     """:func:`run_worker` in a fresh Python process, so peaks never mix."""
-    return run_worker_process(__file__, config)
+    return run_worker_process("benchmarks.lora_memory", config)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser."""
-    p = argparse.ArgumentParser(prog="lora_memory", description=__doc__.split("\n\n")[0])
-    p.add_argument("--base", default="zoo:minilm", help="base model source (default: the demo base)")
+    p = argparse.ArgumentParser(
+        prog="lora_memory",
+        description=__doc__.split("\n\n")[0],
+        parents=[run_flags(base="zoo:minilm", batch_size=8, seq_len=64, steps=2, warmup=1), worker_flags(1)],
+    )
     p.add_argument("--num_experts", type=int, default=8, help="experts T per configuration")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank r")
     p.add_argument("--targets", nargs="+", default=["query", "value"], help="LoRA target modules")
-    p.add_argument("--batch_size", type=int, default=8, help="examples per task per step")
-    p.add_argument("--seq_len", type=int, default=64, help="tokens per example")
-    p.add_argument("--steps", type=int, default=2, help="timed steps (after the warm-up)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per subprocess")
     p.add_argument(
         "--work_dir", type=Path, default=None, help="where the experts are written (default: a temp dir)"
     )
-    p.add_argument(
-        "--out_dir", type=Path, default=ROOT / "benchmarks" / "results", help="where the table goes"
-    )
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p
 
 
@@ -197,8 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     text = f"{header}{table}\n\n{LEGEND}\n"
     print(f"\n{text}")
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "lora_memory.md").write_text(text)
+    write_results(args.out_dir, "lora_memory", text)
     return 0
 
 

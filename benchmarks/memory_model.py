@@ -21,12 +21,11 @@ the blocks whole, in float32. ``load`` is the host RAM a rank needs while
 loading: with sharded loading its share, the pages of one expert's file it reads (its share of that
 file, memory-mapped, counted in the resident set until the file is closed) and the rows of one tensor
 in float32; with a whole load the float32 base, one float32 expert and the stacks.
-Measured on CPU (SmolLM2-135M, T = 4, float32;
-``benchmarks/sharded_memory.py`` and ``benchmarks/per_block_memory.py``): ``stored`` exactly, and
-falling as 1/N; the steps' peak above it 2.06 GB whole and 0.87 GB per block (4 x 64 tokens per task),
-i.e. A of about 0.6 GB there.
+Measured on CPU (SmolLM2-135M, T = 4, float32; ``python -m benchmarks.sharded_memory`` and
+``python -m benchmarks.per_block_memory``): ``stored`` exactly, and falling as 1/N; the steps' peak
+above it 2.06 GB whole and 0.87 GB per block (4 x 64 tokens per task), i.e. A of about 0.6 GB there.
 
-``python benchmarks/memory_model.py`` prints the table for 8 experts of three common sizes with bf16
+``python -m benchmarks.memory_model`` prints the table for 8 experts of three common sizes with bf16
 storage, both modes, and the fewest 80 GB GPUs each needs (at most 90 % of a GPU used, A as given by
 ``--activations_gb``).
 """
@@ -37,109 +36,9 @@ import argparse
 import math
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-GB = 1e9
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """A decoder-only transformer's tensor sizes (enough to count what the memory model needs).
-
-    Args:
-        name: Label for the table.
-        hidden: Hidden size.
-        layers: Number of repeated blocks.
-        intermediate: MLP inner size (gated MLP: three matrices).
-        vocab: Vocabulary rows of the embedding (and LM head).
-        kv_dim: Width of the key and value projections (heads_kv x head_dim).
-        tied: Whether the LM head is the embedding.
-        qkv_bias: Whether q, k, v carry biases (Qwen2).
-    """
-
-    name: str
-    hidden: int
-    layers: int
-    intermediate: int
-    vocab: int
-    kv_dim: int
-    tied: bool
-    qkv_bias: bool = False
-
-    @property
-    def block(self) -> int:
-        """Parameters of one block: attention, gated MLP, two norms."""
-        h, kv = self.hidden, self.kv_dim
-        attention = 2 * h * h + 2 * h * kv + ((h + 2 * kv) if self.qkv_bias else 0)
-        return attention + 3 * h * self.intermediate + 2 * h
-
-    @property
-    def outside(self) -> int:
-        """Parameters outside the blocks: embedding, untied LM head, final norm."""
-        return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
-
-    @property
-    def params(self) -> int:
-        """All parameters."""
-        return self.layers * self.block + self.outside
-
-    @property
-    def largest(self) -> int:
-        """The largest single tensor (the embedding or an MLP matrix)."""
-        return max(self.vocab * self.hidden, self.hidden * self.intermediate)
-
-
-ARCHITECTURES = {
-    "smollm2-135m": Architecture("SmolLM2-135M", 576, 30, 1536, 49152, 192, tied=True),
-    "qwen2.5-0.5b": Architecture("Qwen2.5-0.5B", 896, 24, 4864, 151936, 128, tied=True, qkv_bias=True),
-    "llama-2-7b": Architecture("Llama-2-7B", 4096, 32, 11008, 32000, 4096, tied=False),
-    "llama-3-70b": Architecture("Llama-3-70B", 8192, 80, 28672, 128256, 1024, tied=False),
-}
-
-
-def per_rank_bytes(
-    arch: Architecture,
-    experts: int,
-    ranks: int,
-    storage_bytes: int,
-    mode: str,
-    activations: float,
-    start: bool = False,
-    compute_bytes: int = 2,
-) -> dict[str, float]:
-    """The memory model's terms for one rank, in bytes (see the module docstring).
-
-    Args:
-        arch: The experts' architecture.
-        experts: T, the number of merged experts.
-        ranks: N, the ranks sharing the stored tensors.
-        storage_bytes: s, bytes per stored element (base and task vectors).
-        mode: ``whole`` or ``per_block``.
-        activations: A, activations and overhead per rank, bytes.
-        start: Whether a start merge is stored (``model.start_from``).
-        compute_bytes: c, bytes per element of the compute dtype (2: bf16-mixed; 4: float32).
-
-    Returns:
-        ``stored``, ``transient`` (merged tensors, their gradient and float32 merges), ``activations``,
-        ``total``, and the host RAM while loading: ``load`` (sharded loading), ``load_whole``.
-    """
-    if mode not in ("whole", "per_block"):
-        raise ValueError(f"mode must be 'whole' or 'per_block', not {mode!r}")
-    p = arch.params
-    stored = (4 * (1 + int(start)) + experts * storage_bytes) * p / ranks
-    gathered = 8 * arch.largest
-    blocks = 8 * arch.outside + (2 * compute_bytes + 8) * arch.block  # the outside tensors, one block
-    transient = (8 * p if mode == "whole" else blocks) + gathered
-    return {
-        "stored": stored,
-        "transient": transient,
-        "activations": activations,
-        "total": stored + transient + activations,
-        "load": stored + (4 * arch.largest + storage_bytes * p) / ranks,
-        "load_whole": 8 * p + experts * storage_bytes * p,
-    }
+from benchmarks.common.architectures import ARCHITECTURES, GB, Architecture, per_rank_bytes
 
 
 def fewest_gpus(

@@ -40,23 +40,21 @@ only where every task is scored per row (accuracy, exact match; not a corpus-lev
 
 Examples::
 
-    python benchmarks/merge_quality.py --quick                  # the 6-task demo, a few minutes
-    python benchmarks/merge_quality.py --workers 2              # the full benchmark (57 min, 2 cores)
-    python benchmarks/merge_quality.py --methods ceiling-layer  # what layer-wise coefficients can reach
-    python benchmarks/merge_quality.py --dry_run                # plan + time estimate, then stop
-    python benchmarks/merge_quality.py --threads 1              # much faster when the cores are shared
-    python benchmarks/merge_quality.py --tasks rt,trec,bbc --methods task_arithmetic,js-layer
-    python benchmarks/merge_quality.py --base /m/base --experts a=/m/a,b=/m/b,c=/m/c \\
+    python -m benchmarks.merge_quality --quick                  # the 6-task demo, a few minutes
+    python -m benchmarks.merge_quality --workers 2              # the full benchmark (57 min, 2 cores)
+    python -m benchmarks.merge_quality --methods ceiling-layer  # what layer-wise coefficients can reach
+    python -m benchmarks.merge_quality --dry_run                # plan + time estimate, then stop
+    python -m benchmarks.merge_quality --threads 1              # much faster when the cores are shared
+    python -m benchmarks.merge_quality --tasks rt,trec,bbc --methods task_arithmetic,js-layer
+    python -m benchmarks.merge_quality --base /m/base --experts a=/m/a,b=/m/b,c=/m/c \\
         --data a=/d/a.csv,b=/d/b.csv,c=/d/c.csv --out_dir runs/mq
 """
 
 import argparse
-import csv
 import itertools
 import math
 import multiprocessing
 import random
-import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -66,14 +64,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch
 from torch import Tensor
 from torch.utils.data import Subset
 
-from benchmarks._measure import release_memory
+from benchmarks.common.measure import release_memory
+from benchmarks.common.results import write_csv
 from divmerge.core.coefficients import GRANULARITIES
 from divmerge.core.expert_set import ExpertSet
 from divmerge.core.merged_model import MergedModel
@@ -83,6 +79,7 @@ from divmerge.errors import DivMergeError
 from divmerge.evaluation import TaskResult, anp, anp_interval
 from divmerge.intervals import Interval, mean_ratio_interval
 from divmerge.lightning.datamodule import MergeDataModule
+from divmerge.methods import method_names, parse_method
 from divmerge.objectives import OBJECTIVES
 from divmerge.static import STATIC_METHODS
 from divmerge.zoo import DEMO_TASKS, EXTRA_TASKS, GEN_PREFIX, GENERATIVE_TASKS, MORE_TASKS, default_cache_dir
@@ -90,7 +87,7 @@ from divmerge.zoo import DEMO_TASKS, EXTRA_TASKS, GEN_PREFIX, GENERATIVE_TASKS, 
 PROG = "merge_quality"
 # wudi runs 300 Adam steps per matrix: on the MiniLM demo, minutes of one CPU thread per merge (about
 # 7.6 TFLOP, the token embedding a third of it); the 57 min below were timed before it was added.
-STATIC = ("average", "task_arithmetic", "ties", "dare", "tsv_m", "iso_c", "iso_cts", "wudi")
+STATIC = tuple(STATIC_METHODS)  # every static merge of the registry, at its default options
 LEARNED = tuple(f"{o}-{g}" for o in ("js", "kl", "entropy") for g in ("layer", "task"))
 DEFAULT_METHODS = STATIC + LEARNED
 # Defaults of the options that --quick changes: (full, quick). Full: 57 min on 2 idle cores with
@@ -123,37 +120,31 @@ def valid_methods() -> list[str]:
 
     ``<objective>-svd<r>`` (rank r) is accepted too, beside the ``svd`` listed here.
     """
-    objectives = [*OBJECTIVES, CEILING]
-    return list(STATIC_METHODS) + [f"{o}-{g}" for o in objectives for g in GRANULARITIES]
+    return method_names([CEILING])
 
 
 def split_start(method: str) -> tuple[str, str | None]:
     """``js-row@tsv_m`` -> (``js-row``, ``tsv_m``): the learned method and the static merge it starts from."""
-    learned, _, start = method.partition("@")
-    return learned, start or None
+    parsed = parse_method(method, [CEILING])
+    return parsed.learned, parsed.start_from
 
 
 def parse_learned(method: str) -> tuple[str, str, dict[str, int]]:
-    """``js-svd8`` -> (``js``, ``svd``, {rank: 8}); ``js-layer`` -> (``js``, ``layer``, {})."""
-    objective, granularity = split_start(method)[0].rsplit("-", 1)
-    rank = re.fullmatch(r"svd(\d+)", granularity)
-    if rank:
-        return objective, "svd", {"rank": int(rank.group(1))}
-    return objective, granularity, {}
+    """``js-svd8`` -> (``js``, ``svd``, {rank: 8}); ``js-layer`` -> (``js``, ``layer``, {}) (the registries'
+    parser, ``divmerge.methods.parse_method``)."""
+    parsed = parse_method(method, [CEILING])
+    assert parsed.objective is not None and parsed.granularity is not None, f"{method} is not learned"
+    return parsed.objective, parsed.granularity, parsed.space_options
 
 
 def is_valid_method(method: str) -> bool:
     """Whether ``method`` is in ``valid_methods()``, an ``<objective>-svd<r>`` with r >= 1, or a learned
     one of these followed by ``@<static method>``."""
-    method, start = split_start(method)
-    if start is not None:
-        return start in STATIC_METHODS and not is_static(method) and is_valid_method(method)
-    if method in valid_methods():
-        return True
-    if "-" not in method:
+    try:
+        parse_method(method, [CEILING])
+    except DivMergeError:
         return False
-    objective, granularity, options = parse_learned(method)
-    return granularity == "svd" and options.get("rank", 0) >= 1 and objective in [*OBJECTIVES, CEILING]
+    return True
 
 
 def is_static(method: str) -> bool:
@@ -869,16 +860,6 @@ def anp_table(rows: Sequence[Mapping[str, Any]], methods: Sequence[str] | None =
     return "\n".join(lines)
 
 
-def write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
-    """Write result rows (the union of their keys, in first-seen order; not ``_rows``) as CSV."""
-    columns = list(dict.fromkeys(key for row in rows for key in row if key != ROWS_KEY))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, restval="", extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def plot_anp(rows: Sequence[Mapping[str, Any]], methods: Sequence[str], path: Path) -> Path:
     """Line plot of mean ANP (%) against the number of merged tasks; learned solid, static dashed."""
     import matplotlib
@@ -1201,7 +1182,8 @@ def run(settings: Settings) -> tuple[list[dict[str, Any]], str]:
             f"{row['eval_seconds']:.1f} s eval)",
             flush=True,
         )
-        write_csv([done[i] for i in sorted(done)], out_dir / "merge_quality.csv")  # survives interruption
+        csv_rows = [done[i] for i in sorted(done)]
+        write_csv(out_dir / "merge_quality.csv", csv_rows, exclude=(ROWS_KEY,))  # survives interruption
     phases["merges + eval"] = time.perf_counter() - t0
     rows = [done[i] for i in sorted(done)]
     summed = {

@@ -24,7 +24,7 @@ Each rank reports, and the table shows the largest over ranks:
 
 ``merged_mb`` is the model's merged float32 size and ``block_mb`` one block's, for comparison with
 ``step_peak_mb``. The table is printed and written to ``<out_dir>/sharded_memory.md`` (and ``.json``).
-Run ``python benchmarks/sharded_memory.py --help``.
+Run ``python -m benchmarks.sharded_memory --help``.
 """
 
 from __future__ import annotations
@@ -38,22 +38,27 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
-
-from benchmarks._measure import MB, peak_rss_mb, release_memory, reset_peak, rss_mb  # noqa: E402
-from benchmarks.per_block_memory import TASKS, expert_sources, sizes, step_closure  # noqa: E402
-from benchmarks.step_cost import format_table  # noqa: E402
-from divmerge.core.merged_model import MergedModel  # noqa: E402
-from divmerge.families import load_experts  # noqa: E402
+from benchmarks.common.cli import lm_flags, run_flags, worker_flags
+from benchmarks.common.experts import expert_sources
+from benchmarks.common.lm_step import sizes, step_closure
+from benchmarks.common.measure import (
+    MB,
+    module_command,
+    module_env,
+    peak_rss_mb,
+    release_memory,
+    reset_peak,
+    rss_mb,
+)
+from benchmarks.common.results import format_table, write_results
+from divmerge.core.merged_model import MergedModel
+from divmerge.families import load_experts
 
 COLUMNS = (
     "ranks",
@@ -148,12 +153,12 @@ def free_port() -> int:
 def measure(config: Mapping[str, Any], world: int, timeout: float | None = None) -> list[dict[str, Any]]:
     """Run ``world`` rank processes of :func:`run_rank`; their results, by rank."""
     env = {
-        **os.environ,
+        **module_env(),
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(free_port()),
         "WORLD_SIZE": str(world),
     }
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(dict(config))]
+    cmd = module_command("benchmarks.sharded_memory", "--worker", json.dumps(dict(config)))
     procs = [
         subprocess.Popen(
             cmd, env={**env, "RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -183,12 +188,14 @@ def summarise(world: int, mode: str, ranks: Sequence[Mapping[str, Any]]) -> dict
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser."""
-    p = argparse.ArgumentParser(prog="sharded_memory", description=__doc__.split("\n\n")[0])
-    p.add_argument("--base", default="zoo:smollm2", help="base model source (default: SmolLM2-135M)")
-    p.add_argument(
-        "--experts",
-        default=",".join(f"zoo:smollm2/{t}" for t in TASKS),
-        help="comma-separated expert sources (default: the four generative demo experts)",
+    p = argparse.ArgumentParser(
+        prog="sharded_memory",
+        description=__doc__.split("\n\n")[0],
+        parents=[
+            run_flags(base="zoo:smollm2", batch_size=4, seq_len=64, steps=2, warmup=1, unit="prompt"),
+            worker_flags(1, "torch threads per rank"),
+            lm_flags(),
+        ],
     )
     p.add_argument("--ranks", default="1,2,4", help="comma-separated numbers of processes")
     p.add_argument("--modes", default="whole,per_block", help="comma-separated merge modes")
@@ -204,12 +211,6 @@ def build_parser() -> argparse.ArgumentParser:
         default="32-true",
         help="the forward's precision (bf16-mixed: per-block merged matrices and their gather in bf16)",
     )
-    p.add_argument("--batch_size", type=int, default=4, help="prompts per task per step, over all ranks")
-    p.add_argument("--seq_len", type=int, default=64, help="tokens per prompt")
-    p.add_argument("--answer", type=int, default=8, help="positions whose logits the loss reads")
-    p.add_argument("--steps", type=int, default=2, help="timed steps (after the warm-up)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument(
         "--loading",
         choices=("sharded", "whole"),
@@ -217,10 +218,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="sharded: every rank reads only its columns of the files, all at once (what train.py does "
         "under ModelParallelStrategy); whole: each rank loads every expert whole, one rank at a time",
     )
-    p.add_argument(
-        "--out_dir", type=Path, default=ROOT / "benchmarks" / "results", help="where the table goes"
-    )
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p
 
 
@@ -252,9 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     text = header + format_table(rows, COLUMNS) + "\n\n" + LEGEND + "\n"
     print(text)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "sharded_memory.md").write_text(text)
-    (args.out_dir / "sharded_memory.json").write_text(json.dumps(rows, indent=1))
+    write_results(args.out_dir, "sharded_memory", text, rows)
     return 0
 
 

@@ -28,59 +28,50 @@ Two measurements, printed as markdown tables and written to ``<out_dir>/step_cos
 
 Experts beyond the real ones (T = 7, 8 for the 6-task demo) are synthesised in memory: expert j reuses
 the task vector of real expert ``j mod k`` plus Gaussian noise (``noise`` x that tensor's std, per tensor),
-with that expert's head and inputs; see :func:`synthesize_experts`.
+with that expert's head and inputs; see ``benchmarks.common.experts.synthesize_experts``.
 
-Run ``python benchmarks/step_cost.py --help``. Timings on a loaded machine are noisy: read medians.
+Run ``python -m benchmarks.step_cost --help``. Timings on a loaded machine are noisy: read medians.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import dataclasses
 import gc
-import hashlib
 import json
 import os
 import statistics
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any, NoReturn
 
-for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
-    os.environ.setdefault(_var, "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+import torch
+from torch import Tensor, nn
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
-
-from benchmarks._measure import MB, peak_rss_mb, rss_mb, run_worker_process  # noqa: E402
-from divmerge.core.expert_set import ExpertSet  # noqa: E402
-from divmerge.core.merged_model import MergedModel  # noqa: E402
-from divmerge.engine import DEFAULT_LR, Merger  # noqa: E402
-from divmerge.errors import DivMergeError  # noqa: E402
-from divmerge.experts.sources import resolve_source  # noqa: E402
-from divmerge.families import load_experts  # noqa: E402
-from divmerge.families.classification import (  # noqa: E402
-    BackbonePass,
-    Classification,
-    step_loss,
-    task_logits,
+from benchmarks.common.cli import run_flags, worker_flags
+from benchmarks.common.experts import SYNTH_SEP, load_synthetic_experts
+from benchmarks.common.measure import MB, peak_rss_mb, rss_mb, run_worker_process
+from benchmarks.common.results import format_table, write_csv
+from benchmarks.common.steps import (
+    Batches,
+    interleaved_times,
+    make_batches,
+    make_divmerge_step,
+    teacher_logprobs,
+    time_steps,
 )
-from divmerge.objectives import js_divergence  # noqa: E402
+from divmerge.core.expert_set import ExpertSet
+from divmerge.core.merged_model import MergedModel
+from divmerge.engine import DEFAULT_LR
+from divmerge.errors import DivMergeError
+from divmerge.experts.sources import resolve_source
+from divmerge.families.classification import BackbonePass, step_loss
+from divmerge.objectives import js_divergence
 
 PROG = "step_cost"
 DEMO_BASE = "zoo:minilm"
 DEFAULT_TASKS = ("rt", "sms_spam", "trec", "bbc", "tweet_sent", "imdb")
-SYNTH_SEP = "~"  # synthetic expert names: "<source task>~<index>"
 
-Batches = dict[int, dict[str, Tensor]]
 MEMORY_LEGEND = (
     "rss_import: after imports; load_peak: VmHWM once experts are loaded and the MergedModel built (the "
     "loader's transient peak); rss_after_load: resident then; peak: VmHWM after the steps (overall); "
@@ -91,92 +82,6 @@ MEMORY_LEGEND = (
 
 
 # --------------------------------------------------------------------------- experts and data
-def synthesize_experts(experts: ExpertSet, num_tasks: int, noise: float = 0.1, seed: int = 0) -> ExpertSet:
-    """Extend an expert set to ``num_tasks`` experts by reusing real task vectors with noise.
-
-    Synthetic expert j (j >= k real ones) gets tau_{j mod k} + noise * std(tau_{j mod k}) * N(0, 1) for
-    every tensor, and the head, skeleton and number of labels of expert ``j mod k``; its name is
-    ``<source task>~<j>``. The stacked task vectors are rebuilt one tensor at a time and the old stack
-    of that tensor is released from ``experts`` immediately, so the transient overhead is one tensor's
-    stack, not a second copy of all task vectors. ``experts`` must not be used afterwards.
-
-    Args:
-        experts: The real experts (consumed).
-        num_tasks: Wanted number of experts; at least ``experts.num_tasks``.
-        noise: Noise scale relative to each source tensor's standard deviation.
-        seed: Seed of the noise.
-
-    Returns:
-        An expert set with ``num_tasks`` experts (``experts`` itself if no expert is missing).
-
-    """
-    k = experts.num_tasks
-    if num_tasks <= k:
-        return experts
-    gen = torch.Generator().manual_seed(seed)
-    sources = [j % k for j in range(k, num_tasks)]
-    stacked = {}
-    for name in list(experts.task_vectors):
-        old = experts.task_vectors.pop(name)  # (k, *shape); released at the end of this iteration
-        new = old.new_empty((num_tasks, *old.shape[1:]))  # (T, *shape)
-        new[:k] = old
-        for j, src in enumerate(sources, start=k):
-            tau = old[src]
-            scale = noise * float(tau.float().std()) if tau.numel() > 1 else 0.0
-            new[j] = tau + scale * torch.randn(tau.shape, generator=gen, dtype=tau.dtype)
-        stacked[name] = new
-        del old
-    names = [
-        *experts.task_names,
-        *(f"{experts.task_names[s]}{SYNTH_SEP}{j}" for j, s in enumerate(sources, k)),
-    ]
-
-    def extend(values: list[Any]) -> list[Any]:  # per-task lists: real experts, synthetic ones, then others
-        return [*values[:k], *(values[s] for s in sources), *values[k:]]
-
-    digests = extend(experts.task_digests)
-    digests[k:num_tasks] = [
-        hashlib.sha256(f"{experts.task_digests[s]}|{j}".encode()).hexdigest()[:16]
-        for j, s in enumerate(sources, k)
-    ]
-    return dataclasses.replace(
-        experts,
-        task_names=names,
-        task_vectors=stacked,
-        heads=extend(experts.heads),
-        skeletons=extend(experts.skeletons),
-        num_labels=extend(experts.num_labels),
-        task_digests=digests,
-        fingerprint=hashlib.sha256(f"{experts.fingerprint}|synthetic|{num_tasks}".encode()).hexdigest()[:16],
-    )
-
-
-def load_expert_set(
-    base: str,
-    experts: Mapping[str, str],
-    num_tasks: int,
-    noise: float = 0.1,
-    seed: int = 0,
-    dtype: torch.dtype | None = None,
-) -> ExpertSet:
-    """Load the first ``num_tasks`` experts, synthesising the ones beyond ``len(experts)``.
-
-    Args:
-        base: Source of the base model (``zoo:minilm`` or a directory).
-        experts: Task name -> expert source, in order.
-        num_tasks: Number of experts T wanted.
-        noise: Relative noise of synthetic experts (see :func:`synthesize_experts`).
-        seed: Seed of that noise.
-        dtype: Storage dtype of the task vectors (None: the base's), as ``load_experts``.
-
-    Returns:
-        The expert set with ``num_tasks`` experts.
-
-    """
-    real = dict(list(experts.items())[:num_tasks])
-    return synthesize_experts(load_experts(base, real, task_vector_dtype=dtype), num_tasks, noise, seed)
-
-
 def load_tokenizer(base: str) -> Any:
     """The base model's tokenizer, or None where its directory has none (random token ids are used)."""
     from transformers import AutoTokenizer
@@ -187,56 +92,6 @@ def load_tokenizer(base: str) -> Any:
         return None
 
 
-def task_texts(task: str, count: int) -> list[str] | None:
-    """``count`` texts of a demo task (the source task for a synthetic one); None for other tasks.
-
-    A synthetic expert ``<task>~<j>`` gets that task's texts from a different offset.
-    """
-    from divmerge.zoo import demo as zoo
-
-    source, _, index = task.partition(SYNTH_SEP)
-    if source not in zoo.DEMO_TASKS:
-        return None
-    texts = zoo.load_demo_task(source).texts
-    start = (int(index) * count if index else 0) % max(1, len(texts) - count)
-    return texts[start : start + count]
-
-
-def make_batches(
-    tokenizer: Any, task_names: Sequence[str], batch_size: int, seq_len: int, vocab_size: int, seed: int = 0
-) -> Batches:
-    """One batch per task, every row exactly ``seq_len`` tokens.
-
-    Demo tasks use real texts (padded / truncated to ``seq_len``); other tasks, or a missing tokenizer,
-    use random token ids with a full attention mask.
-
-    Args:
-        tokenizer: The base tokenizer, or None.
-        task_names: Task names in expert order.
-        batch_size: Examples per task.
-        seq_len: Tokens per example.
-        vocab_size: Upper bound for random token ids.
-        seed: Seed of the random ids.
-
-    Returns:
-        Task index -> ``input_ids`` / ``attention_mask``, each (batch_size, seq_len).
-
-    """
-    gen = torch.Generator().manual_seed(seed)
-    batches: Batches = {}
-    for t, task in enumerate(task_names):
-        texts = task_texts(task, batch_size) if tokenizer is not None else None
-        if texts is not None and len(texts) == batch_size:
-            enc = tokenizer(
-                texts, padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt"
-            )
-            batches[t] = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-        else:
-            ids = torch.randint(1000, vocab_size, (batch_size, seq_len), generator=gen)
-            batches[t] = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    return batches
-
-
 def concat_batches(batches: Batches) -> dict[str, Tensor]:
     """All tasks' rows in one batch (the plain step's input): (T x B, L) each."""
     return {k: torch.cat([b[k] for b in batches.values()]) for k in ("input_ids", "attention_mask")}
@@ -245,16 +100,6 @@ def concat_batches(batches: Batches) -> dict[str, Tensor]:
 def vocab_size_of(experts: ExpertSet) -> int:
     """The vocabulary size of the experts' backbone."""
     return int(experts.skeletons[0].config.vocab_size)
-
-
-@torch.no_grad()
-def teacher_logprobs(merged: MergedModel, batches: Batches) -> dict[int, Tensor]:
-    """Each expert's log-probabilities on its own batch (what the teacher cache stores)."""
-    out = {}
-    for t, batch in batches.items():
-        params = merged.merged_params(merged.one_hot_table(t))
-        out[t] = torch.log_softmax(task_logits(merged, t, params, **batch), dim=-1)  # (B, C_t)
-    return out
 
 
 def plain_model(base: str, num_labels: int = 2) -> nn.Module:
@@ -268,47 +113,6 @@ def plain_model(base: str, num_labels: int = 2) -> nn.Module:
 
 
 # --------------------------------------------------------------------------- steps and timers
-def time_steps(step: Callable[[], object], steps: int, warmup: int) -> list[float]:
-    """Wall time (``time.perf_counter``) of ``steps`` calls of ``step`` after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def interleaved_times(
-    steps: Mapping[str, Callable[[], object]], rounds: int, warmup: int
-) -> dict[str, list[float]]:
-    """Wall times of several step functions run in turn, round after round.
-
-    Interleaving makes each round's steps see the same background load, so their ratio stays meaningful
-    on a machine whose load changes over time (the medians of separate runs would not).
-
-    Args:
-        steps: Name -> step closure.
-        rounds: Timed rounds (one call of every closure each).
-        warmup: Untimed rounds first.
-
-    Returns:
-        Name -> the ``rounds`` times in seconds.
-
-    """
-    for _ in range(warmup):
-        for step in steps.values():
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
 def paired_ratio(num: Sequence[float], den: Sequence[float]) -> float:
     """Median over rounds of ``num[i] / den[i]`` (times of the same interleaved round)."""
     return statistics.median(a / b for a, b in zip(num, den, strict=True))
@@ -338,42 +142,6 @@ def make_plain_step(
         optimizer.zero_grad(set_to_none=True)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss = nn.functional.cross_entropy(logits, labels)
-        loss.backward()
-        optimizer.step()
-        return float(loss.detach())
-
-    return step
-
-
-def make_divmerge_step(
-    merged: MergedModel,
-    batches: Batches,
-    teachers: Mapping[int, Tensor] | None,
-    lr: float = DEFAULT_LR,
-    backbone_pass: BackbonePass = "per_task",
-) -> Callable[[], float]:
-    """One divmerge step closure (the training step's code); ``teachers=None`` recomputes the experts.
-
-    Args:
-        merged: The merged model (its coefficients are trained).
-        batches: Task index -> inputs.
-        teachers: Cached expert log-probabilities per task, or None for the naive step.
-        lr: Adam learning rate.
-        backbone_pass: ``per_task`` or ``joint`` (see ``divmerge.families.classification.step_loss``).
-
-    Returns:
-        A closure running one step and returning the loss.
-
-    """
-    optimizer = torch.optim.Adam(merged.coefficients.parameters(), lr=lr)
-    engine = Merger.for_model(merged, Classification(), backbone_pass=backbone_pass)
-    rows = {merged.task_names[t]: {**b, "idx": torch.arange(len(b["input_ids"]))} for t, b in batches.items()}
-
-    def step() -> float:
-        targets = teachers if teachers is not None else teacher_logprobs(merged, batches)
-        engine.teachers = {(merged.task_names[t], "unlabelled"): v for t, v in targets.items()}
-        optimizer.zero_grad(set_to_none=True)
-        loss, _ = engine.step_loss(rows)  # the training step's own code
         loss.backward()
         optimizer.step()
         return float(loss.detach())
@@ -579,7 +347,7 @@ def run_worker(config: Mapping[str, Any]) -> dict[str, Any]:
         times = time_steps(make_plain_step(model, concat_batches(batches)), steps, warmup)
     else:
         dtype = getattr(torch, config.get("dtype", "float32"))
-        experts = load_expert_set(
+        experts = load_synthetic_experts(
             config["base"],
             config["experts"],
             num_tasks,
@@ -618,39 +386,7 @@ def measure_in_subprocess(config: Mapping[str, Any], timeout: float = 1800.0) ->
         RuntimeError: If the subprocess fails; the message carries the end of its stderr.
 
     """
-    return run_worker_process(__file__, config, timeout)
-
-
-# --------------------------------------------------------------------------- tables
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}" if abs(value) < 1000 else f"{value:.0f}"
-    return "" if value is None else str(value)
-
-
-def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
-    """A markdown table of ``rows`` (dicts) with ``columns`` in order; missing cells stay empty.
-
-    Floats get 3 decimals below 10, 1 below 1000 and none above.
-
-    Returns:
-        The table, one line per row, header and separator first.
-
-    """
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Write ``rows`` (dicts) to ``path`` with the union of their keys as columns."""
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    return run_worker_process("benchmarks.step_cost", config, timeout)
 
 
 MEMORY_CONFIGS = (("float32", "per_task"), ("bfloat16", "per_task"), ("float32", "joint"))
@@ -697,13 +433,20 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        parents=[
+            run_flags(base=DEMO_BASE, batch_size=16, seq_len=64, steps=5, warmup=2),
+            worker_flags(
+                None,
+                "torch.set_num_threads for every measurement (default: torch's default). 1 avoids the "
+                "OpenMP stalls that inflate op-heavy phases when other processes compete for the cores",
+            ),
+        ],
     )
     p.add_argument(
         "--quick",
         action="store_true",
         help="T in (2, 4), 2 timed steps, 1 warm-up, memory for T in (2, 4) only: a few minutes",
     )
-    p.add_argument("--base", type=str, default=DEMO_BASE, help="base model source")
     p.add_argument(
         "--tasks",
         type=str,
@@ -720,28 +463,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=[2, 4, 6],
         help="numbers of experts for the step-cost table",
     )
-    p.add_argument("--steps", type=int, default=5, help="timed steps per measurement (median reported)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps per measurement")
     p.add_argument("--max_T", type=int, default=8, help="memory table covers T = 2..max_T")
     p.add_argument(
         "--mem_steps", type=int, default=2, help="timed steps per memory subprocess (after 1 warm-up)"
     )
-    p.add_argument("--batch_size", type=int, default=16, help="examples per task")
-    p.add_argument("--seq_len", type=int, default=64, help="tokens per example (padded / truncated)")
     p.add_argument("--noise", type=float, default=0.1, help="relative noise of synthetic experts")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch.set_num_threads for every measurement (default: torch's default). 1 avoids the "
-        "OpenMP stalls that inflate op-heavy phases when other processes compete for the cores",
-    )
     p.add_argument("--no_profile", action="store_true", help="skip the torch.profiler listing")
     p.add_argument("--skip_memory", action="store_true", help="skip the memory subprocesses")
-    p.add_argument(
-        "--out_dir", type=Path, default=ROOT / "benchmarks" / "results", help="where step_cost.md and CSVs go"
-    )
-    p.add_argument("--worker", type=str, default=None, help=argparse.SUPPRESS)
     return p
 
 
@@ -796,7 +524,7 @@ def step_cost_rows(
         (rows, last): ``last`` holds ``merged``, ``batches``, ``teachers``, ``plain`` of the largest T.
 
     """
-    all_experts = load_expert_set(base, experts, max(ts), noise)
+    all_experts = load_synthetic_experts(base, experts, max(ts), noise)
     tokenizer = load_tokenizer(base)
     model = plain_model(base)
     rows, last = [], {}

@@ -1,14 +1,7 @@
-"""benchmarks/export_cost.py on tiny experts: one measured static export and the table."""
+"""benchmarks.export_cost on tiny experts: one measured static export and the table."""
 
-import importlib.util
-from pathlib import Path
-
+from benchmarks import export_cost as ec
 from tests.test_cli import write_config
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "export_cost.py"
-_spec = importlib.util.spec_from_file_location("benchmark_export_cost", SCRIPT)
-ec = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ec)
 
 
 def test_static_export_is_measured_in_its_own_process(tmp_path, tiny):

@@ -1,12 +1,6 @@
-"""benchmarks/gguf_export.py on the tiny causal-LM merge: measured exports, answers read back, the table."""
+"""benchmarks.gguf_export on the tiny causal-LM merge: measured exports, answers read back, the table."""
 
-import importlib.util
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gguf_export.py"
-_spec = importlib.util.spec_from_file_location("benchmark_gguf_export", SCRIPT)
-ge = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ge)
+from benchmarks import gguf_export as ge
 
 
 def test_exports_are_measured_and_read_back(tmp_path, lm):

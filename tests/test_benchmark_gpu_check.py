@@ -1,20 +1,12 @@
-"""benchmarks/gpu_check.py: without CUDA it refuses in one line; on --device cpu it makes its table."""
+"""benchmarks.gpu_check: without CUDA it refuses in one line; on --device cpu it makes its table."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from benchmarks import gpu_check as gc
 from tests import tiny_lm
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
-spec = importlib.util.spec_from_file_location("benchmark_gpu_check", SCRIPT)
-gc = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = gc
-spec.loader.exec_module(gc)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")

@@ -1,17 +1,10 @@
-"""benchmarks/lora_memory.py on a tiny random base: synthetic experts and one in-process measurement."""
-
-import importlib.util
-from pathlib import Path
+"""benchmarks.lora_memory on a tiny random base: synthetic experts and one in-process measurement."""
 
 import pytest
 
+from benchmarks import lora_memory as lm
 from divmerge.families import load_experts
 from tests.tiny import make_base
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "lora_memory.py"
-spec = importlib.util.spec_from_file_location("benchmark_lora_memory", SCRIPT)
-lm = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(lm)
 
 
 def test_worker_measures_a_mixed_set_of_synthetic_experts(tmp_path):

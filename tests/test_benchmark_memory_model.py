@@ -1,18 +1,10 @@
-"""benchmarks/memory_model.py: its parameter counts match real models, its terms behave as the README says."""
-
-import importlib.util
-import sys
-from pathlib import Path
+"""benchmarks.memory_model: its parameter counts match real models, its terms behave as the README says."""
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_model.py"
-spec = importlib.util.spec_from_file_location("benchmark_memory_model", SCRIPT)
-mm = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = mm  # its dataclass looks its module up
-spec.loader.exec_module(mm)
+from benchmarks import memory_model as mm
 
 
 def config(arch):

@@ -1,15 +1,9 @@
-"""benchmarks/per_block_memory.py on a tiny Qwen2 base: both modes' workers and the whole table."""
+"""benchmarks.per_block_memory on a tiny Qwen2 base: both modes' workers and the whole table."""
 
-import importlib.util
 import json
-from pathlib import Path
 
+from benchmarks import per_block_memory as pb
 from tests.test_lora_causal import setup  # noqa: F401  (a tiny Qwen2 base, a full expert, a LoRA adapter)
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "per_block_memory.py"
-spec = importlib.util.spec_from_file_location("benchmark_per_block_memory", SCRIPT)
-pb = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(pb)
 
 CONFIG = {"batch_size": 2, "seq_len": 8, "answer": 2, "steps": 1, "warmup": 0, "threads": 1}
 

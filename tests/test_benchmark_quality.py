@@ -1,4 +1,4 @@
-"""Tests of benchmarks/merge_quality.py on tiny random models (fast)."""
+"""Tests of benchmarks.merge_quality on tiny random models (fast)."""
 
 import csv
 import dataclasses
@@ -21,7 +21,6 @@ from divmerge.lightning.datamodule import MergeDataModule
 from divmerge.static import static_merge
 from tests.tiny import make_setup
 
-ROOT = Path(__file__).resolve().parents[1]
 TASKS = {"a": 2, "b": 3, "c": 2}
 NUM_TEST, NUM_UNLABELLED, MAX_LENGTH = 20, 16, 16
 
@@ -367,9 +366,10 @@ def test_unknown_demo_task_and_method_list() -> None:
 
 
 def test_script_entry_point(monkeypatch, capsys) -> None:
-    monkeypatch.setattr(sys, "argv", ["merge_quality.py", "--methods", "nope"])
+    monkeypatch.setattr(sys, "argv", ["merge_quality", "--methods", "nope"])
+    monkeypatch.delitem(sys.modules, "benchmarks.merge_quality")  # run it fresh, as python -m does
     with pytest.raises(SystemExit) as exit_info:
-        runpy.run_path(str(ROOT / "benchmarks" / "merge_quality.py"), run_name="__main__")
+        runpy.run_module("benchmarks.merge_quality", run_name="__main__")
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.startswith("merge_quality: error: Unknown method 'nope'")
 

@@ -1,15 +1,9 @@
-"""benchmarks/sharded_memory.py on a tiny Qwen2 base: 2 gloo processes, per block, bf16, the joint pass."""
+"""benchmarks.sharded_memory on a tiny Qwen2 base: 2 gloo processes, per block, bf16, the joint pass."""
 
-import importlib.util
 import json
-from pathlib import Path
 
+from benchmarks import sharded_memory as sm
 from tests import tiny_lm
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "sharded_memory.py"
-spec = importlib.util.spec_from_file_location("benchmark_sharded_memory", SCRIPT)
-sm = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(sm)
 
 
 def test_two_ranks_store_half_and_agree_on_the_coefficients(tmp_path):

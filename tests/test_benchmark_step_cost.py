@@ -1,6 +1,5 @@
-"""benchmarks/step_cost.py on tiny random experts: timers, tables, the memory subprocess, bad input."""
+"""benchmarks.step_cost on tiny random experts: timers, tables, the memory subprocess, bad input."""
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -8,20 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks import step_cost as sc
+from benchmarks.common.experts import load_synthetic_experts
 from divmerge.core.merged_model import MergedModel
 from tests.tiny import make_setup
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_cost.py"
-
-
-def _load_module():
-    spec = importlib.util.spec_from_file_location("benchmark_step_cost", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-sc = _load_module()
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +22,7 @@ def setup(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def tiny_merged(setup):
-    experts = sc.load_expert_set(setup["base"], setup["experts"], 3)  # one synthetic expert
+    experts = load_synthetic_experts(setup["base"], setup["experts"], 3)  # one synthetic expert
     merged = MergedModel(experts, "layer")
     batches = sc.make_batches(None, experts.task_names, 4, 16, sc.vocab_size_of(experts))
     return experts, merged, batches
@@ -125,7 +116,9 @@ def test_memory_subprocess_reports_positive_mb(setup):
     assert res["synthetic"] == 1
     # 3 bf16 task vectors of the tiny model: 2 bytes per merged number
     assert res["task_vector_mb"] == pytest.approx(
-        sum(t.numel() for t in sc.load_expert_set(setup["base"], setup["experts"], 1).base.values()) * 2 / 1e6
+        sum(t.numel() for t in load_synthetic_experts(setup["base"], setup["experts"], 1).base.values())
+        * 2
+        / 1e6
     )
 
 
@@ -153,7 +146,12 @@ def test_bad_input_exits_2_with_one_line(argv, message, capsys):
 
 def test_bad_input_from_the_command_line():
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--T", "12"], capture_output=True, text=True, timeout=120, check=False
+        [sys.executable, "-m", "benchmarks.step_cost", "--T", "12"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=ROOT,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [

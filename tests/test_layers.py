@@ -23,6 +23,7 @@ LAYERS = {
     "divmerge.teachers": 2,
     "divmerge.evaluation": 2,
     "divmerge.plots": 2,
+    "divmerge.methods": 2,
     "divmerge.families": 3,
     "divmerge.engine": 4,
     "divmerge.export": 4,

@@ -13,6 +13,8 @@ one file of this package and one line of ``SPACES``:
   (AdaRank-like).
 """
 
+import inspect
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -37,7 +39,42 @@ SPACES: dict[str, Callable[..., CoefficientSpace]] = {
 Granularity = Literal["task", "layer", "block", "row", "svd"]  # the keys of SPACES, for --help
 GRANULARITIES: tuple[str, ...] = tuple(SPACES)
 
-__all__ = ["GRANULARITIES", "SPACES", "Granularity", "Layout", "MergeCoefficients", "Stored", "get_space"]
+__all__ = [
+    "GRANULARITIES",
+    "SPACES",
+    "Granularity",
+    "Layout",
+    "MergeCoefficients",
+    "Stored",
+    "get_space",
+    "parse_space",
+]
+
+
+def parse_space(text: str) -> tuple[str, dict[str, int]]:
+    """A space as a method name spells it: ``layer`` -> (``layer``, {}); ``svd8`` -> (``svd``, {rank: 8}).
+
+    A trailing number is the rank of a space that takes one (``rank`` in its signature).
+
+    Args:
+        text: A key of ``SPACES``, optionally followed by a rank of at least 1.
+
+    Returns:
+        (granularity, space options).
+
+    Raises:
+        DivMergeError: For an unknown space, or a rank on a space that takes none, in one line.
+    """
+    if text in SPACES:
+        return text, {}
+    found = re.fullmatch(r"([a-z_]+)(\d+)", text)
+    if found and found.group(1) in SPACES and int(found.group(2)) >= 1:
+        name = found.group(1)
+        if "rank" in inspect.signature(SPACES[name]).parameters:
+            return name, {"rank": int(found.group(2))}
+    raise DivMergeError(
+        f"Unknown coefficient space {text!r}: use one of {list(GRANULARITIES)} (svd<r> for rank r >= 1)."
+    )
 
 
 def get_space(granularity: str, options: Mapping[str, Any] | None = None) -> CoefficientSpace:

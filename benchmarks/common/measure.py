@@ -4,6 +4,7 @@ import contextlib
 import ctypes
 import gc
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 MB = 1e6  # reported megabytes are 10^6 bytes
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 
 
 def status_mb(field: str) -> float:
@@ -57,11 +59,25 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def run_worker_process(script: str | Path, config: Mapping[str, Any], timeout: float | None = None) -> dict:
-    """Run ``script --worker <config as JSON>`` in a fresh Python process (so peaks never mix).
+def module_command(module: str, *args: str) -> list[str]:
+    """``python -m <module> <args>``: how a benchmark starts a fresh process of itself."""
+    return [sys.executable, "-m", module, *args]
+
+
+def module_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``env`` (default: this process's) with the repository root first on ``PYTHONPATH``, so that
+    ``python -m benchmarks.<name>`` starts from any working directory."""
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def run_worker_process(module: str, config: Mapping[str, Any], timeout: float | None = None) -> dict:
+    """Run ``python -m <module> --worker <config as JSON>`` in a fresh process (so peaks never mix).
 
     Args:
-        script: The benchmark script; its ``--worker`` mode prints its result as one JSON line.
+        module: The benchmark's module (``benchmarks.<name>``); its ``--worker`` mode prints its result
+            as one JSON line.
         config: The worker's configuration; must be JSON-serialisable.
         timeout: Seconds before the subprocess is killed (None: no limit).
 
@@ -71,8 +87,8 @@ def run_worker_process(script: str | Path, config: Mapping[str, Any], timeout: f
     Raises:
         RuntimeError: If the subprocess fails; the message carries the end of its stderr.
     """
-    cmd = [sys.executable, str(Path(script).resolve()), "--worker", json.dumps(dict(config))]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    cmd = module_command(module, "--worker", json.dumps(dict(config)))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, env=module_env())
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
