@@ -366,6 +366,7 @@ def test_generative_rows_from_a_hub_subset_map_integer_labels_to_answers(monkeyp
         return datasets.Dataset.from_dict({"sentence": ["it rains", "rain it"], "label": [1, 0]})
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    monkeypatch.setattr("divmerge.data.check_available", lambda *args: None)  # as if cached
     spec = TaskSpec(
         name="cola",
         source="nyu-mll/glue",

@@ -63,7 +63,23 @@ def config(root: Path, tiny: dict) -> str:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, tiny) -> tuple[str, Path]:
+def one_thread():
+    """Every run of this file on one thread, in this process and its children: bit-exact comparisons
+    across processes need the same reduction order (other tests may leave this process at another count).
+    """
+    saved, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    yield
+    torch.set_num_threads(saved)
+    if env is None:
+        os.environ.pop("OMP_NUM_THREADS")
+    else:
+        os.environ["OMP_NUM_THREADS"] = env
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny, one_thread) -> tuple[str, Path]:
     """The uninterrupted run: its config and final checkpoint."""
     root = tmp_path_factory.mktemp("straight")
     cfg = config(root / "r", tiny)
@@ -88,7 +104,7 @@ def callback(name: str, **init_args) -> str:
     return json.dumps({"class_path": f"tests.test_preemption.{name}", "init_args": init_args})
 
 
-def test_sigterm_mid_epoch_saves_the_step_exits_143_and_resumes_exactly(tmp_path, tiny, straight):
+def test_sigterm_mid_epoch_saves_the_step_exits_143_and_resumes_exactly(tmp_path, tiny, straight, one_thread):
     """A real SIGTERM from outside to a CPU run (SIGUSR1 without SLURM takes the same path: see below)."""
     signum = signal.SIGTERM
     cfg = config(tmp_path / "split", tiny)
