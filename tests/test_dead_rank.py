@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from divmerge.lightning.checkpoint_io import SafeCheckpointIO
@@ -45,13 +46,16 @@ def test_rank_zero_dies_in_setup_and_rank_one_stops_with_one_line(tmp_path, tiny
     assert "No checkpoint was written yet" in line and code != 0, (code, line)
 
 
-def test_rank_one_dies_in_a_training_step_and_rank_zero_stops_with_one_line(tmp_path, tiny):
-    code, out, _ = run_killed(tmp_path, tiny, 1, "train_step")
+@pytest.mark.parametrize(
+    ("hook", "phase"), [("train_step", "training (step 3)"), ("validation", "validation")]
+)
+def test_rank_one_dies_and_rank_zero_stops_with_one_line(tmp_path, tiny, hook, phase):
+    code, out, _ = run_killed(tmp_path, tiny, 1, hook)
     if code == -9 or code == 137:  # Lightning's watcher killed the run before a collective failed
         assert "Child process with PID" in out and "terminated with code -9" in out, out[-3000:]
     else:
         line = one_line(out)
-        assert "Process 0 of 2 lost another process of this run during training (step 3)" in line, line
+        assert f"Process 0 of 2 lost another process of this run during {phase}" in line, line
         assert code == LOST_PROCESS_EXIT, code
         assert "Connection" in line and "--ckpt_path last" in line, line
     last = SafeCheckpointIO().load_checkpoint(tmp_path / "run" / "ckpt" / "last.ckpt")  # epoch 0's, whole
