@@ -1,8 +1,8 @@
-"""README "Merge your own experts in five minutes", executed as written.
+"""The guide's "Merge your own experts in five minutes" (docs/guides/own-experts.md), executed as written.
 
 The test plays the user: it makes small MiniLM experts (with real class names in their config.json) and
-pre-split jsonl files with string labels at the README's paths, writes the README's YAML, runs the
-README's two commands (``python`` is this interpreter, ``train.py`` the repository's) and checks what
+pre-split jsonl files with string labels at the guide's paths, writes the guide's YAML, runs the
+guide's two commands (``python`` is this interpreter, ``train.py`` the repository's) and checks what
 they print: the table, the sizes and class names divmerge chose, the training length, and no noise.
 """
 
@@ -21,7 +21,7 @@ from transformers import AutoTokenizer, BertForSequenceClassification
 from divmerge.zoo import base_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
-README = ROOT / "README.md"
+GUIDE = ROOT / "docs" / "guides" / "own-experts.md"
 HEADING = "## Merge your own experts in five minutes"
 TASKS = {  # task -> (class names, rows per split file)
     "sentiment": (["negative", "positive"], {"train": 40, "val": 12, "test": 20}),
@@ -32,7 +32,7 @@ NOISE = ("LightningCLI's args parameter", "Tip:", "LeafSpec", "Test metric", "Tr
 
 def walkthrough() -> tuple[str, list[str]]:
     """The walkthrough's YAML block and the commands of its bash block."""
-    text = README.read_text()
+    text = GUIDE.read_text()
     start = text.index(HEADING)
     section = text[start : text.index("\n## ", start + len(HEADING))]
     yaml_block = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
@@ -85,7 +85,7 @@ def table_rows(out: str) -> dict[str, list[str]]:
 
 
 @pytest.mark.e2e
-def test_readme_walkthrough_runs_as_written(tmp_path):
+def test_guide_walkthrough_runs_as_written(tmp_path):
     yaml_block, commands = walkthrough()
     config_path = yaml_block.splitlines()[0].removeprefix("# ").strip()
     assert config_path == "my_merge/merge.yaml" and len(commands) == 2
